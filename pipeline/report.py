@@ -1,0 +1,107 @@
+"""What a trained checkpoint is: its dev metrics, the sparsity measured in its saved weights,
+its parameter counts and its encoder FLOPs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from sparsebert import glue
+
+# The six encoder linears SparseBERT prunes (the recipe's `params`).
+PRUNABLE = re.compile(
+    r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)\.weight$"
+)
+
+
+def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    """The saved tensors of a checkpoint, read from disk (what a user would ship)."""
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if files:
+        weights = {}
+        for f in files:
+            weights.update(load_file(str(f)))
+        return weights
+    import torch
+
+    state = torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def sparsity_report(weights: dict[str, np.ndarray]) -> dict:
+    """Per-matrix and overall zero fraction of the prunable encoder linears, and parameter counts."""
+    per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if PRUNABLE.search(n)}
+    prunable = sum(weights[n].size for n in per_matrix)
+    zeros = sum(int((weights[n] == 0).sum()) for n in per_matrix)
+    total = sum(w.size for w in weights.values())
+    return {
+        "encoder_linear_sparsity": zeros / prunable if prunable else 0.0,
+        "per_matrix_sparsity": per_matrix,
+        "min_matrix_sparsity": min(per_matrix.values()) if per_matrix else 0.0,
+        "parameters_total": int(total),
+        "parameters_encoder_linears": int(prunable),
+        "parameters_nonzero_encoder_linears": int(prunable - zeros),
+        "parameters_nonzero_total": int(total - zeros),
+    }
+
+
+def encoder_flops(weights: dict[str, np.ndarray], seq_len: int, hidden_size: int) -> dict:
+    """Multiply-adds x2 per sequence of ``seq_len`` tokens: the encoder linears (dense vs. only
+    their non-zeros) plus attention's two seq x seq products, which pruning does not touch."""
+    linears = {n: w for n, w in weights.items() if PRUNABLE.search(n)}
+    dense_linear = 2 * seq_len * sum(w.size for w in linears.values())
+    sparse_linear = 2 * seq_len * sum(int(np.count_nonzero(w)) for w in linears.values())
+    layers = len({re.search(r"layer\.(\d+)\.", n).group(1) for n in linears})
+    attention = layers * 2 * (2 * seq_len * seq_len * hidden_size)
+    return {
+        "sequence_length": seq_len,
+        "dense_encoder_flops": dense_linear + attention,
+        "sparse_encoder_flops": sparse_linear + attention,
+        "encoder_flops_reduction": (dense_linear + attention) / max(sparse_linear + attention, 1),
+        "linear_flops_reduction": dense_linear / max(sparse_linear, 1),
+    }
+
+
+def predict(model_dir: Path, examples: list[dict], max_seq_length: int = 128,
+            batch_size: int = 64) -> np.ndarray:
+    """PyTorch logits for ``examples`` (batched, padded per batch)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            texts = [[e["sentence1"] for e in batch]]
+            if "sentence2" in batch[0]:
+                texts.append([e["sentence2"] for e in batch])
+            encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length,
+                                padding=True, return_tensors="pt")
+            outputs.append(model(**encoded).logits.float().numpy())
+    return np.concatenate(outputs)
+
+
+def score(task: glue.GlueTask, logits: np.ndarray, examples: list[dict], id2label: dict) -> dict:
+    """Task metrics from logits; class ids go through the model's own ``id2label``."""
+    if task.is_regression:
+        return glue.compute_metrics(task, logits[:, 0], [e["label"] for e in examples])
+    names = [id2label[int(i)] for i in logits.argmax(axis=1)]
+    return glue.compute_metrics(task, glue.label_indices(task, names),
+                                glue.label_indices(task, [e["label"] for e in examples]))
+
+
+def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict]],
+             max_seq_length: int = 128) -> dict:
+    """Dev metrics of the saved (final) model on every dev split of the task."""
+    from transformers import AutoConfig
+
+    id2label = {int(k): v for k, v in AutoConfig.from_pretrained(model_dir).id2label.items()}
+    return {split: score(task, predict(model_dir, examples, max_seq_length), examples, id2label)
+            for split, examples in dev_sets.items()}

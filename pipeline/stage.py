@@ -1,0 +1,140 @@
+"""The whole training stage in one run folder:
+
+    <run>/data/        train.json, dev.json (label names kept), data.json
+    <run>/teacher/     fine-tuned dense model (SparseML/HF checkpoint)
+    <run>/student/     pruned, distilled model + recipe.yaml
+    <run>/metrics.json dense and sparse dev metrics, measured sparsity, parameters, FLOPs
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sparsebert import glue
+from sparsebert.errors import UserError
+from sparsebert.pipeline import data as data_stage
+from sparsebert.pipeline import report
+from sparsebert.pipeline.train import TrainConfig, train_student, train_teacher
+
+
+class RunExists(UserError):
+    pass
+
+
+@dataclass
+class StageOptions:
+    task: str
+    model: str
+    out: Path
+    glue_dir: str | None
+    teacher: str | None = None  # an already fine-tuned teacher to reuse
+    limit: int | None = None
+    overwrite: bool = False
+
+
+def claim(folder: Path, overwrite: bool) -> None:
+    """Refuse to write over an earlier result unless asked to."""
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise RunExists(f"{folder} already holds a result; pass --overwrite or choose another --out")
+        shutil.rmtree(folder)
+
+
+def _sizes(model_dir: Path) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.hidden_size, config.num_hidden_layers
+
+
+def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int) -> dict:
+    """Dev metrics, measured sparsity, parameter counts and FLOPs of one saved checkpoint."""
+    weights = report.load_weights(model_dir)
+    hidden, _ = _sizes(model_dir)
+    return {
+        "path": str(model_dir),
+        "dev": report.evaluate(task, model_dir, dev_sets, seq_len),
+        **report.sparsity_report(weights),
+        "flops": report.encoder_flops(weights, seq_len, hidden),
+    }
+
+
+def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) -> dict:
+    started = time.time()
+    task = glue.get_task(opts.task)
+    data_info = data_stage.prepare(opts.task, opts.glue_dir, opts.out / "data", limit=opts.limit,
+                                   seed=student_cfg.seed)
+    dev_sets = {s: data_stage.read_jsonl(Path(f["path"])) for s, f in data_info["splits"].items()
+                if s != "train"}
+
+    if opts.teacher:
+        teacher_dir = Path(opts.teacher)
+    else:
+        teacher_dir = opts.out / "teacher"
+        print(f"[sparsebert] fine-tuning the dense teacher on {task.name} -> {teacher_dir}", flush=True)
+        train_teacher(opts.model, data_info, teacher_dir, teacher_cfg)
+    teacher_done = time.time()
+
+    student_dir = opts.out / "student"
+    print(f"[sparsebert] pruning the pre-trained student while distilling -> {student_dir}", flush=True)
+    train_student(opts.model, teacher_dir, data_info, student_dir, student_cfg)
+    student_done = time.time()
+
+    teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length)
+    student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length)
+    first_dev = next(iter(dev_sets))
+    metric = task.main_metric
+    metrics = {
+        "task": task.name,
+        "main_metric": metric,
+        "model": opts.model,
+        "data": data_info,
+        "teacher": teacher,
+        "student": student,
+        "retention": student["dev"][first_dev][metric] / teacher["dev"][first_dev][metric]
+        if teacher["dev"][first_dev][metric] else None,
+        "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
+        "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
+                         "total": time.time() - started},
+        "machine": _machine(),
+    }
+    (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def summary(metrics: dict) -> str:
+    """A few lines a person reads at the end of a run."""
+    first_dev = next(iter(metrics["teacher"]["dev"]))
+    metric = metrics["main_metric"]
+    t, s = metrics["teacher"], metrics["student"]
+    return "\n".join([
+        f"task {metrics['task']} ({first_dev}, {metric}):",
+        f"  dense teacher  {t['dev'][first_dev][metric]:6.2f}",
+        f"  sparse student {s['dev'][first_dev][metric]:6.2f}  "
+        f"({metrics['retention'] * 100:.1f}% of the teacher)" if metrics["retention"] is not None else "",
+        f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "
+        f"(least sparse matrix {s['min_matrix_sparsity'] * 100:.2f}%), "
+        f"non-zero parameters {s['parameters_nonzero_total']:,} of {s['parameters_total']:,}",
+        f"  encoder FLOPs/sequence {s['flops']['dense_encoder_flops'] / 1e9:.2f} G dense -> "
+        f"{s['flops']['sparse_encoder_flops'] / 1e9:.2f} G sparse "
+        f"({s['flops']['encoder_flops_reduction']:.1f}x fewer)",
+        f"  wall time {metrics['wall_seconds']['total'] / 60:.1f} min",
+    ])

@@ -1,0 +1,91 @@
+"""Teacher fine-tuning and SparseBERT student training, both through SparseML's own
+text-classification script (``sparseml.transformers.text_classification.main``), so that the
+CLI and the documented console entry point run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sparsebert.recipe import recipe_path
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (teacher or student)."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int = 32
+    max_seq_length: int = 128
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    recipe: str | None = None
+    recipe_args: dict = field(default_factory=dict)
+
+
+def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfig,
+                       teacher: str | None = None) -> dict:
+    """Keyword arguments for SparseML's ``text_classification.main`` (its CLI flags)."""
+    args = {
+        "model_name_or_path": model,
+        "train_file": data["splits"]["train"]["path"],
+        "validation_file": data["splits"][_first_dev(data)]["path"],
+        "input_column_names": ",".join(data["text_columns"]),
+        "label_column_name": "label",
+        "max_seq_length": cfg.max_seq_length,
+        "pad_to_max_length": False,
+        "output_dir": str(output_dir),
+        # The stage itself refuses to reuse a run folder it did not clear (stage.claim).
+        "overwrite_output_dir": True,
+        "do_train": True,
+        "do_eval": False,
+        "per_device_train_batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.epochs,
+        "warmup_ratio": cfg.warmup_ratio,
+        "lr_scheduler_type": "linear",
+        "logging_strategy": "epoch",
+        "save_strategy": "no",
+        "evaluation_strategy": "no",
+        "report_to": "none",
+        "seed": cfg.seed,
+        "disable_tqdm": False,
+    }
+    if cfg.recipe:
+        args["recipe"] = cfg.recipe
+        # One source of truth for the length of training: the recipe gets the same epochs.
+        args["recipe_args"] = json.dumps({"num_epochs": cfg.epochs, **cfg.recipe_args})
+    if teacher:
+        args["distill_teacher"] = teacher
+    return args
+
+
+def _first_dev(data: dict) -> str:
+    return next(s for s in data["splits"] if s != "train")
+
+
+def run_sparseml(arguments: dict) -> None:
+    """Run SparseML's text-classification script in this process."""
+    from sparseml.transformers import text_classification
+
+    # The script loads datasets' "accuracy" metric script from the hub even though, for
+    # train/validation files, it computes accuracy itself; offline that load fails. We compute
+    # the official GLUE metrics ourselves (sparsebert.glue), so the hub metric is not needed.
+    text_classification.load_metric = lambda *args, **kwargs: None
+    text_classification.main(**arguments)
+
+
+def train_teacher(model: str, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
+    """Fine-tune the dense model on the task (no recipe: nothing is pruned)."""
+    run_sparseml(sparseml_arguments(model, data, output_dir, cfg))
+    return output_dir
+
+
+def train_student(model: str, teacher: Path, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
+    """Prune the *pre-trained* model while distilling it from the fine-tuned teacher."""
+    cfg.recipe = cfg.recipe or str(recipe_path("sparsebert"))
+    run_sparseml(sparseml_arguments(model, data, output_dir, cfg, teacher=str(teacher)))
+    return output_dir

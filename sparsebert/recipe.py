@@ -1,0 +1,71 @@
+"""Finding and checking SparseML recipes before any training starts."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+
+from sparsebert.errors import UserError
+
+
+class RecipeError(UserError):
+    pass
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file: a path, or the name of one shipped in ``recipes/`` (e.g. ``sparsebert``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("sparsebert.recipes") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise RecipeError(f"recipe not found: {name_or_path}")
+
+
+def parse_recipe_args(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"--recipe-args is not valid JSON: {e.msg}") from None
+    if not isinstance(args, dict):
+        raise RecipeError("--recipe-args must be a JSON object, e.g. '{\"final_sparsity\": 0.9}'")
+    return args
+
+
+def check_recipe(path: Path, recipe_args: dict) -> list:
+    """Build the recipe's modifiers the way SparseML will, so a malformed file, an unknown
+    modifier, an unknown variable or a target sparsity outside [0, 1) fails now with one line.
+    """
+    import yaml
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    text = path.read_text()
+    try:
+        variables = yaml.safe_load(_strip_tags(text))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(variables, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    unknown = sorted(set(recipe_args) - set(variables))
+    if unknown:
+        raise RecipeError(f"{path}: unknown recipe variable(s) {unknown}; known: {sorted(k for k in variables if not k.endswith('modifiers') and k != 'version')}")
+    sparsity = recipe_args.get("final_sparsity", variables.get("final_sparsity"))
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+        raise RecipeError(f"final_sparsity must be in [0, 1), got {sparsity!r}")
+    try:
+        manager = ScheduledModifierManager.from_yaml(str(path), recipe_variables=recipe_args)
+    except Exception as e:  # SparseML raises bare ValueError/ConstructorError/KeyError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"{path}: invalid recipe: {first}") from None
+    return list(manager.iter_modifiers())
+
+
+def _strip_tags(text: str) -> str:
+    """YAML without SparseML's ``!Modifier`` tags, to read the recipe's variables safely."""
+    import re
+
+    return re.sub(r"!\w+", "", text)
