@@ -29,12 +29,13 @@ class RunExists(UserError):
 @dataclass
 class StageOptions:
     task: str
-    model: str
+    model: str  # a folder or hub name that from_pretrained accepts
     out: Path
     glue_dir: str | None
     teacher: str | None = None  # an already fine-tuned teacher to reuse
     limit: int | None = None
     overwrite: bool = False
+    model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
 
 
 def claim(folder: Path, overwrite: bool) -> None:
@@ -92,7 +93,8 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     metrics = {
         "task": task.name,
         "main_metric": metric,
-        "model": opts.model,
+        "model": opts.model_name or opts.model,
+        "model_path": opts.model,
         "data": data_info,
         "teacher": teacher,
         "student": student,

@@ -6,7 +6,7 @@
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
     sparsebert bench  runs/rte                        # latency, sparse vs dense
     sparsebert gates  runs/rte                        # CI thresholds on the reports
-    sparsebert run    --task rte --out runs/rte      # train + export + parity + bench
+    sparsebert run    --task rte --out runs/rte      # all of the above, in turn
 
 Heavy libraries are imported only after the arguments are checked and the offline switches
 are set, so ``--help`` and bad input answer at once.
@@ -49,10 +49,47 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
 
 
+def _run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder written by `sparsebert train`")
+
+
+def _which(p: argparse.ArgumentParser, default: str = "student") -> None:
+    p.add_argument("--model", choices=["student", "teacher"], default=default,
+                   help="which checkpoint of the run (the sparse student or the dense teacher)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sparsebert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n\n")[1:2]))
     sub = parser.add_subparsers(dest="command", required=True)
     _training_arguments(sub.add_parser("train", help="fine-tune the teacher, then prune+distill the student"))
+
+    p = sub.add_parser("export", help="ONNX deployment folders for the student and the teacher")
+    _run_argument(p)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("parity", help="dev metric on PyTorch, ONNX Runtime and DeepSparse side by side")
+    _run_argument(p)
+    _which(p)
+    p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("bench", help="latency of sparse vs dense on DeepSparse, ONNX Runtime and PyTorch")
+    _run_argument(p)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
+    p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="?", const=0.9,
+                   help="also a random BERT-base-sized model pruned to SPARSITY (default 0.9)")
+
+    p = sub.add_parser("gates", help="fail when parity breaks or the sparse speed-up is below its floor")
+    _run_argument(p)
+    p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
+
+    p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
+    _training_arguments(p)
+    p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
     return parser
 
 
@@ -92,14 +129,105 @@ def cmd_train(args) -> int:
     student_cfg = TrainConfig(epochs=args.student_epochs, learning_rate=args.student_lr,
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
-                              teacher=args.teacher, limit=args.limit, overwrite=args.overwrite)
+                              teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
+                              model_name=args.model)
     metrics = stage.run(opts, teacher_cfg, student_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def _deployment(run: Path, which: str) -> Path:
+    deployment = run / "export" / which / "deployment"
+    if not (deployment / "model.onnx").is_file():
+        raise UsageError(f"{deployment}/model.onnx not found; run `sparsebert export {run}` first")
+    return deployment
+
+
+def _run_metrics(run: Path) -> dict:
+    import json
+
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found; is {run} a run folder written by `sparsebert train`?")
+    return json.loads(path.read_text())
+
+
+def cmd_export(args) -> int:
+    from sparsebert.deploy.export import export_and_check
+    from sparsebert.pipeline.stage import claim
+
+    metrics = _run_metrics(args.run)
+    for which in ("student", "teacher"):
+        target = args.run / "export" / which
+        claim(target, args.overwrite)
+        report = export_and_check(Path(metrics[which]["path"]), target, args.max_seq_length)
+        print(f"[sparsebert] {which}: {report['deployment']}/model.onnx, encoder-linear sparsity "
+              f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
+              f"max |logit ONNX - PyTorch| {report['max_logit_difference']:.1e}")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from sparsebert import glue
+    from sparsebert.deploy import parity, thresholds
+    from sparsebert.pipeline.data import read_jsonl
+
+    metrics = _run_metrics(args.run)
+    task = glue.get_task(metrics["task"])
+    dev_split = next(s for s in metrics["data"]["splits"] if s != "train")
+    examples = read_jsonl(Path(metrics["data"]["splits"][dev_split]["path"]))
+    report = parity.parity(task, Path(metrics[args.model]["path"]), _deployment(args.run, args.model), examples,
+                           thresholds.load(args.thresholds)["parity"], batch_size=args.batch_size)
+    parity.write(report, args.run / f"parity-{args.model}.json")
+    print(parity.table(report))
+    return 0 if report["passed"] else 1
+
+
+def cmd_bench(args) -> int:
+    from sparsebert.deploy import bench
+
+    metrics = _run_metrics(args.run)
+    family = f"{metrics['model']} ({metrics['task']})"
+    sparsity = metrics["student"]["encoder_linear_sparsity"]
+    models = [bench.Model(family, "dense", Path(metrics["teacher"]["path"]), _deployment(args.run, "teacher")),
+              bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]),
+                          _deployment(args.run, "student"))]
+    if args.bert_base is not None:
+        if not 0 < args.bert_base < 1:
+            raise UsageError(f"--bert-base sparsity must be in (0, 1), got {args.bert_base}")
+        models += bench.bert_base_models(args.run / "bench" / "bert-base", args.bert_base)
+    report = bench.benchmark(models, args.batch_sizes, seconds=args.seconds)
+    bench.write(report, args.run / "bench")
+    print(bench.markdown(report))
+    print(f"[sparsebert] wrote {args.run / 'bench'}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def cmd_gates(args) -> int:
+    from sparsebert.deploy import gates, thresholds
+
+    results = gates.check(args.run, thresholds.load(args.thresholds))
+    for result in results:
+        print(f"  {'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
+    failed = [r for r in results if not r.passed]
+    print(f"gates: {len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_run(args) -> int:
+    """The main job: every stage in turn, each reading what the one before wrote."""
+    code = cmd_train(args)
+    stage_args = argparse.Namespace(run=args.out, model="student", thresholds=args.thresholds,
+                                    max_seq_length=args.max_seq_length, overwrite=args.overwrite,
+                                    batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None)
+    for command in (cmd_export, cmd_parity, cmd_bench, cmd_gates):
+        code = code or command(stage_args)
+    return code
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
+            "gates": cmd_gates, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,7 @@ def read_tsv(task: GlueTask, path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"missing GLUE file: {path}")
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC starts with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if task.has_header:
         if not rows:

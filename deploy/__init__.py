@@ -1,0 +1,1 @@
+"""Deploy stage: ONNX export, accuracy parity, serving, latency benchmark and CI gates."""

@@ -1,0 +1,414 @@
+"""Serving stage: a deployment folder answered over HTTP on 127.0.0.1.
+
+    python -m sparsebert.deploy.serve runs/rte/student/deployment --name rte --port 5543
+    curl -s -H 'Content-Type: application/json' -d '{"sequences": [["A man eats.", "Someone eats."]]}' \\
+        http://127.0.0.1:5543/v2/models/rte/infer
+
+deepsparse.server 1.8 hands the raw JSON body to its pipeline with no request model and no
+exception handlers: malformed JSON, a missing or mistyped ``sequences``, an empty list or a
+text/plain body all answer HTTP 500 (measured), and an empty string gets a label. So this module
+serves the same routes and request/response shapes through a thin FastAPI app that validates
+first and answers 4xx ``{"error": ...}`` (see ``errors.py``). It still writes the
+deepsparse.server config, and loads its own pipeline from that same file, so
+``deepsparse.server --config_file <workdir>/server.yaml`` serves the identical model.
+
+Both servers rewrite ``model.onnx`` in place with a fixed batch size, so they always load a
+fresh copy of the deployment folder (``<workdir>/model``), never the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+import yaml
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from sparsebert import offline
+from sparsebert.deploy import errors
+from sparsebert.deploy.errors import InvalidInput, ModelNotReady, PayloadTooLarge, UnsupportedMediaType
+from sparsebert.errors import UserError
+
+TASK = "text_classification"
+ENGINES = ("deepsparse", "onnxruntime")
+DEFAULT_NAME = "sparsebert"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5543  # deepsparse.server's default
+DEFAULT_SEQUENCE_LENGTHS = (64, 128)  # short inputs run on the 64-token engine, the rest on 128
+# Request limits. The pipeline truncates every text to the longest sequence length (128 tokens,
+# roughly 600 characters of English), so a longer text is accepted and truncated, exactly as in
+# training and evaluation. The limits below only stop abuse: tokenizing is linear in length, and a
+# text past 20,000 characters is no sentence; 64 texts is a generous batch for one request.
+MAX_TEXT_CHARS = 20_000
+MAX_SEQUENCES = 64
+MAX_BODY_BYTES = 1 << 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a single URL path segment
+
+
+class DeploymentError(UserError):
+    pass
+
+
+@dataclass
+class ServeSettings:
+    name: str = DEFAULT_NAME
+    engine: str = "deepsparse"
+    batch_size: int = 1
+    sequence_lengths: tuple[int, ...] = DEFAULT_SEQUENCE_LENGTHS
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise DeploymentError(f"model name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        if self.engine not in ENGINES:
+            raise DeploymentError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.batch_size < 1:
+            raise DeploymentError(f"batch size must be at least 1, not {self.batch_size}")
+        self.sequence_lengths = tuple(sorted(set(self.sequence_lengths)))
+        if not self.sequence_lengths or self.sequence_lengths[0] < 8:
+            raise DeploymentError(f"sequence lengths must be at least 8 tokens: {self.sequence_lengths}")
+        if not 0 < self.port < 65536:
+            raise DeploymentError(f"port {self.port} is not a TCP port")
+
+
+# ---------------------------------------------------------------- deployment copy and config
+
+
+def check_deployment(folder: Path) -> dict:
+    """The folder's ``config.json``, after checking the folder can be served."""
+    missing = [name for name in ("model.onnx", "config.json") if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        missing.append("tokenizer.json")
+    if missing:
+        raise DeploymentError(f"{folder} is not a deployment folder: missing {', '.join(missing)}")
+    config = json.loads((folder / "config.json").read_text())
+    labels = config.get("id2label") or {}
+    if not labels or all(str(key) == str(value) for key, value in labels.items()):
+        # DeepSparse's text classification pipeline breaks on id2label={0: 0, 1: 1}.
+        raise DeploymentError(f"{folder}/config.json has no real label names: {labels}")
+    return config
+
+
+def copy_deployment(deployment: Path, workdir: Path) -> Path:
+    """A fresh copy of ``deployment`` at ``workdir/model`` (the servers rewrite ``model.onnx``)."""
+    target = (workdir / "model").resolve()
+    source = deployment.resolve()
+    if target == source or target in source.parents:
+        raise DeploymentError(f"--workdir {workdir} would overwrite the deployment folder itself")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    return target
+
+
+def server_config(model_copy: Path, settings: ServeSettings) -> dict:
+    """A deepsparse.server config with one endpoint, routed at ``/v2/models/<name>/infer``."""
+    endpoint = {
+        "name": settings.name,
+        "route": f"/{settings.name}",
+        "task": TASK,
+        "model": str(model_copy),
+        "batch_size": settings.batch_size,
+        "bucketing": {"sequence_lengths": list(settings.sequence_lengths)},
+        # deepsparse.server has no engine field: EndpointConfig passes `kwargs` to the Pipeline.
+        "kwargs": {"engine_type": settings.engine},
+        # Per-request latency lines on stdout otherwise; nothing here leaves the machine.
+        "logging_config": {"enable": False},
+    }
+    return {"system_logging": {"enable": False}, "endpoints": [endpoint]}
+
+
+def write_server_config(workdir: Path, model_copy: Path, settings: ServeSettings) -> Path:
+    path = workdir / "server.yaml"
+    command = f"deepsparse.server --config_file {path} --host {settings.host} --port {settings.port}"
+    header = (f"# deepsparse.server config for {settings.name} ({settings.engine}), written by "
+              f"sparsebert.deploy.serve.\n# Stock server (HTTP 500 on bad input):\n#   {command}\n"
+              f"# Validating server (HTTP 4xx on bad input), same routes:\n"
+              f"#   python -m sparsebert.deploy.serve --config {path} --port {settings.port}\n")
+    path.write_text(header + yaml.safe_dump(server_config(model_copy, settings), sort_keys=False))
+    return path
+
+
+def prepare(deployment: Path, workdir: Path, settings: ServeSettings) -> Path:
+    """Copy the deployment into ``workdir`` and write ``workdir/server.yaml``; return its path."""
+    config = check_deployment(Path(deployment))
+    longest = max(settings.sequence_lengths)
+    if longest > config.get("max_position_embeddings", longest):
+        raise DeploymentError(f"sequence length {longest} exceeds the model's "
+                              f"max_position_embeddings {config['max_position_embeddings']}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return write_server_config(workdir, copy_deployment(Path(deployment), workdir), settings)
+
+
+def default_workdir(deployment: Path, name: str) -> Path:
+    return Path(deployment).resolve().parent / "serving" / name
+
+
+# ---------------------------------------------------------------- requests
+
+
+class InferenceRequest(BaseModel):
+    """The body deepsparse.server's text_classification endpoint takes, validated."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"sequences": "A man is playing a guitar."},
+        {"sequences": [["A man is playing a guitar.", "Someone plays music."]]},
+    ]})
+    sequences: Union[str, List[str], List[List[str]]] = Field(
+        description="one text, a list of texts, or a list of [sentence1, sentence2] pairs; "
+                    f"at most {MAX_SEQUENCES} items of at most {MAX_TEXT_CHARS} characters each")
+
+    @field_validator("sequences", mode="before")
+    @classmethod
+    def _check(cls, value):
+        check_sequences(value)
+        return value
+
+
+class InferenceResponse(BaseModel):
+    labels: List[str] = Field(description="the predicted label of each input, from config.json")
+    scores: List[float] = Field(description="the probability of each predicted label")
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def json_type(value) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object",
+             list: "a list", str: "a string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_text(text, where: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{where} must be a string, not {json_type(text)}")
+    if not text.strip():
+        raise ValueError(f"{where} is empty; send some text to classify")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{where} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,} "
+                         "(the model reads only the first sequence-length tokens of a text)")
+
+
+def check_sequences(value) -> None:
+    """Raise ValueError, with a message for the client, unless ``value`` is a text, a list of
+    texts, or a list of [text] / [text, text_pair] lists of one size."""
+    if isinstance(value, str):
+        return check_text(value, "sequences")
+    if not isinstance(value, list):
+        raise ValueError("sequences must be a string, a list of strings or a list of "
+                         f"[sentence1, sentence2] pairs, not {json_type(value)}")
+    if not value:
+        raise ValueError("sequences is an empty list; send at least one text")
+    if len(value) > MAX_SEQUENCES:
+        raise ValueError(f"sequences has {len(value)} items; the limit is {MAX_SEQUENCES} per request")
+    if all(isinstance(item, str) for item in value):
+        for i, text in enumerate(value):
+            check_text(text, f"sequences[{i}]")
+    elif all(isinstance(item, list) for item in value):
+        if len({len(item) for item in value}) != 1 or len(value[0]) not in (1, 2):
+            raise ValueError("each item of sequences must be [sentence1, sentence2] "
+                             "(or [sentence]), all of the same size")
+        for i, item in enumerate(value):
+            for j, text in enumerate(item):
+                check_text(text, f"sequences[{i}][{j}]")
+    else:
+        kinds = sorted({json_type(item) for item in value})
+        raise ValueError("the items of sequences must be all strings or all [sentence1, sentence2] "
+                         f"pairs, not {' and '.join(kinds)}")
+
+
+def parse_request(payload) -> InferenceRequest:
+    if not isinstance(payload, dict):
+        raise InvalidInput('the body must be a JSON object like {"sequences": "some text"}, '
+                           f"not {json_type(payload)}")
+    try:
+        return InferenceRequest.model_validate(payload)
+    except ValidationError as error:
+        raise InvalidInput(errors.describe(error.errors(include_url=False))) from None
+
+
+def require_json(content_type: Optional[str]) -> None:
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise UnsupportedMediaType(f"Content-Type must be application/json, not {content_type or 'missing'}")
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (never read whole into memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body has {int(declared):,} bytes; the limit is {limit:,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit:,} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request):
+    require_json(request.headers.get("content-type"))
+    body = await read_body(request)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"malformed JSON body: {error}") from None
+
+
+# ---------------------------------------------------------------- model and app
+
+
+def load_pipeline(config_path: Path):
+    """The DeepSparse pipeline of the single endpoint in a deepsparse.server config, built the
+    way deepsparse.server builds it, so both servers answer alike."""
+    from deepsparse import Pipeline
+    from deepsparse.server.config import ServerConfig
+
+    config = ServerConfig(**yaml.safe_load(Path(config_path).read_text()))
+    if len(config.endpoints) != 1:
+        raise DeploymentError(f"{config_path} must have exactly one endpoint")
+    return Pipeline.from_config(config.endpoints[0].to_pipeline_config())
+
+
+class ServedModel:
+    """One pipeline, loaded from a server config, called by one request at a time: Hugging Face
+    fast tokenizers fail when called from several threads at once ("Already borrowed"), and each
+    engine call already uses every core, so queueing requests costs no throughput."""
+
+    def __init__(self, config_path: Path):
+        self.config_path = Path(config_path)
+        endpoint = yaml.safe_load(self.config_path.read_text())["endpoints"][0]
+        self.name, self.model_path = endpoint["name"], endpoint["model"]
+        self.pipeline = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        self.pipeline = load_pipeline(self.config_path)
+
+    def require_ready(self) -> None:
+        if self.pipeline is None:
+            raise ModelNotReady(f"model '{self.name}' is not loaded yet")
+
+    def predict(self, request: InferenceRequest) -> dict:
+        self.require_ready()
+        with self._lock:
+            output = self.pipeline(sequences=request.sequences)
+        return {"labels": [str(label) for label in output.labels],
+                "scores": [float(score) for score in output.scores]}
+
+
+def create_app(model: ServedModel) -> FastAPI:
+    """deepsparse.server's routes for one model: infer, model ready/metadata, server health."""
+    app = FastAPI(title=f"SparseBERT: {model.name}",
+                  description="deepsparse.server's text_classification API, with 4xx on bad input")
+    errors.install(app, served=[model.name])
+    prefix = f"/v2/models/{model.name}"
+    error_responses = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503)}
+
+    @app.get("/v2/health/live", tags=["health"])
+    def live():
+        return {"status": "OK"}
+
+    @app.get("/v2/health/ready", tags=["health"])
+    @app.get(f"{prefix}/ready", tags=["health"])
+    def ready():
+        model.require_ready()
+        return {"status": "OK"}
+
+    @app.get(prefix, tags=["model"])
+    def metadata():
+        return {"model_path": model.model_path}
+
+    request_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": InferenceRequest.model_json_schema()}}}}
+
+    @app.post(f"{prefix}/infer", tags=["model"], response_model=InferenceResponse,
+              responses=error_responses, openapi_extra=request_body)
+    async def infer(request: Request):
+        parsed = parse_request(await read_json(request))
+        model.require_ready()
+        return await run_in_threadpool(model.predict, parsed)
+
+    return app
+
+
+def start_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve ``app`` with uvicorn until interrupted (one process: the model is loaded once)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", workers=1)
+
+
+def serve(deployment: Optional[Path], settings: ServeSettings, workdir: Optional[Path] = None,
+          config_path: Optional[Path] = None, config_only: bool = False) -> Path:
+    """Copy ``deployment``, write its server config, load the model, then serve until stopped
+    (or stop after writing the config when ``config_only``). Return the config's path."""
+    if config_path is None:
+        workdir = Path(workdir or default_workdir(deployment, settings.name))
+        config_path = prepare(Path(deployment), workdir, settings)
+    if config_only:
+        return config_path
+    model = ServedModel(config_path)
+    model.load()  # before listening: a server that is up always has a model
+    print(f"serving {model.name} on http://{settings.host}:{settings.port}/v2/models/{model.name}/infer "
+          f"(config {config_path})", flush=True)
+    start_server(create_app(model), settings.host, settings.port)
+    return config_path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparsebert.deploy.serve",
+                                description="Serve a deployment folder (validating FastAPI app).")
+    p.add_argument("deployment", type=Path, nargs="?",
+                   help="folder with model.onnx, config.json and the tokenizer")
+    p.add_argument("--config", type=Path,
+                   help="serve an existing server.yaml (its name, engine, batch size and buckets) "
+                        "instead of copying a deployment folder")
+    p.add_argument("--name", default=DEFAULT_NAME, help="model name in /v2/models/<name>/infer")
+    p.add_argument("--engine", choices=ENGINES, default="deepsparse")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sequence-lengths", type=int, nargs="+", default=list(DEFAULT_SEQUENCE_LENGTHS),
+                   help="token buckets; the longest one is where texts get truncated")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--workdir", type=Path,
+                   help="where the model copy and server.yaml go (default <deployment>/../serving/<name>)")
+    p.add_argument("--config-only", action="store_true",
+                   help="write the copy and server.yaml for deepsparse.server, then exit")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    offline.configure()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.deployment is None) == (args.config is None):
+        parser.error("give a deployment folder or --config, not both")
+    try:
+        settings = ServeSettings(args.name, args.engine, args.batch_size, tuple(args.sequence_lengths),
+                                 args.host, args.port)
+        config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.config_only:
+        print(config_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

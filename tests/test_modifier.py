@@ -1,0 +1,134 @@
+"""The recipe's pruning and the project's distillation modifier on small real BERT models,
+driven through SparseML's own modifier lifecycle."""
+
+import copy
+
+import pytest
+import torch
+from sparseml.pytorch.optim import ScheduledModifierManager
+from transformers import BertConfig, BertForSequenceClassification
+
+from sparsebert.pipeline.modifiers import SparseBertDistillationModifier
+from sparsebert.pipeline.report import PRUNABLE
+from sparsebert.recipe import recipe_path
+
+
+def tiny_bert(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def batch(seed=1, size=4, length=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (size, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (size,), generator=g)}
+
+
+def distill_step(modifier, student, inputs):
+    outputs = student(**inputs)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    return modifier.loss_update(outputs.loss, student, optimizer, epoch=0.0, steps_per_epoch=1,
+                                student_outputs=outputs, student_inputs=inputs)
+
+
+def make_modifier(student, teacher, **kwargs):
+    modifier = SparseBertDistillationModifier(start_epoch=0.0, **kwargs)
+    modifier.initialize(student, distillation_teacher=teacher)
+    return modifier
+
+
+def test_student_loss_depends_on_the_teacher():
+    student, inputs = tiny_bert(0), batch()
+    first = distill_step(make_modifier(student, tiny_bert(1).eval()), student, inputs)
+    second = distill_step(make_modifier(student, tiny_bert(2).eval()), student, inputs)
+    assert first.item() != pytest.approx(second.item(), rel=1e-3)
+
+
+def test_every_distillation_term_is_in_the_loss():
+    student, teacher, inputs = tiny_bert(0, layers=3), tiny_bert(1, layers=3).eval(), batch()
+    modifier = make_modifier(student, teacher)
+    total = distill_step(modifier, student, inputs)
+    terms = modifier._logged_loss_terms
+    for name in ("logits_loss", "hidden_loss", "attention_loss"):
+        assert terms[name].item() > 0, name
+    assert total.item() == pytest.approx(sum(terms[n].item() for n in ("logits_loss", "hidden_loss", "attention_loss")), rel=1e-5)
+    # embeddings + one hidden state per layer; one attention map per layer
+    assert len(modifier._student_cache["hidden"]) == 4 and len(modifier._student_cache["attention"]) == 3
+    # Weights move the total: drop the hidden term and the total falls by exactly that term.
+    without_hidden = distill_step(make_modifier(student, teacher, hidden_weight=0.0), student, inputs)
+    assert without_hidden.item() == pytest.approx(total.item() - terms["hidden_loss"].item(), rel=1e-4)
+
+
+def test_attention_term_sees_probabilities_not_dropped_output():
+    student = tiny_bert(0)
+    student.config.attention_probs_dropout_prob = 0.5
+    for layer in student.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.5
+    student.train()
+    modifier = make_modifier(student, tiny_bert(1).eval())
+    distill_step(modifier, student, batch())
+    for probabilities in modifier._student_cache["attention"]:
+        assert torch.allclose(probabilities.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_identical_teacher_gives_zero_feature_loss():
+    student = tiny_bert(0).eval()
+    modifier = make_modifier(student, copy.deepcopy(student))
+    distill_step(modifier, student, batch())
+    assert modifier._logged_loss_terms["hidden_loss"].item() == pytest.approx(0.0, abs=1e-10)
+    assert modifier._logged_loss_terms["attention_loss"].item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_hardness_zero_keeps_only_the_task_loss():
+    student, inputs = tiny_bert(0).eval(), batch()  # eval: no dropout, same loss twice
+    task_loss = student(**inputs).loss
+    total = distill_step(make_modifier(student, tiny_bert(1).eval(), hardness=0.0), student, inputs)
+    assert total.item() == pytest.approx(task_loss.item(), rel=1e-5)
+
+
+def test_mismatched_depth_is_refused():
+    with pytest.raises(ValueError, match="matches layers one to one"):
+        make_modifier(tiny_bert(0, layers=2), tiny_bert(1, layers=3))
+
+
+@pytest.mark.parametrize("kwargs", [{"hardness": 1.5}, {"temperature": 0.0}, {"hidden_weight": -1.0}])
+def test_bad_modifier_arguments(kwargs):
+    with pytest.raises(ValueError, match="SparseBertDistillationModifier"):
+        SparseBertDistillationModifier(**kwargs)
+
+
+def test_recipe_prunes_exactly_the_six_linears_to_target():
+    """Run the shipped recipe's schedule (2 epochs x 10 steps) with SparseML's lifecycle."""
+    student, teacher = tiny_bert(0), tiny_bert(1).eval()
+    dense_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    manager = ScheduledModifierManager.from_yaml(str(recipe_path("sparsebert")),
+                                                 recipe_variables={"num_epochs": 2, "final_sparsity": 0.9})
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    steps_per_epoch = 10
+    manager.initialize(student, epoch=0.0, distillation_teacher=teacher)
+    student.train()
+    for step in range(2 * steps_per_epoch):
+        epoch = step / steps_per_epoch
+        manager.update(student, optimizer, epoch, steps_per_epoch)
+        inputs = batch(seed=step)
+        outputs = student(**inputs)
+        loss = manager.loss_update(outputs.loss, student, optimizer, epoch, steps_per_epoch,
+                                   student_outputs=outputs, student_inputs=inputs)
+        optimizer.zero_grad()
+        loss.backward()
+        manager.optimizer_pre_step(student, optimizer, epoch, steps_per_epoch)
+        optimizer.step()
+        manager.optimizer_post_step(student, optimizer, epoch, steps_per_epoch)
+    manager.finalize(student)
+    pruned = 0
+    for name, param in student.named_parameters():
+        zeros = (param == 0).float().mean().item()
+        if PRUNABLE.search(name):
+            pruned += 1
+            assert zeros == pytest.approx(0.9, abs=0.005), name  # each matrix on its own
+        else:
+            assert zeros < 0.01, name  # embeddings, biases, LayerNorm, pooler, classifier
+            assert not torch.equal(param, dense_before[name]) or "position" in name or "token_type" in name
+    assert pruned == 6 * 2

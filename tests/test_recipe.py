@@ -1,0 +1,73 @@
+"""Every shipped recipe loads as SparseML will read it; bad recipes fail with one clear error."""
+
+from pathlib import Path
+
+import pytest
+
+from sparsebert.recipe import RecipeError, check_recipe, parse_recipe_args, recipe_path
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    names = [type(m).__name__ for m in check_recipe(path, {})]
+    assert "GMPruningModifier" in names and "SparseBertDistillationModifier" in names
+
+
+def test_sparsebert_recipe_encodes_the_method():
+    modifiers = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert"), {"num_epochs": 10})}
+    pruning = modifiers["GMPruningModifier"]
+    assert pruning.final_sparsity == 0.95 and pruning.init_sparsity == 0.0
+    assert pruning.inter_func == "cubic" and pruning.global_sparsity is False
+    assert pruning.mask_type == "unstructured"
+    # about 100 mask updates over the pruning window
+    updates = (pruning.end_epoch - pruning.start_epoch) / pruning.update_frequency
+    assert 95 <= updates <= 105
+    distill = modifiers["SparseBertDistillationModifier"]
+    assert (distill.hardness, distill.temperature) == (1.0, 1.0)
+    assert distill.logits_weight == distill.hidden_weight == distill.attention_weight == 1.0
+
+
+def test_recipe_args_override_without_editing():
+    modifiers = {type(m).__name__: m for m in check_recipe(
+        recipe_path("sparsebert"), {"final_sparsity": 0.8, "num_epochs": 4, "hidden_weight": 2.0})}
+    assert modifiers["GMPruningModifier"].final_sparsity == 0.8
+    assert modifiers["EpochRangeModifier"].end_epoch == 4
+    assert modifiers["SparseBertDistillationModifier"].hidden_weight == 2.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("version: 1.1.0\nmodifiers: [\n", "malformed YAML"),
+    ("version: 1.1.0\nmodifiers:\n  - !NoSuchModifier\n    start_epoch: 0\n", "invalid recipe"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+])
+def test_bad_recipes(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        check_recipe(path, {})
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, "high"])
+def test_sparsity_outside_range(sparsity):
+    with pytest.raises(RecipeError, match=r"final_sparsity must be in \[0, 1\)"):
+        check_recipe(recipe_path("sparsebert"), {"final_sparsity": sparsity})
+
+
+def test_unknown_recipe_variable():
+    with pytest.raises(RecipeError, match="unknown recipe variable"):
+        check_recipe(recipe_path("sparsebert"), {"final_sparsty": 0.9})
+
+
+def test_recipe_args_must_be_a_json_object():
+    assert parse_recipe_args('{"num_epochs": 3}') == {"num_epochs": 3}
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        parse_recipe_args("{num_epochs: 3")
+    with pytest.raises(RecipeError, match="must be a JSON object"):
+        parse_recipe_args("[1, 2]")
+
+
+def test_missing_recipe():
+    with pytest.raises(RecipeError, match="recipe not found"):
+        recipe_path("no-such-recipe")
