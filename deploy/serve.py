@@ -281,10 +281,18 @@ def load_pipeline(config_path: Path):
     return Pipeline.from_config(config.endpoints[0].to_pipeline_config())
 
 
+def unwrap_single_texts(sequences):
+    """``[["a"], ["b"]]`` as ``["a", "b"]``: DeepSparse's pipeline unwraps these itself, but its
+    sequence-length bucket router tokenizes them first and fails (TypeError)."""
+    if isinstance(sequences, list) and all(isinstance(item, list) and len(item) == 1 for item in sequences):
+        return [item[0] for item in sequences]
+    return sequences
+
+
 class ServedModel:
     """One pipeline, loaded from a server config, called by one request at a time: Hugging Face
-    fast tokenizers fail when called from several threads at once ("Already borrowed"), and each
-    engine call already uses every core, so queueing requests costs no throughput."""
+    fast tokenizers fail when called from several threads at once ("Already borrowed"), and one
+    engine call already spreads over all cores, so on a small CPU queueing costs little."""
 
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
@@ -303,7 +311,7 @@ class ServedModel:
     def predict(self, request: InferenceRequest) -> dict:
         self.require_ready()
         with self._lock:
-            output = self.pipeline(sequences=request.sequences)
+            output = self.pipeline(sequences=unwrap_single_texts(request.sequences))
         return {"labels": [str(label) for label in output.labels],
                 "scores": [float(score) for score in output.scores]}
 
@@ -397,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.deployment is None) == (args.config is None):
-        parser.error("give a deployment folder or --config, not both")
+        parser.error("give either a deployment folder or --config")
     try:
         settings = ServeSettings(args.name, args.engine, args.batch_size, tuple(args.sequence_lengths),
                                  args.host, args.port)

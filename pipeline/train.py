@@ -69,12 +69,10 @@ def _first_dev(data: dict) -> str:
 
 def run_sparseml(arguments: dict) -> None:
     """Run SparseML's text-classification script in this process."""
+    # Offline, the script's hub metric load is mended by sparsebert._startup; the official
+    # GLUE metrics are computed afterwards by sparsebert.glue.
     from sparseml.transformers import text_classification
 
-    # The script loads datasets' "accuracy" metric script from the hub even though, for
-    # train/validation files, it computes accuracy itself; offline that load fails. We compute
-    # the official GLUE metrics ourselves (sparsebert.glue), so the hub metric is not needed.
-    text_classification.load_metric = lambda *args, **kwargs: None
     text_classification.main(**arguments)
 
 

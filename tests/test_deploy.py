@@ -1,0 +1,114 @@
+"""Export (sparsity read back from ONNX, outputs vs PyTorch), parity across engines, the
+benchmark's ratios and the CI gates."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from sparsebert.cli import main
+from sparsebert.deploy import bench, gates, thresholds
+from sparsebert.deploy.export import onnx_sparsity
+
+
+def test_export_keeps_zeros_and_labels(exported_run):
+    report = json.loads((exported_run / "export" / "student" / "export.json").read_text())
+    assert report["sparsity_matches_checkpoint"]
+    assert report["onnx_encoder_linear_sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert report["max_logit_difference"] < 1e-3
+    deployment = exported_run / "export" / "student" / "deployment"
+    config = json.loads((deployment / "config.json").read_text())
+    assert set(config["id2label"].values()) == {"entailment", "not_entailment"}
+    assert (deployment / "tokenizer.json").is_file()
+    teacher = json.loads((exported_run / "export" / "teacher" / "export.json").read_text())
+    assert teacher["onnx_encoder_linear_sparsity"] < 0.01
+
+
+def test_sparsity_check_notices_a_dense_onnx(exported_run, tmp_path):
+    """Swap the teacher's (dense) ONNX in: reading it back must not match the student."""
+    from sparsebert.deploy.export import ExportError
+
+    dense_onnx = exported_run / "export" / "teacher" / "deployment" / "model.onnx"
+    with pytest.raises(ExportError, match="not found unchanged"):
+        onnx_sparsity(exported_run / "student", dense_onnx)
+
+
+def test_parity_report_across_engines(exported_run):
+    assert main(["parity", str(exported_run)]) == 0
+    report = json.loads((exported_run / "parity-student.json").read_text())
+    assert set(report["metrics"]) == {"pytorch", "onnxruntime", "deepsparse"}
+    assert report["examples"] == 48
+    for engine in ("onnxruntime", "deepsparse"):
+        assert report["against_pytorch"][engine]["max_logit_difference"] < 1e-3
+    assert report["passed"]
+
+
+def test_parity_fails_past_a_tight_threshold(exported_run, tmp_path):
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("parity:\n  max_logit_difference: 0.0\n")
+    assert main(["parity", str(exported_run), "--thresholds", str(strict)]) == 1
+    assert json.loads((exported_run / "parity-student.json").read_text())["passed"] is False
+    assert main(["parity", str(exported_run)]) == 0  # leave the passing report for the gates
+
+
+def test_thresholds_file_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("parity:\n  max_logit_diff: 1\n")
+    with pytest.raises(thresholds.ThresholdError, match="unknown key parity.max_logit_diff"):
+        thresholds.load(bad)
+
+
+def test_ratios_are_sparse_over_dense():
+    rows = [{"family": "m", "variant": v, "engine": e, "batch_size": 1, "items_per_second": s}
+            for v, e, s in [("dense", "onnxruntime", 10.0), ("dense", "deepsparse", 12.0), ("dense", "pytorch", 5.0),
+                            ("sparse 90%", "deepsparse", 40.0), ("sparse 90%", "onnxruntime", 11.0)]]
+    (r,) = bench.ratios(rows)
+    assert r["sparse_deepsparse_vs_dense_onnxruntime"] == pytest.approx(4.0)
+    assert r["sparse_vs_dense_deepsparse"] == pytest.approx(40 / 12)
+    assert r["sparse_deepsparse_vs_dense_pytorch"] == pytest.approx(8.0)
+    assert r["sparse_vs_dense_onnxruntime"] == pytest.approx(1.1)
+
+
+def test_bench_measures_and_plots(exported_run):
+    assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.5"]) == 0
+    report = json.loads((exported_run / "bench" / "bench.json").read_text())
+    assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse"}
+    assert all(r["items_per_second"] > 0 and r["iterations"] >= 3 for r in report["rows"])
+    assert "sparse_deepsparse_vs_dense_onnxruntime" in report["ratios"][0]
+    assert (exported_run / "bench" / "bench.png").stat().st_size > 10_000
+    assert "| sparse DS / dense ORT |" in (exported_run / "bench" / "bench.md").read_text()
+
+
+def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export", "teacher", "student", "data"))
+    bench_report = json.loads((run / "bench" / "bench.json").read_text())
+    ratio = bench_report["ratios"][0]
+    ratio["sparse_deepsparse_vs_dense_onnxruntime"], ratio["sparse_vs_dense_deepsparse"] = 3.0, 2.0
+    (run / "bench" / "bench.json").write_text(json.dumps(bench_report))
+    assert main(["gates", str(run)]) == 0
+    ratio["sparse_deepsparse_vs_dense_onnxruntime"] = 1.2  # below the 1.5x floor
+    (run / "bench" / "bench.json").write_text(json.dumps(bench_report))
+    assert main(["gates", str(run)]) == 1
+    names = {g.name: g.passed for g in gates.check(run, thresholds.load())}
+    assert names["speed all-MiniLM-L6-v2 (rte) sparse_deepsparse_vs_dense_onnxruntime"] is False
+    assert names["parity student deepsparse"] is True
+    parity = json.loads((run / "parity-student.json").read_text())
+    parity["against_pytorch"]["deepsparse"]["passed"] = False
+    (run / "parity-student.json").write_text(json.dumps(parity))
+    assert not {g.name: g.passed for g in gates.check(run, thresholds.load())}["parity student deepsparse"]
+
+
+def test_gates_need_the_reports(tmp_path, capsys):
+    assert main(["gates", str(tmp_path)]) == 2
+    assert "parity-student.json not found" in capsys.readouterr().err
+
+
+def test_onnx_initializers_hold_the_zeros(exported_run):
+    model = onnx.load(str(exported_run / "export" / "student" / "deployment" / "model.onnx"))
+    sparse = [a for a in map(numpy_helper.to_array, model.graph.initializer)
+              if a.ndim == 2 and a.size >= 384 * 384 and (a == 0).mean() > 0.85]
+    assert len(sparse) == 36  # the six pruned linears of each of the six layers, zeros stored

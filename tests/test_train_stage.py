@@ -1,0 +1,114 @@
+"""The training stage end to end on a slice of real RTE, its CLI errors, and SparseML's own
+console entry point reading the project's recipe."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsebert.cli import main
+from sparsebert.pipeline.report import load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_folder_holds_both_models_and_metrics(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["task"] == "rte" and metrics["main_metric"] == "accuracy"
+    for which in ("teacher", "student"):
+        config = json.loads((trained_run / which / "config.json").read_text())
+        assert set(config["id2label"].values()) == {"entailment", "not_entailment"}
+        assert 0 <= metrics[which]["dev"]["dev"]["accuracy"] <= 100
+    assert (trained_run / "student" / "recipe.yaml").is_file()
+    assert metrics["teacher"]["encoder_linear_sparsity"] < 0.01
+
+
+def test_saved_student_reaches_target_and_rest_stays_dense(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    student = metrics["student"]
+    assert len(student["per_matrix_sparsity"]) == 6 * 6  # six linears in each of six layers
+    for name, sparsity in student["per_matrix_sparsity"].items():
+        assert sparsity == pytest.approx(0.9, abs=0.005), name
+    for name, weight in load_weights(trained_run / "student").items():
+        if weight.ndim == 2 and name not in student["per_matrix_sparsity"]:  # biases may start at 0
+            assert (weight == 0).mean() < 0.01, name
+    assert student["flops"]["encoder_flops_reduction"] > 2
+    assert student["parameters_nonzero_total"] < metrics["teacher"]["parameters_nonzero_total"]
+
+
+def test_student_started_from_pretrained_not_teacher(trained_run):
+    """Knowledge-aware order: the pre-trained model is pruned while distilled, not the teacher."""
+    import numpy as np
+
+    from sparsebert.models import embedded_default
+
+    student_config = json.loads((trained_run / "student" / "config.json").read_text())
+    assert Path(student_config["_name_or_path"]) == embedded_default()
+    pretrained = load_weights(embedded_default())
+    teacher = load_weights(trained_run / "teacher")
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not np.array_equal(teacher[f"bert.{name}"], pretrained[name])  # the teacher was fine-tuned
+
+
+def test_rerun_never_overwrites_silently(trained_run, glue_dir, capsys):
+    before = (trained_run / "metrics.json").read_bytes()
+    code = main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(trained_run), "--limit", "8"])
+    assert code == 2
+    assert "already holds a result" in capsys.readouterr().err
+    assert (trained_run / "metrics.json").read_bytes() == before
+
+
+def _one_line_error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("sparsebert train: error:")
+    return err
+
+
+def test_bad_inputs_fail_before_training(tmp_path, glue_dir, capsys):
+    base = ["train", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "run")]
+    assert "unknown task" in _one_line_error(base + ["--task", "glue9"], capsys)
+    assert "[0, 1)" in _one_line_error(base + ["--task", "rte", "--sparsity", "1.0"], capsys)
+    missing = ["train", "--task", "rte", "--glue-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
+    assert "GLUE directory not found" in _one_line_error(missing, capsys)
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("version: 1.1.0\nfinal_sparsity: 0.9\nmodifiers:\n  - !MagicModifier\n    start_epoch: 0\n")
+    assert "invalid recipe" in _one_line_error(base + ["--task", "rte", "--recipe", str(bad_recipe)], capsys)
+    assert "not valid JSON" in _one_line_error(base + ["--task", "rte", "--recipe-args", "{x"], capsys)
+    broken = tmp_path / "glue"
+    (broken / "RTE").mkdir(parents=True)
+    (broken / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    (broken / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(broken), "--out", str(tmp_path / "b")], capsys)
+    assert "train.tsv:2: label 'maybe'" in err
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_sparseml_console_entry_point_runs_the_recipe(trained_run, tmp_path):
+    """The documented command: SparseML's own script, the project's recipe and modifier."""
+    script = shutil.which("sparseml.transformers.train.text_classification",
+                          path=str(Path(sys.executable).parent))
+    assert script, "SparseML console script missing"
+    out = tmp_path / "student"
+    data = trained_run / "data"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NM_DISABLE_ANALYTICS": "1"}
+    from sparsebert.models import embedded_default
+
+    subprocess.run([
+        script, "--model_name_or_path", str(embedded_default()), "--distill_teacher", str(trained_run / "teacher"),
+        "--recipe", str(REPO / "recipes" / "sparsebert.yaml"),
+        "--recipe_args", '{"num_epochs": 1, "final_sparsity": 0.8}', "--num_train_epochs", "1",
+        "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
+        "--input_column_names", "sentence1,sentence2", "--label_column_name", "label",
+        "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--output_dir", str(out),
+        "--do_train", "--report_to", "none", "--save_strategy", "no",
+    ], check=True, env=env, cwd=tmp_path, capture_output=True)
+    weights = load_weights(out)
+    query = weights["bert.encoder.layer.0.attention.self.query.weight"]
+    assert (query == 0).mean() == pytest.approx(0.8, abs=0.005)
+    assert "SparseBertDistillationModifier" in (out / "recipe.yaml").read_text()
