@@ -9,6 +9,7 @@ too, so a client never has to parse two error shapes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,7 +100,7 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(error).__name__}); see the server log")
 
 
-def install(app: FastAPI, served: list[str] = ()) -> None:
+def install(app: FastAPI, served: Iterable[str] = ()) -> None:
     """Register the handlers that give every error the ``{"error": ...}`` shape; ``served``
     names the models, so a request for another name gets ModelNotFound."""
     app.state.served_models = list(served)

@@ -51,6 +51,7 @@ DEFAULT_SEQUENCE_LENGTHS = (64, 128)  # short inputs run on the 64-token engine,
 MAX_TEXT_CHARS = 20_000
 MAX_SEQUENCES = 64
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 8 * MAX_BODY_BYTES  # past this, close without reading (see read_body)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a single URL path segment
 
 
@@ -245,15 +246,21 @@ def require_json(content_type: Optional[str]) -> None:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (never read whole into memory)."""
+    """The body, or PayloadTooLarge past ``limit``. Up to DRAIN_BYTES, an oversized body is read
+    and dropped, never stored: clients such as urllib send the whole body before reading any
+    answer, and would get a broken pipe instead of the 413 if it were left unread."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > DRAIN_BYTES:
         raise PayloadTooLarge(f"the body has {int(declared):,} bytes; the limit is {limit:,}")
-    body = bytearray()
+    body, received = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit:,} bytes")
+        received += len(chunk)
+        if received <= limit:
+            body += chunk
+        elif received > DRAIN_BYTES:
+            break
+    if received > limit:
+        raise PayloadTooLarge(f"the body is larger than the limit of {limit:,} bytes")
     return bytes(body)
 
 

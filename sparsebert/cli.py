@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_argument(p)
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
 
+    p = sub.add_parser("serve", help="serve the exported model on 127.0.0.1 (DeepSparse or ONNX Runtime)")
+    _run_argument(p)
+    _which(p)
+    p.add_argument("--engine", choices=["deepsparse", "onnxruntime"], default="deepsparse")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5543)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--name", help="model name in /v2/models/<name>/infer (default: the task)")
+
     p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
     _training_arguments(p)
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
@@ -215,6 +224,14 @@ def cmd_gates(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args) -> int:
+    from sparsebert.deploy import serve
+
+    name = args.name or _run_metrics(args.run)["task"]
+    return serve.main([str(_deployment(args.run, args.model)), "--name", name, "--engine", args.engine,
+                       "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size)])
+
+
 def cmd_run(args) -> int:
     """The main job: every stage in turn, each reading what the one before wrote."""
     code = cmd_train(args)
@@ -227,7 +244,7 @@ def cmd_run(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
-            "gates": cmd_gates, "run": cmd_run}
+            "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:
