@@ -28,7 +28,7 @@ test: install
 # What CI gates on: a model trained quickly from real SST-2, then every stage and the gates.
 gates: install
 	GLUE_DIR=$(GLUE_DIR) $(BIN)/sparsebert run --task sst2 --out runs/ci --overwrite --limit 1500 \
-	  --teacher-epochs 1 --student-epochs 3 --max-seq-length 64 --batch-size 32 $(ARGS)
+	  --teacher-epochs 1 --student-epochs 3 --max-seq-length 64 --batch-size 32 --threads 1 $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -52,12 +52,14 @@ def time_runner(runner: Runner, seconds: float, min_iterations: int = 3) -> dict
 
 
 def benchmark(models: list[Model], batch_sizes: list[int], sequence_length: int = 128,
-              seconds: float = 5.0, engines=ENGINES, progress=print) -> dict:
+              seconds: float = 5.0, engines=ENGINES, threads: int | None = None,
+              progress=print) -> dict:
     rows = []
     for model in models:
         for engine in engines:
             for batch_size in batch_sizes:
-                runner = Runner(engine, model.model_dir, model.deployment, batch_size, sequence_length)
+                runner = Runner(engine, model.model_dir, model.deployment, batch_size, sequence_length,
+                                threads)
                 try:
                     result = time_runner(runner, seconds)
                 finally:
@@ -67,27 +69,30 @@ def benchmark(models: list[Model], batch_sizes: list[int], sequence_length: int 
                 progress(f"  {model.family:32} {model.variant:11} {engine:12} batch {batch_size:3}: "
                          f"{result['items_per_second']:8.1f} items/s  p50 {result['p50_ms']:8.1f} ms")
     return {"sequence_length": sequence_length, "seconds_per_measurement": seconds,
+            "threads": threads or "all",
             "machine": machine(), "rows": rows, "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Speed-ups of the sparse model over the dense one, per family and batch size."""
-    def speed(family, variant_prefix, engine, batch):
-        return next((r["items_per_second"] for r in rows if r["family"] == family and r["engine"] == engine
-                     and r["batch_size"] == batch and r["variant"].startswith(variant_prefix)), None)
+    """Speed-ups of each sparse variant over the dense model of its family, per batch size."""
+    def speed(family, variant, engine, batch):
+        return next((r["items_per_second"] for r in rows if (r["family"], r["variant"], r["engine"], r["batch_size"])
+                     == (family, variant, engine, batch)), None)
 
     out = []
-    for family in dict.fromkeys(r["family"] for r in rows):
+    for family, variant in dict.fromkeys((r["family"], r["variant"]) for r in rows):
+        if variant == "dense":
+            continue
         for batch in sorted({r["batch_size"] for r in rows}):
-            sparse_ds = speed(family, "sparse", "deepsparse", batch)
+            sparse_ds = speed(family, variant, "deepsparse", batch)
             pairs = {
                 "sparse_deepsparse_vs_dense_onnxruntime": (sparse_ds, speed(family, "dense", "onnxruntime", batch)),
                 "sparse_vs_dense_deepsparse": (sparse_ds, speed(family, "dense", "deepsparse", batch)),
                 "sparse_deepsparse_vs_dense_pytorch": (sparse_ds, speed(family, "dense", "pytorch", batch)),
-                "sparse_vs_dense_onnxruntime": (speed(family, "sparse", "onnxruntime", batch),
+                "sparse_vs_dense_onnxruntime": (speed(family, variant, "onnxruntime", batch),
                                                 speed(family, "dense", "onnxruntime", batch)),
             }
-            out.append({"family": family, "batch_size": batch,
+            out.append({"family": family, "variant": variant, "batch_size": batch,
                         **{k: a / b for k, (a, b) in pairs.items() if a and b}})
     return out
 
@@ -101,7 +106,8 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Sequence length {report['sequence_length']}, {report['machine']['cpus']} CPUs "
-             f"({report['machine']['processor']}); items/s (p50 ms per batch).", "",
+             f"({report['machine']['processor']}), {report.get('threads', 'all')} thread(s) "
+             "per engine; items/s (p50 ms per batch).", "",
              "| model | variant | batch | " + " | ".join(ENGINES) + " |",
              "|---|---|---|" + "---|" * len(ENGINES)]
     keys = dict.fromkeys((r["family"], r["variant"], r["batch_size"]) for r in report["rows"])
@@ -112,13 +118,13 @@ def markdown(report: dict) -> str:
                       == (family, variant, batch, engine)), None)
             cells.append(f"{r['items_per_second']:.1f} ({r['p50_ms']:.1f})" if r else "-")
         lines.append(f"| {family} | {variant} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | batch | sparse DS / dense ORT | sparse / dense (DS) | sparse DS / dense PyTorch | sparse / dense (ORT) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| model | variant | batch | sparse DS / dense ORT | sparse / dense (DS) | sparse DS / dense PyTorch | sparse / dense (ORT) |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["ratios"]:
         cells = [f"{r[k]:.2f}x" if k in r else "-" for k in (
             "sparse_deepsparse_vs_dense_onnxruntime", "sparse_vs_dense_deepsparse",
             "sparse_deepsparse_vs_dense_pytorch", "sparse_vs_dense_onnxruntime")]
-        lines.append(f"| {r['family']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['family']} | {r['variant']} | {r['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,14 +165,16 @@ def write(report: dict, out_dir: Path) -> None:
     plot(report, out_dir / "bench.png")
 
 
-def bert_base_models(cache: Path, sparsity: float, sequence_length: int = 128) -> list[Model]:
+def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int = 128) -> list[Model]:
     """A BERT-base-sized classifier with random weights, dense and magnitude-pruned per matrix
-    to ``sparsity`` (speed does not depend on the weights' values, only on their zeros)."""
+    to each of ``sparsities`` (speed depends on where the zeros are, not on the values), built
+    and exported once into ``cache``."""
     from sparsebert.deploy.export import export
 
     models = []
-    for variant, target in (("dense", 0.0), (f"sparse {sparsity:.0%}", sparsity)):
-        folder = cache / ("dense" if target == 0 else f"sparse{int(sparsity * 100)}")
+    for target in [0.0, *sparsities]:
+        variant = "dense" if target == 0 else f"sparse {target:.0%}"
+        folder = cache / ("dense" if target == 0 else f"sparse{round(target * 100)}")
         if not (folder / "deployment" / "model.onnx").is_file():
             _random_bert_base(folder / "checkpoint", target)
             export(folder / "checkpoint", folder, sequence_length)

@@ -23,9 +23,14 @@ def private_copy(onnx_path: Path) -> Path:
 
 
 class Runner:
-    """Runs batches of exactly ``batch_size`` rows of length ``sequence_length``."""
+    """Runs batches of exactly ``batch_size`` rows of length ``sequence_length``.
 
-    def __init__(self, engine: str, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int):
+    ``threads`` caps the engine's threads (torch intra-op threads, ONNX Runtime intra-op threads,
+    DeepSparse cores); None keeps each library's default (all cores).
+    """
+
+    def __init__(self, engine: str, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int,
+                 threads: int | None = None):
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
         self.engine, self.batch_size, self.sequence_length = engine, batch_size, sequence_length
@@ -34,19 +39,25 @@ class Runner:
             from transformers import AutoModelForSequenceClassification
 
             self._torch = torch
+            if threads:
+                torch.set_num_threads(threads)
             self._model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         elif engine == "onnxruntime":
             import onnxruntime
 
-            self._session = onnxruntime.InferenceSession(str(deployment / "model.onnx"),
+            options = onnxruntime.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            self._session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), options,
                                                          providers=["CPUExecutionProvider"])
             self._input_names = [i.name for i in self._session.get_inputs()]
         else:
             from deepsparse import Engine
 
             self._copy = private_copy(deployment / "model.onnx")
+            cores = {"num_cores": threads} if threads else {}  # default: all cores
             self._engine = Engine(model=str(self._copy), batch_size=batch_size,
-                                  input_shapes=[[batch_size, sequence_length]] * 3)
+                                  input_shapes=[[batch_size, sequence_length]] * 3, **cores)
             self._input_names = list(self._engine.input_names)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -64,7 +64,7 @@ def speed_gates(run: Path, floors: dict) -> list[Gate]:
         for key, floor in floors.items():
             name = key.removeprefix("min_")
             value = ratios.get(name)
-            gates.append(Gate(f"speed {ratios['family']} {name}", value is not None and value >= floor,
+            gates.append(Gate(f"speed {ratios['family']} {ratios['variant']} {name}", value is not None and value >= floor,
                               f"{value:.2f}x (floor {floor}x)" if value is not None else "not measured"))
     return gates
 

@@ -80,8 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_argument(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
-    p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="?", const=0.9,
-                   help="also a random BERT-base-sized model pruned to SPARSITY (default 0.9)")
+    p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="*",
+                   help="also a random BERT-base-sized model, dense and pruned to each SPARSITY "
+                        "(default 0.9 0.95), built once into --bert-base-cache")
+    p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
+    p.add_argument("--threads", type=int,
+                   help="threads per engine (torch, ONNX Runtime, DeepSparse cores; default: each "
+                        "library's own, all cores). On small VMs 1 avoids spin-wait stalls")
+    p.add_argument("--engines", nargs="+", default=["pytorch", "onnxruntime", "deepsparse"],
+                   choices=["pytorch", "onnxruntime", "deepsparse"])
 
     p = sub.add_parser("gates", help="fail when parity breaks or the sparse speed-up is below its floor")
     _run_argument(p)
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
     _training_arguments(p)
+    p.add_argument("--threads", type=int, help="threads per engine in the benchmark (default all cores)")
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
     return parser
 
@@ -197,16 +205,19 @@ def cmd_bench(args) -> int:
     from sparsebert.deploy import bench
 
     metrics = _run_metrics(args.run)
-    family = f"{metrics['model']} ({metrics['task']})"
+    family = f"{Path(metrics['model']).name if Path(metrics['model']).is_absolute() else metrics['model']} ({metrics['task']})"
     sparsity = metrics["student"]["encoder_linear_sparsity"]
     models = [bench.Model(family, "dense", Path(metrics["teacher"]["path"]), _deployment(args.run, "teacher")),
               bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]),
                           _deployment(args.run, "student"))]
     if args.bert_base is not None:
-        if not 0 < args.bert_base < 1:
-            raise UsageError(f"--bert-base sparsity must be in (0, 1), got {args.bert_base}")
-        models += bench.bert_base_models(args.run / "bench" / "bert-base", args.bert_base)
-    report = bench.benchmark(models, args.batch_sizes, seconds=args.seconds)
+        sparsities = args.bert_base or [0.9, 0.95]
+        if not all(0 < s < 1 for s in sparsities):
+            raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
+        cache = args.bert_base_cache or args.run / "bench" / "bert-base"
+        models += bench.bert_base_models(cache, sparsities)
+    report = bench.benchmark(models, args.batch_sizes, seconds=args.seconds, engines=args.engines,
+                             threads=args.threads)
     bench.write(report, args.run / "bench")
     print(bench.markdown(report))
     print(f"[sparsebert] wrote {args.run / 'bench'}/bench.json, bench.md, bench.png")
@@ -237,7 +248,9 @@ def cmd_run(args) -> int:
     code = cmd_train(args)
     stage_args = argparse.Namespace(run=args.out, model="student", thresholds=args.thresholds,
                                     max_seq_length=args.max_seq_length, overwrite=args.overwrite,
-                                    batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None)
+                                    batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None,
+                                    engines=["pytorch", "onnxruntime", "deepsparse"],
+                                    threads=args.threads)
     for command in (cmd_export, cmd_parity, cmd_bench, cmd_gates):
         code = code or command(stage_args)
     return code

@@ -66,6 +66,7 @@ def test_ratios_are_sparse_over_dense():
             for v, e, s in [("dense", "onnxruntime", 10.0), ("dense", "deepsparse", 12.0), ("dense", "pytorch", 5.0),
                             ("sparse 90%", "deepsparse", 40.0), ("sparse 90%", "onnxruntime", 11.0)]]
     (r,) = bench.ratios(rows)
+    assert (r["family"], r["variant"], r["batch_size"]) == ("m", "sparse 90%", 1)
     assert r["sparse_deepsparse_vs_dense_onnxruntime"] == pytest.approx(4.0)
     assert r["sparse_vs_dense_deepsparse"] == pytest.approx(40 / 12)
     assert r["sparse_deepsparse_vs_dense_pytorch"] == pytest.approx(8.0)
@@ -94,7 +95,7 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
     (run / "bench" / "bench.json").write_text(json.dumps(bench_report))
     assert main(["gates", str(run)]) == 1
     names = {g.name: g.passed for g in gates.check(run, thresholds.load())}
-    assert names["speed all-MiniLM-L6-v2 (rte) sparse_deepsparse_vs_dense_onnxruntime"] is False
+    assert names["speed all-MiniLM-L6-v2 (rte) sparse 90% sparse_deepsparse_vs_dense_onnxruntime"] is False
     assert names["parity student deepsparse"] is True
     parity = json.loads((run / "parity-student.json").read_text())
     parity["against_pytorch"]["deepsparse"]["passed"] = False
