@@ -125,6 +125,8 @@ def _check_training(args) -> None:
     if args.teacher and not (Path(args.teacher) / "config.json").is_file():
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
     args.out = args.out or Path("runs") / glue.get_task(args.task).name
+    if args.teacher and args.overwrite and Path(args.out).resolve() in Path(args.teacher).resolve().parents:
+        raise UsageError(f"--overwrite would delete the --teacher inside {args.out}; choose another --out")
 
 
 def cmd_train(args) -> int:
@@ -205,7 +207,8 @@ def cmd_bench(args) -> int:
     from sparsebert.deploy import bench
 
     metrics = _run_metrics(args.run)
-    family = f"{Path(metrics['model']).name if Path(metrics['model']).is_absolute() else metrics['model']} ({metrics['task']})"
+    model = metrics["model"]  # a folder path when the run was started with one
+    family = f"{Path(model).name if Path(model).is_absolute() else model} ({metrics['task']})"
     sparsity = metrics["student"]["encoder_linear_sparsity"]
     models = [bench.Model(family, "dense", Path(metrics["teacher"]["path"]), _deployment(args.run, "teacher")),
               bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]),
