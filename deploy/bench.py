@@ -152,7 +152,8 @@ def plot(report: dict, path: Path) -> None:
             ax.set_title(f"{family}, batch {batch}", fontsize=10)
             ax.set_ylabel("items / s (higher is better)")
             ax.legend(fontsize=8)
-    fig.suptitle(f"seq {report['sequence_length']}, {report['machine']['cpus']} CPUs")
+    fig.suptitle(f"seq {report['sequence_length']}, {report['machine']['cpus']} CPUs, "
+                 f"{report.get('threads', 'all')} thread(s) per engine")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
