@@ -188,6 +188,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    import json
+
     from sparsebert import glue
     from sparsebert.deploy import parity, thresholds
     from sparsebert.pipeline.data import read_jsonl
@@ -196,14 +198,19 @@ def cmd_parity(args) -> int:
     task = glue.get_task(metrics["task"])
     dev_split = next(s for s in metrics["data"]["splits"] if s != "train")
     examples = read_jsonl(Path(metrics["data"]["splits"][dev_split]["path"]))
-    report = parity.parity(task, Path(metrics[args.model]["path"]), _deployment(args.run, args.model), examples,
-                           thresholds.load(args.thresholds)["parity"], batch_size=args.batch_size)
+    deployment = _deployment(args.run, args.model)
+    exported = json.loads((deployment.parent / "export.json").read_text())
+    report = parity.parity(task, Path(metrics[args.model]["path"]), deployment, examples,
+                           thresholds.load(args.thresholds)["parity"], batch_size=args.batch_size,
+                           sequence_length=exported["sequence_length"])
     parity.write(report, args.run / f"parity-{args.model}.json")
     print(parity.table(report))
     return 0 if report["passed"] else 1
 
 
 def cmd_bench(args) -> int:
+    import json
+
     from sparsebert.deploy import bench
 
     metrics = _run_metrics(args.run)
@@ -218,9 +225,10 @@ def cmd_bench(args) -> int:
         if not all(0 < s < 1 for s in sparsities):
             raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
         cache = args.bert_base_cache or args.run / "bench" / "bert-base"
-        models += bench.bert_base_models(cache, sparsities)
-    report = bench.benchmark(models, args.batch_sizes, seconds=args.seconds, engines=args.engines,
-                             threads=args.threads)
+        models += bench.bert_base_models(cache, sparsities, length)
+    length = json.loads((_deployment(args.run, "student").parent / "export.json").read_text())["sequence_length"]
+    report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
+                             engines=args.engines, threads=args.threads)
     bench.write(report, args.run / "bench")
     print(bench.markdown(report))
     print(f"[sparsebert] wrote {args.run / 'bench'}/bench.json, bench.md, bench.png")
@@ -249,8 +257,10 @@ def cmd_serve(args) -> int:
 def cmd_run(args) -> int:
     """The main job: every stage in turn, each reading what the one before wrote."""
     code = cmd_train(args)
+    # The ONNX input length is fixed at export: 128, what parity, serving and the benchmark
+    # use, whatever length the models were trained with.
     stage_args = argparse.Namespace(run=args.out, model="student", thresholds=args.thresholds,
-                                    max_seq_length=args.max_seq_length, overwrite=args.overwrite,
+                                    max_seq_length=128, overwrite=args.overwrite,
                                     batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None,
                                     engines=["pytorch", "onnxruntime", "deepsparse"],
                                     threads=args.threads)
