@@ -117,8 +117,9 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
     config = json.loads((deployment / "config.json").read_text())
     if not config.get("id2label") or all(str(k) == str(v) for k, v in config["id2label"].items()):
         raise ExportError(f"{deployment}/config.json has no real label names: {config.get('id2label')}")
-    sizes = {n: w.size for n, w in load_weights(model_dir).items() if PRUNABLE.search(n)}
-    torch_sparsity = {n: float((w == 0).mean()) for n, w in load_weights(model_dir).items() if n in sizes}
+    pruned = {n: w for n, w in load_weights(model_dir).items() if PRUNABLE.search(n)}
+    sizes = {n: w.size for n, w in pruned.items()}
+    torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
     exported = onnx_sparsity(model_dir, deployment / "model.onnx")
     zeros = sum(exported[n] * sizes[n] for n in exported)
     difference = logits_difference(model_dir, deployment, sequence_length)
