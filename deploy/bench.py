@@ -185,11 +185,10 @@ def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int 
 
 def _random_bert_base(folder: Path, sparsity: float) -> None:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from sparsebert.models import embedded_default
     from sparsebert.pipeline.report import PRUNABLE
-    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     config = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"},

@@ -163,6 +163,13 @@ def _deployment(run: Path, which: str) -> Path:
     return deployment
 
 
+def _exported_length(deployment: Path) -> int:
+    """The sequence length the ONNX file was exported with (its input shape is fixed to it)."""
+    import json
+
+    return json.loads((deployment.parent / "export.json").read_text())["sequence_length"]
+
+
 def _run_metrics(run: Path) -> dict:
     import json
 
@@ -188,8 +195,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    import json
-
     from sparsebert import glue
     from sparsebert.deploy import parity, thresholds
     from sparsebert.pipeline.data import read_jsonl
@@ -199,34 +204,31 @@ def cmd_parity(args) -> int:
     dev_split = next(s for s in metrics["data"]["splits"] if s != "train")
     examples = read_jsonl(Path(metrics["data"]["splits"][dev_split]["path"]))
     deployment = _deployment(args.run, args.model)
-    exported = json.loads((deployment.parent / "export.json").read_text())
     report = parity.parity(task, Path(metrics[args.model]["path"]), deployment, examples,
                            thresholds.load(args.thresholds)["parity"], batch_size=args.batch_size,
-                           sequence_length=exported["sequence_length"])
+                           sequence_length=_exported_length(deployment))
     parity.write(report, args.run / f"parity-{args.model}.json")
     print(parity.table(report))
     return 0 if report["passed"] else 1
 
 
 def cmd_bench(args) -> int:
-    import json
-
     from sparsebert.deploy import bench
 
     metrics = _run_metrics(args.run)
     model = metrics["model"]  # a folder path when the run was started with one
     family = f"{Path(model).name if Path(model).is_absolute() else model} ({metrics['task']})"
     sparsity = metrics["student"]["encoder_linear_sparsity"]
+    student = _deployment(args.run, "student")
+    length = _exported_length(student)
     models = [bench.Model(family, "dense", Path(metrics["teacher"]["path"]), _deployment(args.run, "teacher")),
-              bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]),
-                          _deployment(args.run, "student"))]
+              bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]), student)]
     if args.bert_base is not None:
         sparsities = args.bert_base or [0.9, 0.95]
         if not all(0 < s < 1 for s in sparsities):
             raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
         cache = args.bert_base_cache or args.run / "bench" / "bert-base"
         models += bench.bert_base_models(cache, sparsities, length)
-    length = json.loads((_deployment(args.run, "student").parent / "export.json").read_text())["sequence_length"]
     report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
                              engines=args.engines, threads=args.threads)
     bench.write(report, args.run / "bench")
