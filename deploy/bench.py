@@ -8,7 +8,6 @@ Writes ``bench.json``, ``bench.md`` (a table) and ``bench.png`` (a plot).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +97,9 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def machine() -> dict:
-    import os
+    from sparsebert import hardware
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count()}
+    return {**hardware.describe(), "processor": hardware.cpu_model()}
 
 
 def markdown(report: dict) -> str:
@@ -188,15 +186,16 @@ def _random_bert_base(folder: Path, sparsity: float) -> None:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from sparsebert.models import embedded_default
-    from sparsebert.pipeline.report import PRUNABLE
+    from sparsebert.pipeline.report import is_pruned, pruned_patterns
 
     torch.manual_seed(0)
     config = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"},
                         label2id={"negative": 0, "positive": 1})
     model = BertForSequenceClassification(config).eval()
+    patterns = pruned_patterns()  # the matrices the shipped recipe prunes
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if sparsity and PRUNABLE.search(name):
+            if sparsity and is_pruned(name, patterns):
                 k = int(param.numel() * sparsity)
                 threshold = param.abs().flatten().kthvalue(k).values
                 param.mul_(param.abs() > threshold)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert.errors import UserError
-from sparsebert.pipeline.report import PRUNABLE, load_weights
+from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
 
 SAMPLE_TEXTS = [
     ("The movie was a delight from start to finish.", "It was a pleasure to watch."),
@@ -70,8 +70,9 @@ def onnx_sparsity(model_dir: Path, onnx_path: Path) -> dict[str, float]:
         if array.ndim == 2:
             by_shape.setdefault(array.shape, []).append(array)
     found = {}
+    patterns = pruned_patterns(model_dir)
     for name, weight in load_weights(model_dir).items():
-        if not PRUNABLE.search(name):
+        if not is_pruned(name, patterns):
             continue
         match = next((a for a in by_shape.get(weight.T.shape, []) if np.array_equal(a, weight.T)), None)
         if match is None:
@@ -117,7 +118,8 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
     config = json.loads((deployment / "config.json").read_text())
     if not config.get("id2label") or all(str(k) == str(v) for k, v in config["id2label"].items()):
         raise ExportError(f"{deployment}/config.json has no real label names: {config.get('id2label')}")
-    pruned = {n: w for n, w in load_weights(model_dir).items() if PRUNABLE.search(n)}
+    patterns = pruned_patterns(model_dir)
+    pruned = {n: w for n, w in load_weights(model_dir).items() if is_pruned(n, patterns)}
     sizes = {n: w.size for n, w in pruned.items()}
     torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
     exported = onnx_sparsity(model_dir, deployment / "model.onnx")

@@ -10,11 +10,27 @@ import numpy as np
 
 from sparsebert import glue
 
-# The six encoder linears SparseBERT prunes (the recipe's `params`).
-PRUNABLE = re.compile(
-    r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
-    r"intermediate\.dense|output\.dense)\.weight$"
-)
+
+
+def pruned_patterns(model_dir: Path | None = None) -> list[str]:
+    """The matrices a checkpoint is measured on: the ``params`` of the pruning modifiers in the
+    recipe SparseML saved beside it (a student), else those of the shipped SparseBERT recipe
+    (a dense teacher, the pre-trained model), so both are measured on the same matrices."""
+    from sparsebert.recipe import pruned_params, recipe_path
+
+    saved = Path(model_dir) / "recipe.yaml" if model_dir else None
+    patterns = pruned_params(saved) if saved and saved.is_file() else []
+    return patterns or pruned_params(recipe_path("sparsebert"))
+
+
+def is_pruned(name: str, patterns: list[str]) -> bool:
+    """SparseML's own matching of a parameter name against recipe ``params`` (``re:`` prefixed
+    regular expressions or exact names); a checkpoint saved without the model's prefix
+    (``encoder...`` rather than ``bert.encoder...``) is matched with it too."""
+    from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
+
+    return any(any_str_or_regex_matches_param_name(candidate, patterns)
+               for candidate in (name, f"bert.{name}"))
 
 
 def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -33,9 +49,9 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items()}
 
 
-def sparsity_report(weights: dict[str, np.ndarray]) -> dict:
-    """Per-matrix and overall zero fraction of the prunable encoder linears, and parameter counts."""
-    per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if PRUNABLE.search(n)}
+def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:
+    """Per-matrix and overall zero fraction of the recipe's pruned matrices, and parameter counts."""
+    per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if is_pruned(n, patterns)}
     prunable = sum(weights[n].size for n in per_matrix)
     zeros = sum(int((weights[n] == 0).sum()) for n in per_matrix)
     total = sum(w.size for w in weights.values())
@@ -50,10 +66,10 @@ def sparsity_report(weights: dict[str, np.ndarray]) -> dict:
     }
 
 
-def encoder_flops(weights: dict[str, np.ndarray], seq_len: int, hidden_size: int) -> dict:
+def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, hidden_size: int) -> dict:
     """Multiply-adds x2 per sequence of ``seq_len`` tokens: the encoder linears (dense vs. only
     their non-zeros) plus attention's two seq x seq products, which pruning does not touch."""
-    linears = {n: w for n, w in weights.items() if PRUNABLE.search(n)}
+    linears = {n: w for n, w in weights.items() if is_pruned(n, patterns)}
     dense_linear = 2 * seq_len * sum(w.size for w in linears.values())
     sparse_linear = 2 * seq_len * sum(int(np.count_nonzero(w)) for w in linears.values())
     layers = len({re.search(r"layer\.(\d+)\.", n).group(1) for n in linears})
@@ -104,4 +120,18 @@ def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict
 
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(model_dir).id2label.items()}
     return {split: score(task, predict(model_dir, examples, max_seq_length), examples, id2label)
+            for split, examples in dev_sets.items()}
+
+
+def majority_baseline(task: glue.GlueTask, train: list[dict], dev_sets: dict[str, list[dict]]) -> dict:
+    """Every metric of the trivial model on each dev split: the training set's most frequent
+    label for every example (an all-"equivalent" MRPC guess scores F1 81.2, accuracy 68.4), or a
+    constant score for regression, which has no correlation (0)."""
+    if task.is_regression:
+        return {split: {m: 0.0 for m in task.metrics} for split in dev_sets}
+    labels = [e["label"] for e in train]
+    majority = max(task.labels, key=labels.count)
+    return {split: {**glue.compute_metrics(task, glue.label_indices(task, [majority] * len(examples)),
+                                           glue.label_indices(task, [e["label"] for e in examples])),
+                    "label": majority}
             for split, examples in dev_sets.items()}

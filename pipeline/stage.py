@@ -1,22 +1,23 @@
 """The whole training stage in one run folder:
 
     <run>/data/        train.json, dev.json (label names kept), data.json
-    <run>/teacher/     fine-tuned dense model (SparseML/HF checkpoint)
-    <run>/student/     pruned, distilled model + recipe.yaml
-    <run>/metrics.json dense and sparse dev metrics, measured sparsity, parameters, FLOPs
+    <run>/teacher/     fine-tuned dense model (SparseML/HF checkpoint), curve.{json,png}
+    <run>/student/     pruned, distilled model + recipe.yaml, curve.{json,png}
+    <run>/metrics.json dense and sparse dev metrics beside the majority baseline, measured
+                       sparsity, parameters, FLOPs
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsebert import glue
+from sparsebert import glue, hardware
 from sparsebert.errors import UserError
+from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
 from sparsebert.pipeline import report
 from sparsebert.pipeline.train import TrainConfig, train_student, train_teacher
@@ -53,16 +54,28 @@ def _sizes(model_dir: Path) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
-def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int) -> dict:
-    """Dev metrics, measured sparsity, parameter counts and FLOPs of one saved checkpoint."""
+def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str]) -> dict:
+    """Dev metrics, measured sparsity (on the recipe's pruned matrices), parameter counts and
+    FLOPs of one saved checkpoint."""
     weights = report.load_weights(model_dir)
     hidden, _ = _sizes(model_dir)
     return {
         "path": str(model_dir),
         "dev": report.evaluate(task, model_dir, dev_sets, seq_len),
-        **report.sparsity_report(weights),
-        "flops": report.encoder_flops(weights, seq_len, hidden),
+        **report.sparsity_report(weights, patterns),
+        "flops": report.encoder_flops(weights, patterns, seq_len, hidden),
     }
+
+
+def write_curve(model_dir: Path, title: str) -> dict:
+    """``curve.json``/``curve.png`` for a trained checkpoint, and the first and last logged
+    training loss (a student that learns shows the fall)."""
+    points = curve.write(model_dir, title)
+    if not points:
+        return {}
+    return {"path": str(model_dir / "curve.json"), "points": len(points),
+            "first_loss": points[0]["loss"], "last_loss": points[-1]["loss"],
+            "applied_learning_rate_max": max(p.get("applied_learning_rate", 0.0) for p in points)}
 
 
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) -> dict:
@@ -86,8 +99,15 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     train_student(opts.model, teacher_dir, data_info, student_dir, student_cfg)
     student_done = time.time()
 
-    teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length)
-    student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length)
+    patterns = report.pruned_patterns(student_dir)
+    teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length, patterns)
+    student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length, patterns)
+    if not opts.teacher:
+        teacher["curve"] = write_curve(teacher_dir, f"{task.name}: dense teacher")
+    student["curve"] = write_curve(student_dir, f"{task.name}: student pruned to "
+                                                f"{student['encoder_linear_sparsity']:.0%} while distilled")
+    baseline = report.majority_baseline(
+        task, data_stage.read_jsonl(Path(data_info["splits"]["train"]["path"])), dev_sets)
     first_dev = next(iter(dev_sets))
     metric = task.main_metric
     metrics = {
@@ -96,42 +116,47 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         "model": opts.model_name or opts.model,
         "model_path": opts.model,
         "data": data_info,
+        "baseline": baseline,
         "teacher": teacher,
         "student": student,
+        "student_beats_baseline": student["dev"][first_dev][metric] > baseline[first_dev][metric],
         "retention": student["dev"][first_dev][metric] / teacher["dev"][first_dev][metric]
         if teacher["dev"][first_dev][metric] else None,
         "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
         "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
                          "total": time.time() - started},
-        "machine": _machine(),
+        "machine": hardware.describe(),
     }
     (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _machine() -> dict:
-    import os
-
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
+def _scores(dev: dict, metrics: tuple) -> str:
+    return ", ".join(f"{m} {dev[m]:6.2f}" for m in metrics if m in dev)
 
 
 def summary(metrics: dict) -> str:
     """A few lines a person reads at the end of a run."""
     first_dev = next(iter(metrics["teacher"]["dev"]))
     metric = metrics["main_metric"]
-    t, s = metrics["teacher"], metrics["student"]
+    shown = glue.get_task(metrics["task"]).metrics
+    t, s, b = metrics["teacher"], metrics["student"], metrics["baseline"][first_dev]
+    curve_line = ""
+    if s.get("curve"):
+        curve_line = (f"  student training loss {s['curve']['first_loss']:.4f} (first log) -> "
+                      f"{s['curve']['last_loss']:.4f} (last); {s['curve']['path']} and curve.png")
+    verdict = ("  the student beats the majority baseline" if metrics["student_beats_baseline"] else
+               "  WARNING: the student does NOT beat the majority baseline at this sparsity; "
+               "try --sparsity 0.9 or more --student-epochs")
     return "\n".join([
-        f"task {metrics['task']} ({first_dev}, {metric}):",
-        f"  dense teacher  {t['dev'][first_dev][metric]:6.2f}",
-        f"  sparse student {s['dev'][first_dev][metric]:6.2f}  "
+        f"task {metrics['task']} ({first_dev}; final model, main metric {metric}):",
+        f"  majority baseline {_scores(b, shown)}  (always {b['label']!r})" if "label" in b else
+        f"  constant baseline {_scores(b, shown)}",
+        f"  dense teacher     {_scores(t['dev'][first_dev], shown)}",
+        f"  sparse student    {_scores(s['dev'][first_dev], shown)}  "
         f"({metrics['retention'] * 100:.1f}% of the teacher)" if metrics["retention"] is not None else "",
+        verdict,
+        curve_line,
         f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "
         f"(least sparse matrix {s['min_matrix_sparsity'] * 100:.2f}%), "
         f"non-zero parameters {s['parameters_nonzero_total']:,} of {s['parameters_total']:,}",

@@ -6,9 +6,11 @@ CLI and the documented console entry point run exactly the same code.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsebert import hardware
 from sparsebert.recipe import recipe_path
 
 
@@ -22,8 +24,13 @@ class TrainConfig:
     max_seq_length: int = 128
     warmup_ratio: float = 0.1
     seed: int = 42
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast); resolved from "auto" by the CLI
     recipe: str | None = None
     recipe_args: dict = field(default_factory=dict)
+
+
+# About this many points on every training curve.
+CURVE_POINTS = 50
 
 
 def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfig,
@@ -36,7 +43,10 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
         "input_column_names": ",".join(data["text_columns"]),
         "label_column_name": "label",
         "max_seq_length": cfg.max_seq_length,
+        # Dynamic padding (per batch) over length-grouped batches: short GLUE sentences are not
+        # padded to max_seq_length, and batches of similar lengths waste little on padding.
         "pad_to_max_length": False,
+        "group_by_length": True,
         "output_dir": str(output_dir),
         # The stage itself refuses to reuse a run folder it did not clear (stage.claim).
         "overwrite_output_dir": True,
@@ -47,7 +57,9 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
         "num_train_epochs": cfg.epochs,
         "warmup_ratio": cfg.warmup_ratio,
         "lr_scheduler_type": "linear",
-        "logging_strategy": "epoch",
+        "logging_strategy": "steps",
+        "logging_steps": _logging_steps(data["splits"]["train"]["examples"], cfg),
+        "bf16": cfg.precision == "bf16",
         "save_strategy": "no",
         "evaluation_strategy": "no",
         "report_to": "none",
@@ -56,11 +68,17 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     }
     if cfg.recipe:
         args["recipe"] = cfg.recipe
-        # One source of truth for the length of training: the recipe gets the same epochs.
-        args["recipe_args"] = json.dumps({"num_epochs": cfg.epochs, **cfg.recipe_args})
+        # One source of truth for the length of training: the CLI resolved one number of epochs
+        # (refusing a conflict), and the recipe and the Trainer both get it.
+        args["recipe_args"] = json.dumps({**cfg.recipe_args, "num_epochs": cfg.epochs})
     if teacher:
         args["distill_teacher"] = teacher
     return args
+
+
+def _logging_steps(train_examples: int, cfg: TrainConfig) -> int:
+    steps = math.ceil(train_examples / cfg.batch_size) * cfg.epochs
+    return max(1, int(steps // CURVE_POINTS))
 
 
 def _first_dev(data: dict) -> str:
@@ -71,8 +89,10 @@ def run_sparseml(arguments: dict) -> None:
     """Run SparseML's text-classification script in this process."""
     # Offline, the script's hub metric load is mended by sparsebert._startup; the official
     # GLUE metrics are computed afterwards by sparsebert.glue.
+    import torch
     from sparseml.transformers import text_classification
 
+    torch.set_num_threads(hardware.physical_cores())
     text_classification.main(**arguments)
 
 

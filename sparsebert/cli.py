@@ -35,15 +35,21 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="all-MiniLM-L6-v2",
                    help="pre-trained BERT: the embedded default, a local folder or a hub name")
     p.add_argument("--teacher", help="reuse this fine-tuned teacher folder instead of training one")
-    p.add_argument("--sparsity", type=float, default=0.95, help="final sparsity of the encoder linears")
+    p.add_argument("--sparsity", type=float,
+                   help="final sparsity of the encoder linears (default: the recipe's final_sparsity, 0.95)")
     p.add_argument("--teacher-epochs", type=float, default=3.0)
     p.add_argument("--teacher-lr", type=float, default=5e-5)
-    p.add_argument("--student-epochs", type=float, default=10.0)
+    p.add_argument("--student-epochs", type=float,
+                   help="student epochs (default: the recipe's num_epochs, 10); the recipe's schedule "
+                        "and the trainer both follow it")
     p.add_argument("--student-lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--recipe", default="sparsebert", help="recipe file or name in recipes/")
     p.add_argument("--recipe-args", help='JSON object of recipe variables, e.g. \'{"prune_end_fraction": 0.5}\'')
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 autocast where the hardware has native bf16 (AMX/AVX512-BF16 CPUs, "
+                        "GPUs), fp32 elsewhere (auto); or force one")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
@@ -115,10 +121,10 @@ def _check_training(args) -> None:
     from sparsebert import glue
 
     glue.get_task(args.task)
-    if not 0 <= args.sparsity < 1:
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for name in ("teacher_epochs", "student_epochs", "teacher_lr", "student_lr"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
         raise UsageError(f"GLUE directory not found: {args.glue_dir}")
@@ -129,23 +135,48 @@ def _check_training(args) -> None:
         raise UsageError(f"--overwrite would delete the --teacher inside {args.out}; choose another --out")
 
 
+def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, float]:
+    """One source of truth for the student's sparsity and length of training.
+
+    ``--sparsity`` and ``--student-epochs`` are recipe variables given another way: each is
+    passed only when given (so a recipe's own values take effect), and a flag that disagrees
+    with the same variable in ``--recipe-args`` is refused rather than silently overridden.
+    """
+    from sparsebert.recipe import recipe_variables
+
+    recipe_args = dict(recipe_args)
+    for flag, variable, value in [("--sparsity", "final_sparsity", args.sparsity),
+                                  ("--student-epochs", "num_epochs", args.student_epochs)]:
+        if value is None:
+            continue
+        if variable in recipe_args and recipe_args[variable] != value:
+            raise UsageError(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
+        recipe_args[variable] = value
+    epochs = recipe_args.get("num_epochs", recipe_variables(recipe).get("num_epochs"))
+    if not isinstance(epochs, (int, float)) or epochs <= 0:
+        raise UsageError(f"{recipe} sets no positive num_epochs; pass --student-epochs")
+    return recipe_args, float(epochs)
+
+
 def cmd_train(args) -> int:
     _check_training(args)
     from sparsebert import models
 
     offline.configure(hub=models.is_hub_name(args.model) or args.glue_dir is None)
     from sparsebert.pipeline import stage
+    from sparsebert.hardware import resolve_precision
     from sparsebert.pipeline.train import TrainConfig
     from sparsebert.recipe import check_recipe, parse_recipe_args, recipe_path
 
     model = models.resolve_model(args.model)
     recipe = recipe_path(args.recipe)
-    recipe_args = {"final_sparsity": args.sparsity, **parse_recipe_args(args.recipe_args)}
+    recipe_args, epochs = _student_schedule(recipe, parse_recipe_args(args.recipe_args), args)
     check_recipe(recipe, recipe_args)
     stage.claim(args.out, args.overwrite)
-    common = dict(batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed)
+    common = dict(batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed,
+                  precision=resolve_precision(args.precision))
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, learning_rate=args.teacher_lr, **common)
-    student_cfg = TrainConfig(epochs=args.student_epochs, learning_rate=args.student_lr,
+    student_cfg = TrainConfig(epochs=epochs, learning_rate=args.student_lr,
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,

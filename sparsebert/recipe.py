@@ -36,23 +36,35 @@ def parse_recipe_args(text: str | None) -> dict:
     return args
 
 
-def check_recipe(path: Path, recipe_args: dict) -> list:
-    """Build the recipe's modifiers the way SparseML will, so a malformed file, an unknown
-    modifier, an unknown variable or a target sparsity outside [0, 1) fails now with one line.
-    """
+def recipe_variables(path: Path) -> dict:
+    """The recipe's top-level variables (``num_epochs``, ``final_sparsity``...), as written."""
     import yaml
-    from sparseml.pytorch.optim import ScheduledModifierManager
 
-    text = path.read_text()
     try:
-        variables = yaml.safe_load(_strip_tags(text))
+        variables = yaml.safe_load(_strip_tags(Path(path).read_text()))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(variables, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    return {k: v for k, v in variables.items() if not k.endswith("modifiers") and k != "version"}
+
+
+def pruned_params(path: Path) -> list[str]:
+    """The ``params`` (names or ``re:`` patterns) of every pruning modifier in the recipe: the
+    matrices a student trained with it is measured and gated on."""
+    return [p for m in check_recipe(Path(path), {}) if hasattr(m, "final_sparsity") for p in m.params]
+
+
+def check_recipe(path: Path, recipe_args: dict) -> list:
+    """Build the recipe's modifiers the way SparseML will, so a malformed file, an unknown
+    modifier, an unknown variable or a target sparsity outside [0, 1) fails now with one line.
+    """
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    variables = recipe_variables(path)
     unknown = sorted(set(recipe_args) - set(variables))
     if unknown:
-        raise RecipeError(f"{path}: unknown recipe variable(s) {unknown}; known: {sorted(k for k in variables if not k.endswith('modifiers') and k != 'version')}")
+        raise RecipeError(f"{path}: unknown recipe variable(s) {unknown}; known: {sorted(variables)}")
     sparsity = recipe_args.get("final_sparsity", variables.get("final_sparsity"))
     if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
         raise RecipeError(f"final_sparsity must be in [0, 1), got {sparsity!r}")

@@ -6,24 +6,11 @@ import copy
 import pytest
 import torch
 from sparseml.pytorch.optim import ScheduledModifierManager
-from transformers import BertConfig, BertForSequenceClassification
 
 from sparsebert.pipeline.modifiers import SparseBertDistillationModifier
-from sparsebert.pipeline.report import PRUNABLE
+from sparsebert.pipeline.report import is_pruned, pruned_patterns
 from sparsebert.recipe import recipe_path
-
-
-def tiny_bert(seed=0, layers=2):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config)
-
-
-def batch(seed=1, size=4, length=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (size, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (size,), generator=g)}
+from tiny import batch, tiny_bert
 
 
 def distill_step(modifier, student, inputs):
@@ -125,7 +112,7 @@ def test_recipe_prunes_exactly_the_six_linears_to_target():
     pruned = 0
     for name, param in student.named_parameters():
         zeros = (param == 0).float().mean().item()
-        if PRUNABLE.search(name):
+        if is_pruned(name, pruned_patterns()):
             pruned += 1
             assert zeros == pytest.approx(0.9, abs=0.005), name  # each matrix on its own
         else:

@@ -1,0 +1,100 @@
+"""The training curve: at every logging step, what the optimizer that steps really applied
+(its learning rate), the sparsity the recipe's pruned matrices reached, and each distillation
+term averaged since the last log. The Trainer's own ``learning_rate`` is the scheduler's
+belief; SparseML 1.8's wrapper once made the two differ for a whole run unnoticed.
+
+``TrainingCurve`` is attached to every SparseML trainer (``sparsebert.sparseml_mends``), so the
+values land in ``trainer_state.json``; ``write`` turns that into ``curve.json`` and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+CURVE_KEYS = ("applied_learning_rate", "sparsity", "logits_loss", "hidden_loss", "attention_loss",
+              "distillation_loss")
+
+
+def stepping_optimizer(optimizer):
+    """The torch optimizer that applies the update, under Accelerate's and SparseML's wrappers."""
+    while True:
+        inner = vars(optimizer).get("_wrapper")  # SparseML's ScheduledOptimizer
+        if inner is not None:
+            optimizer = inner.wrapped_optimizer
+        elif "optimizer" in vars(optimizer):  # Accelerate's AcceleratedOptimizer
+            optimizer = vars(optimizer)["optimizer"]
+        else:
+            return optimizer
+
+
+def pruned_parameters(model, manager) -> list:
+    """The parameters the recipe's pruning modifiers prune (their ``params``, resolved)."""
+    from sparseml.pytorch.utils import get_named_layers_and_params_by_regex
+
+    patterns = [p for m in (manager.pruning_modifiers if manager else []) for p in m.params]
+    return [named.param for named in get_named_layers_and_params_by_regex(model, patterns)] if patterns else []
+
+
+class TrainingCurve(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.log_history or "loss" not in state.log_history[-1] or self.trainer.optimizer is None:
+            return
+        entry = state.log_history[-1]
+        entry["applied_learning_rate"] = stepping_optimizer(self.trainer.optimizer).param_groups[0]["lr"]
+        manager = getattr(self.trainer, "manager", None)
+        params = pruned_parameters(self.trainer.model, manager)
+        if params:
+            zeros = sum(int((p == 0).sum()) for p in params)
+            entry["sparsity"] = zeros / sum(p.numel() for p in params)
+        for modifier in (manager.distillation_modifiers if manager else []):
+            if hasattr(modifier, "pop_mean_terms"):
+                entry.update(modifier.pop_mean_terms())
+
+
+def read(model_dir: Path) -> list[dict]:
+    """The training-step entries of a checkpoint's log history (``trainer_state.json``)."""
+    path = Path(model_dir) / "trainer_state.json"
+    if not path.is_file():
+        return []
+    history = json.loads(path.read_text())["log_history"]
+    return [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate", *CURVE_KEYS) if k in e}
+            for e in history if "loss" in e]
+
+
+def write(model_dir: Path, title: str) -> list[dict]:
+    """``curve.json`` and ``curve.png`` in ``model_dir``, from its log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = read(model_dir)
+    (Path(model_dir) / "curve.json").write_text(json.dumps(curve, indent=1))
+    if not curve:
+        return curve
+    steps = [e["step"] for e in curve]
+    fig, (losses, schedule) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "logits_loss", "hidden_loss", "attention_loss"):
+        if key in curve[0]:
+            losses.plot(steps, [e[key] for e in curve], label="total" if key == "loss" else key.removesuffix("_loss"))
+    losses.set(xlabel="step", ylabel="training loss (mean over the logging window)", yscale="log")
+    losses.legend()
+    schedule.plot(steps, [e.get("applied_learning_rate", float("nan")) for e in curve], label="applied LR", color="C0")
+    schedule.set(xlabel="step", ylabel="learning rate applied by the optimizer")
+    if "sparsity" in curve[0]:
+        sparsity = schedule.twinx()
+        sparsity.plot(steps, [e["sparsity"] * 100 for e in curve], color="C3", label="sparsity")
+        sparsity.set(ylabel="sparsity of the pruned matrices (%)", ylim=(0, 100))
+        sparsity.legend(loc="center right")
+    schedule.legend(loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(Path(model_dir) / "curve.png", dpi=90)
+    plt.close(fig)
+    return curve

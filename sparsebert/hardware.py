@@ -1,0 +1,82 @@
+"""What the machine is: its CPU model and features, usable cores, and whether bf16 pays.
+
+Machines differ from one run to the next (some CPUs have AMX/AVX512-BF16, some only AVX2), so
+training precision and thread counts are detected, never assumed, and every reported figure
+carries the machine it was measured on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+_SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo(key: str) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def physical_cores() -> int:
+    """CPU cores this process may use, one thread per physical core (SMT siblings share the
+    vector units, so a second thread per core only adds contention)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+        per_core = sum(len(_expand(part)) for part in siblings.split(","))
+    except (OSError, ValueError):
+        per_core = 1
+    return max(1, usable // max(per_core, 1))
+
+
+def _expand(part: str) -> range:
+    low, _, high = part.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+def native_bf16() -> bool:
+    """True where bf16 matrix products run natively: a CUDA GPU that supports them, or a CPU
+    with AMX-BF16 or AVX512-BF16. Elsewhere (AVX2-only CPUs) bf16 autocast is emulated and
+    slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(_BF16_FLAGS & cpu_flags())
+
+
+def resolve_precision(choice: str) -> str:
+    """``auto`` -> ``bf16`` on hardware with native bf16, else ``fp32``."""
+    if choice == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return choice
+
+
+def describe() -> dict:
+    """The machine, for every report that holds a measured figure."""
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_features": [f for f in _SHOWN_FLAGS if f in cpu_flags()],
+        "cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }

@@ -1,0 +1,118 @@
+"""SparseML 1.8 is frozen upstream, so its bugs are the project's: each one is mended here, in
+one place, when the SparseML module that holds it is imported (``sparsebert._startup`` runs
+these hooks for every entry point: ``sparsebert train`` and SparseML's own console scripts).
+Each mend names what it mends and has a test in ``tests/test_sparseml_mends.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def mend_scheduled_optimizer(module) -> None:
+    """``ScheduledOptimizer`` (the optimizer wrapper SparseML's trainer uses with a recipe) does
+    not call ``Optimizer.__init__`` and forwards unknown attributes to the optimizer it wraps,
+    but it inherits torch's ``state_dict``/``load_state_dict``. Accelerate prepares an
+    optimizer with ``load_state_dict(state_dict())``; torch's version then stores *new*
+    ``param_groups`` in the wrapper's own ``__dict__``. From then on the LR scheduler sets the
+    learning rate on those copies while the AdamW that steps keeps warm-up's first value, 0:
+    the student never trained. The same stale copy was saved as ``optimizer.pt`` (no moments).
+    Route the state of the optimizer through to the one that steps."""
+    wrapper = module.ScheduledOptimizer
+
+    def wrapped(self):
+        return self.__dict__["_wrapper"].wrapped_optimizer
+
+    wrapper.state_dict = lambda self: wrapped(self).state_dict()
+    wrapper.load_state_dict = lambda self, state_dict: wrapped(self).load_state_dict(state_dict)
+    wrapper.add_param_group = lambda self, group: wrapped(self).add_param_group(group)
+    wrapper.zero_grad = lambda self, set_to_none=True: wrapped(self).zero_grad(set_to_none=set_to_none)
+    wrapper.param_groups = property(lambda self: wrapped(self).param_groups)
+    wrapper.state = property(lambda self: wrapped(self).state)
+
+
+def mend_text_classification(module) -> None:
+    """Two mends in SparseML's text-classification script:
+
+    - ``_get_label_info`` never sets ``label_list`` for a regression task (STS-B), so the script
+      stopped with ``UnboundLocalError`` with or without ``--task_name stsb``. A regression
+      label column now yields ``label_list=None`` (the script only reads it for classification).
+    - the script always loads the hub's "accuracy" metric script, though with train/validation
+      files it computes accuracy itself and never uses it; offline that load raises. Only that
+      case is answered with None; every other load is unchanged.
+    """
+    get_label_info = module._get_label_info
+
+    def get_label_info_with_regression(data_args, raw_datasets):
+        column = data_args.label_column_name
+        if data_args.task_name is not None:
+            regression = data_args.task_name == "stsb"
+        else:
+            regression = raw_datasets["train"].features[column].dtype in ("float32", "float64")
+        if regression:
+            return True, column, None, 1, False
+        return get_label_info(data_args, raw_datasets)
+
+    module._get_label_info = get_label_info_with_regression
+
+    load_metric = module.load_metric
+
+    def load_metric_offline(path, *args, **kwargs):
+        try:
+            return load_metric(path, *args, **kwargs)
+        except (ConnectionError, FileNotFoundError, OSError):
+            if path == "accuracy" and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+                return None
+            raise
+
+    module.load_metric = load_metric_offline
+
+
+def mend_trainer(module) -> None:
+    """SparseML's ``Trainer``:
+
+    - ``_load_optimizer_and_scheduler`` also loads ``optimizer.pt``/``scheduler.pt`` from the
+      *model* folder when no checkpoint is resumed, so a run that starts from a fine-tuned
+      folder (one saved by this trainer) silently inherits its finished schedule, at a learning
+      rate near 0. A new run now starts fresh; ``--resume_from_checkpoint`` still resumes.
+    - every trainer records a training curve (``sparsebert.pipeline.curve``): the learning rate
+      the stepping optimizer applied, the sparsity reached and each distillation term, in
+      ``trainer_state.json``'s log history. (An addition, not a mend: SparseML's trainer takes
+      no callbacks from its script's arguments.)
+    """
+    trainer = module.Trainer
+    load = trainer._load_optimizer_and_scheduler
+
+    def load_only_when_resuming(self, checkpoint):
+        if checkpoint is None:
+            return None
+        return load(self, checkpoint)
+
+    trainer._load_optimizer_and_scheduler = load_only_when_resuming
+
+    init = trainer.__init__
+
+    def init_with_curve(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        from sparsebert.pipeline.curve import TrainingCurve
+
+        self.add_callback(TrainingCurve(self))
+
+    trainer.__init__ = init_with_curve
+
+
+def register_modifiers(module) -> None:
+    """SparseML has no plug-in mechanism for recipe modifiers: importing the project's module
+    registers ``!SparseBertDistillationModifier`` with its YAML loader."""
+    import importlib
+
+    importlib.import_module("sparsebert.pipeline.modifiers")
+
+
+# SparseML module -> what runs right after it is imported.
+AFTER_IMPORT = {
+    "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
+    "sparseml.pytorch.sparsification": register_modifiers,
+    "sparseml.transformers.text_classification": mend_text_classification,
+    "sparseml.transformers.sparsification.trainer": mend_trainer,
+}

@@ -1,0 +1,135 @@
+"""SparseML 1.8's bugs on the training path, each through SparseML's real trainer with the
+project's recipe (sparsebert.sparseml_mends mends them). Without the mends the student's
+optimizer applied a learning rate of 0 for the whole run while the log showed a schedule."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from sparseml.transformers.sparsification import Trainer
+from sparseml.transformers.sparsification.training_args import TrainingArguments
+from transformers import TrainerCallback
+
+from sparsebert.pipeline.curve import stepping_optimizer
+from sparsebert.recipe import recipe_path
+from tiny import dataset, tiny_bert
+
+PEAK_LR = 1e-3
+
+
+class RecordLearningRates(TrainerCallback):
+    """Before every optimizer step: the LR the stepping optimizer will apply, and the LR the
+    scheduler (what the Trainer logs) believes in."""
+
+    def __init__(self):
+        self.trainer, self.applied, self.scheduled = None, [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.applied.append(stepping_optimizer(self.trainer.optimizer).param_groups[0]["lr"])
+        self.scheduled.append(self.trainer.lr_scheduler.get_last_lr()[0])
+
+
+def train(out: Path, model_state_path: Path, epochs=2, accumulation=1, examples=64):
+    student, teacher = tiny_bert(0), tiny_bert(1).eval()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
+        num_train_epochs=epochs, learning_rate=PEAK_LR, warmup_ratio=0.25, lr_scheduler_type="linear",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=student, model_state_path=str(model_state_path), recipe=str(recipe_path("sparsebert")),
+                      recipe_args={"num_epochs": epochs, "final_sparsity": 0.8}, teacher=teacher, args=args,
+                      train_dataset=dataset(examples))
+    recorder = RecordLearningRates()
+    recorder.trainer = trainer
+    trainer.add_callback(recorder)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    trainer.save_optimizer_and_scheduler(str(out))
+    return trainer, recorder, before
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mends")
+    return folder, *train(folder / "run", model_state_path=folder)
+
+
+def test_applied_learning_rate_follows_the_schedule(trained):
+    _, _, recorder, _ = trained
+    applied, scheduled = recorder.applied, recorder.scheduled
+    assert len(applied) == 16  # 64 examples / batch 8, 2 epochs
+    assert applied == pytest.approx(scheduled, abs=1e-12)  # the log tells the truth
+    peak = applied.index(max(applied))
+    assert max(applied) == pytest.approx(PEAK_LR, rel=0.25)  # warm-up reached the peak
+    assert all(lr > 0 for lr in applied[1:])  # non-zero once warm-up has started
+    assert all(a > b for a, b in zip(applied[peak:], applied[peak + 1:]))  # then decays
+
+
+def test_kept_weights_move_and_the_classifier_learns(trained):
+    _, trainer, _, before = trained
+    model = trainer.model
+    query = model.bert.encoder.layer[0].attention.self.query.weight.detach()
+    kept = query != 0
+    assert (query == 0).float().mean().item() == pytest.approx(0.8, abs=0.01)
+    moved = (query[kept] != before["bert.encoder.layer.0.attention.self.query.weight"][kept]).float().mean()
+    assert moved.item() > 0.5
+    assert not torch.equal(model.classifier.bias.detach(), before["classifier.bias"])
+
+
+def test_saved_optimizer_state_holds_adam_moments(trained):
+    folder, trainer, _, _ = trained
+    state = torch.load(folder / "run" / "optimizer.pt", weights_only=False)
+    trainable = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    assert len(state["state"]) == trainable
+    assert all("exp_avg" in s and s["exp_avg"].abs().sum() > 0 for s in state["state"].values())
+
+
+def test_training_curve_records_what_was_applied(trained):
+    folder, _, recorder, _ = trained
+    history = json.loads((folder / "run" / "trainer_state.json").read_text())["log_history"]
+    steps = [e for e in history if "loss" in e]
+    assert len(steps) == 16
+    assert [e["applied_learning_rate"] for e in steps[:-1]] == pytest.approx(recorder.applied[1:], abs=1e-12)
+    assert steps[0]["sparsity"] < 0.5 and steps[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    for e in steps:
+        assert e["distillation_loss"] == pytest.approx(e["logits_loss"] + e["hidden_loss"] + e["attention_loss"], rel=1e-4)
+
+
+def test_new_run_from_a_trained_folder_starts_a_fresh_schedule(trained, tmp_path):
+    """SparseML's trainer loaded optimizer.pt/scheduler.pt from the *model* folder, so a run
+    starting from a fine-tuned folder resumed its finished schedule at a learning rate near 0."""
+    folder, _, first, _ = trained
+    assert (folder / "run" / "scheduler.pt").is_file()
+    _, again, _ = train(tmp_path / "again", model_state_path=folder / "run")
+    assert again.applied == pytest.approx(first.applied, abs=1e-12)
+
+
+def test_gradient_accumulation_keeps_schedule_and_pruning_in_step(tmp_path):
+    trainer, recorder, _ = train(tmp_path / "acc", model_state_path=tmp_path, accumulation=2)
+    assert len(recorder.applied) == 8  # optimizer steps, not micro-batches
+    assert recorder.applied == pytest.approx(recorder.scheduled, abs=1e-12)
+    assert max(recorder.applied) == pytest.approx(PEAK_LR, rel=0.25)
+    query = trainer.model.bert.encoder.layer[1].output.dense.weight
+    assert (query == 0).float().mean().item() == pytest.approx(0.8, abs=0.01)
+    history = [e for e in trainer.state.log_history if "sparsity" in e]
+    target_reached = next(i for i, e in enumerate(history) if e["sparsity"] >= 0.79)
+    assert target_reached < len(history) - 1  # the recipe's pruning window ended before training
+
+
+def test_regression_labels_are_read(tmp_path):
+    """``_get_label_info`` raised UnboundLocalError for a float label column (STS-B)."""
+    from types import SimpleNamespace
+
+    from sparseml.transformers import text_classification
+
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [0.5, 4.2]})})
+    for task_name in (None, "stsb"):
+        info = text_classification._get_label_info(SimpleNamespace(label_column_name="label", task_name=task_name), raw)
+        assert info[0] is True and info[2] is None and info[3] == 1
+    classes = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"label": ["no", "yes", "no"]})})
+    info = text_classification._get_label_info(SimpleNamespace(label_column_name="label", task_name=None), classes)
+    assert info[0] is False and info[2] == ["no", "yes"]
