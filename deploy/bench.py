@@ -99,12 +99,12 @@ def ratios(rows: list[dict]) -> list[dict]:
 def machine() -> dict:
     from sparsebert import hardware
 
-    return {**hardware.describe(), "processor": hardware.cpu_model()}
+    return hardware.describe()
 
 
 def markdown(report: dict) -> str:
     lines = [f"Sequence length {report['sequence_length']}, {report['machine']['cpus']} CPUs "
-             f"({report['machine']['processor']}), {report.get('threads', 'all')} thread(s) "
+             f"({report['machine'].get('cpu') or report['machine'].get('processor')}), {report.get('threads', 'all')} thread(s) "
              "per engine; items/s (p50 ms per batch).", "",
              "| model | variant | batch | " + " | ".join(ENGINES) + " |",
              "|---|---|---|" + "---|" * len(ENGINES)]

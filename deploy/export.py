@@ -55,8 +55,17 @@ def export(model_dir: Path, target: Path, sequence_length: int = 128) -> Path:
     return deployment
 
 
-def onnx_sparsity(model_dir: Path, onnx_path: Path) -> dict[str, float]:
-    """Zero fraction of every prunable weight, read back from the ONNX initializers.
+def pruned_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's matrices that its recipe prunes; refuses a checkpoint where none match."""
+    patterns = pruned_patterns(model_dir)
+    pruned = {n: w for n, w in load_weights(model_dir).items() if is_pruned(n, patterns)}
+    if not pruned:
+        raise ExportError(f"{model_dir}: the recipe's pruned params {patterns} match no weight")
+    return pruned
+
+
+def onnx_sparsity(model_dir: Path, onnx_path: Path, pruned: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Zero fraction of every pruned weight, read back from the ONNX initializers.
 
     The TorchScript exporter folds each Linear weight into a transposed initializer with a
     generated name, so weights are matched by their values, not their names.
@@ -70,10 +79,7 @@ def onnx_sparsity(model_dir: Path, onnx_path: Path) -> dict[str, float]:
         if array.ndim == 2:
             by_shape.setdefault(array.shape, []).append(array)
     found = {}
-    patterns = pruned_patterns(model_dir)
-    for name, weight in load_weights(model_dir).items():
-        if not is_pruned(name, patterns):
-            continue
+    for name, weight in (pruned if pruned is not None else pruned_weights(model_dir)).items():
         match = next((a for a in by_shape.get(weight.T.shape, []) if np.array_equal(a, weight.T)), None)
         if match is None:
             match = next((a for a in by_shape.get(weight.shape, []) if np.array_equal(a, weight)), None)
@@ -118,11 +124,10 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
     config = json.loads((deployment / "config.json").read_text())
     if not config.get("id2label") or all(str(k) == str(v) for k, v in config["id2label"].items()):
         raise ExportError(f"{deployment}/config.json has no real label names: {config.get('id2label')}")
-    patterns = pruned_patterns(model_dir)
-    pruned = {n: w for n, w in load_weights(model_dir).items() if is_pruned(n, patterns)}
+    pruned = pruned_weights(model_dir)
     sizes = {n: w.size for n, w in pruned.items()}
     torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
-    exported = onnx_sparsity(model_dir, deployment / "model.onnx")
+    exported = onnx_sparsity(model_dir, deployment / "model.onnx", pruned)
     zeros = sum(exported[n] * sizes[n] for n in exported)
     difference = logits_difference(model_dir, deployment, sequence_length)
     report = {

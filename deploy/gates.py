@@ -1,9 +1,13 @@
 """CI gates: read the run's reports (never re-measure) and judge them against thresholds.
 
-- parity: every engine within its metric and logit thresholds of PyTorch (parity-*.json);
-- sparsity: the saved student reached the recipe's target (metrics.json);
+- accuracy: the student beats the majority baseline and keeps at least a floor of the
+  teacher's metric (metrics.json): the claim itself, not only the plumbing;
+- parity: every engine within its metric and logit thresholds of PyTorch (parity-*.json),
+  judged against the thresholds given to the gates, not a verdict stored earlier;
+- sparsity: every matrix the student's own recipe prunes reached that recipe's target;
 - speed: sparse-on-DeepSparse over dense ratios at batch 1 (bench/bench.json), which were
   measured side by side in one run, so they hold on any machine where absolute times don't.
+  A ratio that was not measured fails.
 """
 
 from __future__ import annotations
@@ -32,7 +36,27 @@ def _read(path: Path, how: str) -> dict:
     return json.loads(path.read_text())
 
 
-def parity_gates(run: Path) -> list[Gate]:
+def accuracy_gates(run: Path, floors: dict) -> list[Gate]:
+    """On every dev split (MNLI has two): the student beats the majority baseline by a margin
+    and keeps a floor of the teacher's main metric."""
+    metrics = _read(run / "metrics.json", f"sparsebert train --out {run}")
+    if "baseline" not in metrics:
+        raise MissingReport(f"{run}/metrics.json has no majority baseline; re-run `sparsebert train`")
+    metric, margin = metrics["main_metric"], floors["min_points_over_baseline"]
+    gates = []
+    for split, baseline in metrics["baseline"].items():
+        student, teacher = metrics["student"]["dev"][split][metric], metrics["teacher"]["dev"][split][metric]
+        retention = student / teacher if teacher > 0 else 0.0
+        gates += [
+            Gate(f"student beats the majority baseline ({split})", student >= baseline[metric] + margin,
+                 f"{metric} {student:.2f} vs baseline {baseline[metric]:.2f} (needs +{margin} points)"),
+            Gate(f"student retention of the teacher ({split})", retention >= floors["min_retention"],
+                 f"{metric} {student:.2f} / teacher {teacher:.2f} = {retention:.1%} (floor {floors['min_retention']:.0%})"),
+        ]
+    return gates
+
+
+def parity_gates(run: Path, limits: dict) -> list[Gate]:
     gates = []
     for which in ("student", "teacher"):
         path = run / f"parity-{which}.json"
@@ -40,27 +64,48 @@ def parity_gates(run: Path) -> list[Gate]:
             continue  # the teacher's parity is optional; the student's is required
         report = _read(path, f"sparsebert parity {run}")
         for engine, result in report["against_pytorch"].items():
-            gates.append(Gate(f"parity {which} {engine}", result["passed"],
+            passed = (result["metric_difference"] <= limits["max_metric_difference"]
+                      and result["max_logit_difference"] <= limits["max_logit_difference"])
+            gates.append(Gate(f"parity {which} {engine}", passed,
                               f"|Δ {report['main_metric']}| {result['metric_difference']:.3f} "
-                              f"(max {report['thresholds']['max_metric_difference']}), max |Δ logit| "
-                              f"{result['max_logit_difference']:.1e} (max {report['thresholds']['max_logit_difference']:.0e})"))
+                              f"(max {limits['max_metric_difference']}), max |Δ logit| "
+                              f"{result['max_logit_difference']:.1e} (max {limits['max_logit_difference']:.0e})"))
     return gates
 
 
 def sparsity_gate(run: Path, tolerance: float = 0.005) -> Gate:
+    """The matrices and their targets come from the recipe SparseML saved beside the student:
+    each of its pruning modifiers must match measured matrices, every measured matrix must
+    belong to one, and each must be at its modifier's target."""
+    from sparsebert.pipeline.report import is_pruned
+    from sparsebert.recipe import pruning_targets
+
     metrics = _read(run / "metrics.json", f"sparsebert train --out {run}")
-    target = metrics["config"]["student"]["recipe_args"].get("final_sparsity", 0.95)
-    least = metrics["student"]["min_matrix_sparsity"]
-    return Gate("student sparsity", least >= target - tolerance,
-                f"least sparse matrix {least:.2%}, target {target:.2%} (tolerance {tolerance:.1%})")
+    recipe = run / "student" / "recipe.yaml"
+    if not recipe.is_file():
+        raise MissingReport(f"{recipe} not found; the student's recipe says what it prunes")
+    measured = metrics["student"]["per_matrix_sparsity"]
+    covered, problems = set(), []
+    for patterns, target in pruning_targets(recipe):
+        matched = [n for n in measured if is_pruned(n, patterns)]
+        if not matched:
+            problems.append(f"params {patterns} match no measured matrix")
+        covered.update(matched)
+        problems += [f"{n} {measured[n]:.2%} < {target:.0%}" for n in matched if measured[n] < target - tolerance]
+    problems += [f"{n} is pruned by no modifier" for n in measured if n not in covered]
+    least = min(measured.values(), default=0.0)
+    return Gate("student sparsity", bool(measured) and not problems,
+                f"{len(measured)} matrices, least sparse {least:.2%}; problems: {problems[:3] or 'none'} "
+                f"(tolerance {tolerance:.1%})")
 
 
 def speed_gates(run: Path, floors: dict) -> list[Gate]:
     report = _read(run / "bench" / "bench.json", f"sparsebert bench {run}")
+    rows = [r for r in report["ratios"] if r["batch_size"] == 1]
+    if not rows:
+        return [Gate("speed at batch 1", False, "not measured (no batch-1 ratio in bench.json)")]
     gates = []
-    for ratios in report["ratios"]:
-        if ratios["batch_size"] != 1:
-            continue
+    for ratios in rows:
         for key, floor in floors.items():
             name = key.removeprefix("min_")
             value = ratios.get(name)
@@ -70,4 +115,5 @@ def speed_gates(run: Path, floors: dict) -> list[Gate]:
 
 
 def check(run: Path, thresholds: dict) -> list[Gate]:
-    return [*parity_gates(run), sparsity_gate(run), *speed_gates(run, thresholds["speed"])]
+    return [*accuracy_gates(run, thresholds["accuracy"]), *parity_gates(run, thresholds["parity"]),
+            sparsity_gate(run), *speed_gates(run, thresholds["speed"])]

@@ -34,19 +34,26 @@ def pruned_parameters(model, manager) -> list:
     """The parameters the recipe's pruning modifiers prune (their ``params``, resolved)."""
     from sparseml.pytorch.utils import get_named_layers_and_params_by_regex
 
-    patterns = [p for m in (manager.pruning_modifiers if manager else []) for p in m.params]
+    patterns = [p for m in (manager.pruning_modifiers if manager else [])
+                for p in ([m.params] if isinstance(m.params, str) else m.params)]
     return [named.param for named in get_named_layers_and_params_by_regex(model, patterns)] if patterns else []
 
 
 class TrainingCurve(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
+        self.applied_learning_rate = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Before the step: the rate this step applies (after it, the scheduler has moved on).
+        if self.trainer.optimizer is not None:
+            self.applied_learning_rate = stepping_optimizer(self.trainer.optimizer).param_groups[0]["lr"]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.log_history or "loss" not in state.log_history[-1] or self.trainer.optimizer is None:
+        if not state.log_history or "loss" not in state.log_history[-1] or self.applied_learning_rate is None:
             return
         entry = state.log_history[-1]
-        entry["applied_learning_rate"] = stepping_optimizer(self.trainer.optimizer).param_groups[0]["lr"]
+        entry["applied_learning_rate"] = self.applied_learning_rate  # by the window's last step
         manager = getattr(self.trainer, "manager", None)
         params = pruned_parameters(self.trainer.model, manager)
         if params:

@@ -149,14 +149,15 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             self._student_cache, self._teacher_cache, student_outputs["logits"], teacher_outputs["logits"],
             self._temperature, self._logits_weight, self._hidden_weight, self._attention_weight)
         self._logged_loss_terms.update({k: v for k, v in terms.items() if k != "distillation_loss"})
-        for name, value in terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
-        self._term_steps += 1
+        if torch.is_grad_enabled():  # training steps only, not evaluation passes
+            for name, value in terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
+            self._term_steps += 1
         return terms["distillation_loss"]
 
     def pop_mean_terms(self) -> Dict[str, float]:
         """Each loss term averaged over the steps since the last call (for the training curve)."""
-        means = {name: float(total) / self._term_steps for name, total in self._term_sums.items()}
+        means = {name: float(total) / max(self._term_steps, 1) for name, total in self._term_sums.items()}
         self._term_sums, self._term_steps = {}, 0
         return means
 

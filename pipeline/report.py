@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert import glue
-
+from sparsebert.errors import UserError
 
 
 def pruned_patterns(model_dir: Path | None = None) -> list[str]:
@@ -52,6 +52,8 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
 def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:
     """Per-matrix and overall zero fraction of the recipe's pruned matrices, and parameter counts."""
     per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if is_pruned(n, patterns)}
+    if not per_matrix:
+        raise UserError(f"the recipe's pruned params {patterns} match no weight of the checkpoint")
     prunable = sum(weights[n].size for n in per_matrix)
     zeros = sum(int((weights[n] == 0).sum()) for n in per_matrix)
     total = sum(w.size for w in weights.values())

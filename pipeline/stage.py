@@ -119,7 +119,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         "baseline": baseline,
         "teacher": teacher,
         "student": student,
-        "student_beats_baseline": student["dev"][first_dev][metric] > baseline[first_dev][metric],
+        "student_beats_baseline": all(student["dev"][split][metric] > baseline[split][metric] for split in dev_sets),
         "retention": student["dev"][first_dev][metric] / teacher["dev"][first_dev][metric]
         if teacher["dev"][first_dev][metric] else None,
         "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
@@ -153,8 +153,8 @@ def summary(metrics: dict) -> str:
         f"  majority baseline {_scores(b, shown)}  (always {b['label']!r})" if "label" in b else
         f"  constant baseline {_scores(b, shown)}",
         f"  dense teacher     {_scores(t['dev'][first_dev], shown)}",
-        f"  sparse student    {_scores(s['dev'][first_dev], shown)}  "
-        f"({metrics['retention'] * 100:.1f}% of the teacher)" if metrics["retention"] is not None else "",
+        f"  sparse student    {_scores(s['dev'][first_dev], shown)}"
+        + (f"  ({metrics['retention'] * 100:.1f}% of the teacher)" if metrics["retention"] is not None else ""),
         verdict,
         curve_line,
         f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "

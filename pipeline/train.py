@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +69,9 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     }
     if cfg.recipe:
         args["recipe"] = cfg.recipe
-        # One source of truth for the length of training: the CLI resolved one number of epochs
-        # (refusing a conflict), and the recipe and the Trainer both get it.
-        args["recipe_args"] = json.dumps({**cfg.recipe_args, "num_epochs": cfg.epochs})
+        # cfg.epochs is the recipe's own length (sparsebert.cli._student_schedule), so the
+        # Trainer and the recipe's schedule agree; SparseML also takes the recipe's over ours.
+        args["recipe_args"] = json.dumps(cfg.recipe_args)
     if teacher:
         args["distill_teacher"] = teacher
     return args
@@ -92,7 +93,8 @@ def run_sparseml(arguments: dict) -> None:
     import torch
     from sparseml.transformers import text_classification
 
-    torch.set_num_threads(hardware.physical_cores())
+    if not os.environ.get("OMP_NUM_THREADS"):  # an explicit choice (several runs at once) wins
+        torch.set_num_threads(hardware.physical_cores())
     text_classification.main(**arguments)
 
 

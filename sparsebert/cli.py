@@ -138,23 +138,29 @@ def _check_training(args) -> None:
 def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, float]:
     """One source of truth for the student's sparsity and length of training.
 
-    ``--sparsity`` and ``--student-epochs`` are recipe variables given another way: each is
-    passed only when given (so a recipe's own values take effect), and a flag that disagrees
-    with the same variable in ``--recipe-args`` is refused rather than silently overridden.
+    ``--sparsity`` and ``--student-epochs`` are the recipe variables ``final_sparsity`` and
+    ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
+    take effect), and a flag that disagrees with ``--recipe-args`` is refused rather than
+    silently overridden. The epochs the trainer runs are the recipe's own (its last modifier's
+    end), so the two can never differ.
     """
-    from sparsebert.recipe import recipe_variables
+    from sparsebert.recipe import check_recipe, recipe_variables
 
     recipe_args = dict(recipe_args)
+    declared = recipe_variables(recipe)
     for flag, variable, value in [("--sparsity", "final_sparsity", args.sparsity),
                                   ("--student-epochs", "num_epochs", args.student_epochs)]:
         if value is None:
             continue
+        if variable not in declared:
+            raise UsageError(f"{flag} needs the recipe variable {variable}, which {recipe} does not declare")
         if variable in recipe_args and recipe_args[variable] != value:
             raise UsageError(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
         recipe_args[variable] = value
-    epochs = recipe_args.get("num_epochs", recipe_variables(recipe).get("num_epochs"))
-    if not isinstance(epochs, (int, float)) or epochs <= 0:
-        raise UsageError(f"{recipe} sets no positive num_epochs; pass --student-epochs")
+    modifiers = check_recipe(recipe, recipe_args)
+    epochs = max((m.end_epoch for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
+    if epochs is None:
+        raise UsageError(f"{recipe} never ends: no modifier has an end_epoch")
     return recipe_args, float(epochs)
 
 
@@ -166,12 +172,11 @@ def cmd_train(args) -> int:
     from sparsebert.pipeline import stage
     from sparsebert.hardware import resolve_precision
     from sparsebert.pipeline.train import TrainConfig
-    from sparsebert.recipe import check_recipe, parse_recipe_args, recipe_path
+    from sparsebert.recipe import parse_recipe_args, recipe_path
 
     model = models.resolve_model(args.model)
     recipe = recipe_path(args.recipe)
     recipe_args, epochs = _student_schedule(recipe, parse_recipe_args(args.recipe_args), args)
-    check_recipe(recipe, recipe_args)
     stage.claim(args.out, args.overwrite)
     common = dict(batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed,
                   precision=resolve_precision(args.precision))

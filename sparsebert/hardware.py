@@ -34,20 +34,24 @@ def cpu_flags() -> set[str]:
 
 
 def physical_cores() -> int:
-    """CPU cores this process may use, one thread per physical core (SMT siblings share the
-    vector units, so a second thread per core only adds contention)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
-        per_core = sum(len(_expand(part)) for part in siblings.split(","))
+    """Physical cores this process may use (one thread each: SMT siblings share the vector
+    units, so a second thread per core only adds contention), capped by a cgroup CPU quota."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in usable:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    count = len(cores)
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
-        per_core = 1
-    return max(1, usable // max(per_core, 1))
-
-
-def _expand(part: str) -> range:
-    low, _, high = part.partition("-")
-    return range(int(low), int(high or low) + 1)
+        pass
+    return max(1, count)
 
 
 def native_bf16() -> bool:

@@ -49,10 +49,15 @@ def recipe_variables(path: Path) -> dict:
     return {k: v for k, v in variables.items() if not k.endswith("modifiers") and k != "version"}
 
 
+def pruning_targets(path: Path) -> list[tuple[list[str], float]]:
+    """Each pruning modifier's ``params`` (names or ``re:`` patterns) and ``final_sparsity``."""
+    return [(list(m.params), m.final_sparsity) for m in check_recipe(Path(path), {})
+            if hasattr(m, "final_sparsity") and hasattr(m, "params")]
+
+
 def pruned_params(path: Path) -> list[str]:
-    """The ``params`` (names or ``re:`` patterns) of every pruning modifier in the recipe: the
-    matrices a student trained with it is measured and gated on."""
-    return [p for m in check_recipe(Path(path), {}) if hasattr(m, "final_sparsity") for p in m.params]
+    """The matrices a student trained with the recipe is measured and gated on."""
+    return [p for params, _ in pruning_targets(path) for p in params]
 
 
 def check_recipe(path: Path, recipe_args: dict) -> list:
@@ -73,7 +78,12 @@ def check_recipe(path: Path, recipe_args: dict) -> list:
     except Exception as e:  # SparseML raises bare ValueError/ConstructorError/KeyError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"{path}: invalid recipe: {first}") from None
-    return list(manager.iter_modifiers())
+    modifiers = list(manager.iter_modifiers())
+    for modifier in modifiers:
+        if isinstance(getattr(modifier, "params", None), str):  # __ALL__, __ALL_PRUNABLE__
+            raise RecipeError(f"{path}: {type(modifier).__name__} params {modifier.params!r}: list the "
+                              "matrices (names or re: patterns), so they can be measured and gated")
+    return modifiers
 
 
 def _strip_tags(text: str) -> str:

@@ -6,6 +6,7 @@ Each mend names what it mends and has a test in ``tests/test_sparseml_mends.py``
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -75,6 +76,10 @@ def mend_trainer(module) -> None:
       *model* folder when no checkpoint is resumed, so a run that starts from a fine-tuned
       folder (one saved by this trainer) silently inherits its finished schedule, at a learning
       rate near 0. A new run now starts fresh; ``--resume_from_checkpoint`` still resumes.
+    - with gradient accumulation, its recipe counted ``ceil(examples / (batch x accumulation))``
+      optimizer steps per epoch where the Hugging Face trainer takes ``batches // accumulation``,
+      so the recipe's epochs ran slower than the trainer's and pruning could end late or never
+      reach its target. The recipe now counts the trainer's own steps per epoch.
     - every trainer records a training curve (``sparsebert.pipeline.curve``): the learning rate
       the stepping optimizer applied, the sparsity reached and each distillation term, in
       ``trainer_state.json``'s log history. (An addition, not a mend: SparseML's trainer takes
@@ -90,6 +95,22 @@ def mend_trainer(module) -> None:
 
     trainer._load_optimizer_and_scheduler = load_only_when_resuming
 
+    create_optimizer = trainer.create_optimizer
+
+    def create_optimizer_in_trainer_steps(self):
+        create_optimizer(self)
+        wrapper = vars(self.optimizer).get("_wrapper") if self.optimizer is not None else None
+        if wrapper is None or self.train_dataset is None:
+            return
+        examples = len(self.train_dataset)
+        per_step = self._train_batch_size * max(1, self.args.n_gpu)
+        batches = examples // per_step if self.args.dataloader_drop_last else math.ceil(examples / per_step)
+        steps = max(batches // self.args.gradient_accumulation_steps, 1)
+        self.manager_steps_per_epoch = steps
+        wrapper._wrapped_steps_per_epoch = steps
+
+    trainer.create_optimizer = create_optimizer_in_trainer_steps
+
     init = trainer.__init__
 
     def init_with_curve(self, *args, **kwargs):
@@ -99,6 +120,27 @@ def mend_trainer(module) -> None:
         self.add_callback(TrainingCurve(self))
 
     trainer.__init__ = init_with_curve
+
+
+def mend_recipe_serialization(module) -> None:
+    """A modifier writes its properties into a saved ``recipe.yaml`` with Python's ``str``, so a
+    list of ``re:`` patterns became ``['re:bert\\\\.encoder...']``: YAML reads that single-quoted
+    text back with doubled backslashes, and the saved recipe's ``params`` matched no parameter
+    (the student's own recipe could not say which matrices it pruned). Lists and mappings are
+    written as YAML flow collections instead, which read back unchanged."""
+    import yaml
+
+    props = module.BaseModifier.props
+
+    def props_as_yaml(self, only_serializable, format_str=False, format_repr=False):
+        formatted = props(self, only_serializable, format_str=format_str, format_repr=format_repr)
+        if format_str:
+            for key, value in props(self, only_serializable).items():
+                if key in formatted and isinstance(value, (list, tuple, dict)):
+                    formatted[key] = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+        return formatted
+
+    module.BaseModifier.props = props_as_yaml
 
 
 def register_modifiers(module) -> None:
@@ -111,6 +153,7 @@ def register_modifiers(module) -> None:
 
 # SparseML module -> what runs right after it is imported.
 AFTER_IMPORT = {
+    "sparseml.optim.modifier": mend_recipe_serialization,
     "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
     "sparseml.pytorch.sparsification": register_modifiers,
     "sparseml.transformers.text_classification": mend_text_classification,

@@ -71,3 +71,14 @@ def test_recipe_args_must_be_a_json_object():
 def test_missing_recipe():
     with pytest.raises(RecipeError, match="recipe not found"):
         recipe_path("no-such-recipe")
+
+
+def test_pruning_params_must_name_the_matrices(tmp_path):
+    """__ALL_PRUNABLE__ would leave nothing to measure or gate against."""
+    path = tmp_path / "every.yaml"
+    path.write_text("version: 1.1.0\nnum_epochs: 2.0\nmodifiers:\n"
+                    "  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: eval(num_epochs)\n"
+                    "  - !GMPruningModifier\n    params: __ALL_PRUNABLE__\n    init_sparsity: 0.0\n"
+                    "    final_sparsity: 0.9\n    start_epoch: 0.0\n    end_epoch: 1.0\n    update_frequency: 0.1\n")
+    with pytest.raises(RecipeError, match="list the matrices"):
+        check_recipe(path, {})

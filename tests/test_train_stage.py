@@ -3,6 +3,7 @@ console entry point reading the project's recipe."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sparsebert.cli import main
-from sparsebert.pipeline.report import load_weights
+from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,56 @@ def test_student_started_from_pretrained_not_teacher(trained_run):
     teacher = load_weights(trained_run / "teacher")
     name = "encoder.layer.0.attention.self.query.weight"
     assert not np.array_equal(teacher[f"bert.{name}"], pretrained[name])  # the teacher was fine-tuned
+
+
+def _kept_weights_moved(weights: dict, pretrained: dict) -> float:
+    """Fraction of the kept (non-zero) encoder weights that differ from the pre-trained ones."""
+    patterns = pruned_patterns()
+    moved = kept = 0
+    for name, weight in weights.items():
+        if is_pruned(name, patterns):
+            before = pretrained[name.removeprefix("bert.")]
+            mask = weight != 0
+            kept += int(mask.sum())
+            moved += int((weight[mask] != before[mask]).sum())
+    return moved / kept
+
+
+def test_student_learned_kept_weights_moved_and_classifier_trained(trained_run):
+    """The first student shipped here kept the pre-trained weights and a zero classifier bias."""
+    import numpy as np
+
+    from sparsebert.models import embedded_default
+
+    student = load_weights(trained_run / "student")
+    assert _kept_weights_moved(student, load_weights(embedded_default())) > 0.5
+    assert np.abs(student["classifier.bias"]).max() > 0  # HF initialises it to exactly 0
+    curve = json.loads((trained_run / "student" / "curve.json").read_text())
+    assert max(point["applied_learning_rate"] for point in curve) > 0
+    assert (trained_run / "student" / "curve.png").stat().st_size > 10_000
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["student"]["curve"]["points"] == len(curve)
+
+
+def test_one_source_of_truth_for_epochs_and_sparsity(trained_run, glue_dir, tmp_path, capsys):
+    import yaml
+
+    state = json.loads((trained_run / "student" / "trainer_state.json").read_text())
+    assert state["num_train_epochs"] == 2 and state["log_history"][-1]["epoch"] == 2  # what the trainer ran
+    recipe = yaml.safe_load(re.sub(r"!\w+", "", (trained_run / "student" / "recipe.yaml").read_text()))
+    assert max(m["end_epoch"] for m in recipe["modifiers"]) == 2  # what the recipe's schedule ran
+    base = ["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "r")]
+    err = _one_line_error(base + ["--student-epochs", "10", "--recipe-args", '{"num_epochs": 3}'], capsys)
+    assert "--student-epochs 10.0 disagrees with --recipe-args num_epochs=3" in err
+    err = _one_line_error(base + ["--sparsity", "0.9", "--recipe-args", '{"final_sparsity": 0.8}'], capsys)
+    assert "disagrees" in err
+    fixed = tmp_path / "fixed.yaml"  # a recipe with no num_epochs variable: its modifiers set the length
+    fixed.write_text((REPO / "recipes" / "sparsebert.yaml").read_text().replace("num_epochs: 10.0\n", "")
+                     .replace("eval(num_epochs * prune_end_fraction / mask_updates)", "0.06")
+                     .replace("eval(num_epochs * prune_end_fraction)", "6.0").replace("eval(num_epochs)", "10.0"))
+    err = _one_line_error(base + ["--recipe", str(fixed), "--student-epochs", "3"], capsys)
+    assert "does not declare" in err
+    assert "invalid recipe" not in err  # the recipe itself loads; only the flag is refused
 
 
 def test_rerun_never_overwrites_silently(trained_run, glue_dir, capsys):
@@ -106,9 +157,13 @@ def test_sparseml_console_entry_point_runs_the_recipe(trained_run, tmp_path):
         "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
         "--input_column_names", "sentence1,sentence2", "--label_column_name", "label",
         "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--output_dir", str(out),
-        "--do_train", "--report_to", "none", "--save_strategy", "no",
+        "--do_train", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
     ], check=True, env=env, cwd=tmp_path, capture_output=True)
     weights = load_weights(out)
     query = weights["bert.encoder.layer.0.attention.self.query.weight"]
     assert (query == 0).mean() == pytest.approx(0.8, abs=0.005)
     assert "SparseBertDistillationModifier" in (out / "recipe.yaml").read_text()
+    assert _kept_weights_moved(weights, load_weights(embedded_default())) > 0.5
+    assert abs(weights["classifier.bias"]).max() > 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert max(e.get("applied_learning_rate", 0) for e in history) > 0
