@@ -87,7 +87,7 @@ def short_runs(task, glue_dir, out, precisions):
         folder = out / f"run-{precision}"
         started = time.time()
         code = sparsebert(["train", "--task", task, "--glue-dir", str(glue_dir), "--out", str(folder), "--overwrite",
-                           "--limit", "800", "--teacher-epochs", "2", "--student-epochs", "3", "--sparsity", "0.8",
+                           "--limit", "2000", "--teacher-epochs", "2", "--student-epochs", "3", "--sparsity", "0.8",
                            "--max-seq-length", "64", "--precision", precision])
         if code:
             raise SystemExit(code)
@@ -149,7 +149,7 @@ def main():
     report = {"machine": machine, "task": args.task, "batch_size": args.batch_size, "rows": rows}
     if not args.skip_runs:
         report["short_runs"] = short_runs("sst2", args.glue_dir, args.out, precisions)
-        print("\nshort run (SST-2, 800 examples, 80% sparsity), final dev accuracy:")
+        print("\nshort run (SST-2, 2,000 examples, 80% sparsity), final dev accuracy:")
         for precision, r in report["short_runs"].items():
             print(f"  {precision}: teacher {r['teacher']['accuracy']:.2f}, student {r['student']['accuracy']:.2f} "
                   f"(majority baseline {r['baseline']['accuracy']:.2f}), {r['minutes']:.1f} min")

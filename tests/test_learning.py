@@ -2,20 +2,14 @@
 student beats the majority baseline, and STS-B (regression) trains through both entry points."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from console import sparseml_script
 
 from sparsebert import glue
 from sparsebert.cli import main
 from sparsebert.pipeline.data import read_jsonl
 from sparsebert.pipeline.report import evaluate
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(glue_dir, out, task, limit, teacher_epochs, student_epochs, sparsity, batch_size=32, extra=()):
@@ -72,21 +66,6 @@ def test_stsb_trains_teacher_and_student(stsb_run):
 
 def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
     out, _ = stsb_run
-    script = shutil.which("sparseml.transformers.train.text_classification", path=str(Path(sys.executable).parent))
-    assert script, "SparseML console script missing"
-    from sparsebert.models import embedded_default
-
-    student = tmp_path / "student"
-    data = out / "data"
-    subprocess.run([
-        script, "--model_name_or_path", str(embedded_default()), "--distill_teacher", str(out / "teacher"),
-        "--recipe", str(REPO / "recipes" / "sparsebert.yaml"),
-        "--recipe_args", '{"num_epochs": 3, "final_sparsity": 0.5}', "--num_train_epochs", "3",
-        "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
-        "--input_column_names", "sentence1,sentence2", "--label_column_name", "label",
-        "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--output_dir", str(student),
-        "--do_train", "--report_to", "none", "--save_strategy", "no",
-    ], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, cwd=tmp_path,
-        capture_output=True)
-    dev = {"dev": read_jsonl(data / "dev.json")}
+    student = sparseml_script(out, tmp_path / "student", epochs=3, sparsity=0.5, batch_size=16)
+    dev = {"dev": read_jsonl(out / "data" / "dev.json")}
     assert evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"] > 0

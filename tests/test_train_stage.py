@@ -2,14 +2,11 @@
 console entry point reading the project's recipe."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from console import sparseml_script
 
 from sparsebert.cli import main
 from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
@@ -142,23 +139,9 @@ def test_bad_inputs_fail_before_training(tmp_path, glue_dir, capsys):
 
 def test_sparseml_console_entry_point_runs_the_recipe(trained_run, tmp_path):
     """The documented command: SparseML's own script, the project's recipe and modifier."""
-    script = shutil.which("sparseml.transformers.train.text_classification",
-                          path=str(Path(sys.executable).parent))
-    assert script, "SparseML console script missing"
-    out = tmp_path / "student"
-    data = trained_run / "data"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NM_DISABLE_ANALYTICS": "1"}
     from sparsebert.models import embedded_default
 
-    subprocess.run([
-        script, "--model_name_or_path", str(embedded_default()), "--distill_teacher", str(trained_run / "teacher"),
-        "--recipe", str(REPO / "recipes" / "sparsebert.yaml"),
-        "--recipe_args", '{"num_epochs": 1, "final_sparsity": 0.8}', "--num_train_epochs", "1",
-        "--train_file", str(data / "train.json"), "--validation_file", str(data / "dev.json"),
-        "--input_column_names", "sentence1,sentence2", "--label_column_name", "label",
-        "--max_seq_length", "64", "--per_device_train_batch_size", "16", "--output_dir", str(out),
-        "--do_train", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
-    ], check=True, env=env, cwd=tmp_path, capture_output=True)
+    out = sparseml_script(trained_run, tmp_path / "student", 1, 0.8, 16, "--logging_steps", "1")
     weights = load_weights(out)
     query = weights["bert.encoder.layer.0.attention.self.query.weight"]
     assert (query == 0).mean() == pytest.approx(0.8, abs=0.005)
