@@ -68,6 +68,22 @@ def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict
     }
 
 
+def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.ndarray],
+                       patterns: list[str]) -> float | None:
+    """Fraction of the kept (non-zero) weights of the pruned matrices that differ from the
+    pre-trained model's: 0 for a student that was pruned but never trained; None when no
+    matrix could be compared."""
+    moved = kept = 0
+    for name, weight in weights.items():
+        before = pretrained.get(name, pretrained.get(name.removeprefix("bert.")))
+        if before is None or before.shape != weight.shape or not is_pruned(name, patterns):
+            continue
+        mask = weight != 0
+        kept += int(mask.sum())
+        moved += int((weight[mask] != before[mask]).sum())
+    return moved / kept if kept else None
+
+
 def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, hidden_size: int) -> dict:
     """Multiply-adds x2 per sequence of ``seq_len`` tokens: the encoder linears (dense vs. only
     their non-zeros) plus attention's two seq x seq products, which pruning does not touch."""

@@ -54,15 +54,18 @@ def _sizes(model_dir: Path) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
-def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str]) -> dict:
-    """Dev metrics, measured sparsity (on the recipe's pruned matrices), parameter counts and
-    FLOPs of one saved checkpoint."""
+def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str],
+             pretrained: dict | None) -> dict:
+    """Dev metrics, measured sparsity (on the recipe's pruned matrices), parameter counts,
+    FLOPs of one saved checkpoint, and how many of its kept weights training moved."""
     weights = report.load_weights(model_dir)
     hidden, _ = _sizes(model_dir)
+    moved = report.kept_weights_moved(weights, pretrained, patterns) if pretrained else None
     return {
         "path": str(model_dir),
         "dev": report.evaluate(task, model_dir, dev_sets, seq_len),
         **report.sparsity_report(weights, patterns),
+        "kept_weights_moved": moved,
         "flops": report.encoder_flops(weights, patterns, seq_len, hidden),
     }
 
@@ -100,8 +103,11 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     student_done = time.time()
 
     patterns = report.pruned_patterns(student_dir)
-    teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length, patterns)
-    student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length, patterns)
+    # A local pre-trained folder (the embedded default included) shows how far training moved
+    # the weights; a hub name is not downloaded again for it.
+    pretrained = report.load_weights(Path(opts.model)) if (Path(opts.model) / "config.json").is_file() else None
+    teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length, patterns, pretrained)
+    student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length, patterns, pretrained)
     if not opts.teacher:
         teacher["curve"] = write_curve(teacher_dir, f"{task.name}: dense teacher")
     student["curve"] = write_curve(student_dir, f"{task.name}: student pruned to "
@@ -157,6 +163,8 @@ def summary(metrics: dict) -> str:
         + (f"  ({metrics['retention'] * 100:.1f}% of the teacher)" if metrics["retention"] is not None else ""),
         verdict,
         curve_line,
+        f"  kept weights moved from the pre-trained model by training: {s['kept_weights_moved']:.1%}"
+        if s.get("kept_weights_moved") is not None else "",
         f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "
         f"(least sparse matrix {s['min_matrix_sparsity'] * 100:.2f}%), "
         f"non-zero parameters {s['parameters_nonzero_total']:,} of {s['parameters_total']:,}",

@@ -15,6 +15,7 @@ are set, so ``--help`` and bad input answer at once.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -141,8 +142,8 @@ def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, floa
     ``--sparsity`` and ``--student-epochs`` are the recipe variables ``final_sparsity`` and
     ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
     take effect), and a flag that disagrees with ``--recipe-args`` is refused rather than
-    silently overridden. The epochs the trainer runs are the recipe's own (its last modifier's
-    end), so the two can never differ.
+    silently overridden. The epochs recorded are the ones SparseML's trainer runs: the recipe's
+    own (its last modifier's end, rounded up to whole epochs as SparseML does).
     """
     from sparsebert.recipe import check_recipe, recipe_variables
 
@@ -158,7 +159,8 @@ def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, floa
             raise UsageError(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
         recipe_args[variable] = value
     modifiers = check_recipe(recipe, recipe_args)
-    epochs = max((m.end_epoch for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
+    # SparseML trains for its manager's max_epochs: whole epochs, the last modifier's end rounded up.
+    epochs = max((math.ceil(m.end_epoch) for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
     if epochs is None:
         raise UsageError(f"{recipe} never ends: no modifier has an end_epoch")
     return recipe_args, float(epochs)
@@ -302,8 +304,11 @@ def cmd_run(args) -> int:
                                     batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None,
                                     engines=["pytorch", "onnxruntime", "deepsparse"],
                                     threads=args.threads)
-    for command in (cmd_export, cmd_parity, cmd_bench, cmd_gates):
+    for command in (cmd_export, cmd_parity, cmd_bench):
         code = code or command(stage_args)
+    if code:
+        return code
+    code = cmd_gates(stage_args)
     if code:
         print(f"[sparsebert] {args.out}: the student is servable, but the run does not hold its claim "
               "(a FAIL line above says which); at 95% the default model's student may not beat the "

@@ -6,7 +6,6 @@ Each mend names what it mends and has a test in ``tests/test_sparseml_mends.py``
 
 from __future__ import annotations
 
-import math
 import os
 
 
@@ -95,31 +94,35 @@ def mend_trainer(module) -> None:
 
     trainer._load_optimizer_and_scheduler = load_only_when_resuming
 
-    create_optimizer = trainer.create_optimizer
-
-    def create_optimizer_in_trainer_steps(self):
-        create_optimizer(self)
-        wrapper = vars(self.optimizer).get("_wrapper") if self.optimizer is not None else None
-        if wrapper is None or self.train_dataset is None:
-            return
-        examples = len(self.train_dataset)
-        per_step = self._train_batch_size * max(1, self.args.n_gpu)
-        batches = examples // per_step if self.args.dataloader_drop_last else math.ceil(examples / per_step)
-        steps = max(batches // self.args.gradient_accumulation_steps, 1)
-        self.manager_steps_per_epoch = steps
-        wrapper._wrapped_steps_per_epoch = steps
-
-    trainer.create_optimizer = create_optimizer_in_trainer_steps
-
     init = trainer.__init__
 
     def init_with_curve(self, *args, **kwargs):
         init(self, *args, **kwargs)
         from sparsebert.pipeline.curve import TrainingCurve
 
+        self.add_callback(_RecipeCountsTrainerSteps(self))
         self.add_callback(TrainingCurve(self))
 
     trainer.__init__ = init_with_curve
+
+    from transformers import TrainerCallback
+
+    class _RecipeCountsTrainerSteps(TrainerCallback):
+        """Before the first step: the recipe's steps per epoch become the trainer's own, the
+        length of its (prepared, per-process) dataloader over the accumulation steps."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            optimizer = self.trainer.optimizer
+            while optimizer is not None and "_wrapper" not in vars(optimizer):
+                optimizer = vars(optimizer).get("optimizer")  # under Accelerate's wrapper
+            if optimizer is None or train_dataloader is None:
+                return
+            steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+            self.trainer.manager_steps_per_epoch = steps
+            vars(optimizer)["_wrapper"]._wrapped_steps_per_epoch = steps
 
 
 def mend_recipe_serialization(module) -> None:
@@ -137,7 +140,10 @@ def mend_recipe_serialization(module) -> None:
         if format_str:
             for key, value in props(self, only_serializable).items():
                 if key in formatted and isinstance(value, (list, tuple, dict)):
-                    formatted[key] = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+                    try:
+                        formatted[key] = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+                    except yaml.YAMLError:  # objects YAML cannot write keep SparseML's own text
+                        pass
         return formatted
 
     module.BaseModifier.props = props_as_yaml

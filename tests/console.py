@@ -15,7 +15,7 @@ def sparseml_script(run: Path, out: Path, epochs: int, sparsity: float, batch_si
 
     script = shutil.which("sparseml.transformers.train.text_classification", path=str(Path(sys.executable).parent))
     assert script, "SparseML console script missing"
-    subprocess.run([
+    finished = subprocess.run([
         script, "--model_name_or_path", str(embedded_default()), "--distill_teacher", str(run / "teacher"),
         "--recipe", str(REPO / "recipes" / "sparsebert.yaml"),
         "--recipe_args", f'{{"num_epochs": {epochs}, "final_sparsity": {sparsity}}}', "--num_train_epochs", str(epochs),
@@ -23,6 +23,7 @@ def sparseml_script(run: Path, out: Path, epochs: int, sparsity: float, batch_si
         "--input_column_names", "sentence1,sentence2", "--label_column_name", "label",
         "--max_seq_length", "64", "--per_device_train_batch_size", str(batch_size), "--output_dir", str(out),
         "--do_train", "--report_to", "none", "--save_strategy", "no", *extra,
-    ], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, cwd=out.parent,
-        capture_output=True)
+    ], env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, cwd=out.parent,
+        capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-4000:]
     return out

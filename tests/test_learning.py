@@ -68,4 +68,4 @@ def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
     out, _ = stsb_run
     student = sparseml_script(out, tmp_path / "student", epochs=3, sparsity=0.5, batch_size=16)
     dev = {"dev": read_jsonl(out / "data" / "dev.json")}
-    assert evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"] > 0
+    assert evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"] > 10

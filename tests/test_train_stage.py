@@ -5,11 +5,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from console import sparseml_script
 
 from sparsebert.cli import main
-from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
+from sparsebert.pipeline.report import is_pruned, kept_weights_moved, load_weights, pruned_patterns
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,22 +54,11 @@ def test_student_started_from_pretrained_not_teacher(trained_run):
 
 
 def _kept_weights_moved(weights: dict, pretrained: dict) -> float:
-    """Fraction of the kept (non-zero) encoder weights that differ from the pre-trained ones."""
-    patterns = pruned_patterns()
-    moved = kept = 0
-    for name, weight in weights.items():
-        if is_pruned(name, patterns):
-            before = pretrained[name.removeprefix("bert.")]
-            mask = weight != 0
-            kept += int(mask.sum())
-            moved += int((weight[mask] != before[mask]).sum())
-    return moved / kept
+    return kept_weights_moved(weights, pretrained, pruned_patterns())
 
 
 def test_student_learned_kept_weights_moved_and_classifier_trained(trained_run):
     """The first student shipped here kept the pre-trained weights and a zero classifier bias."""
-    import numpy as np
-
     from sparsebert.models import embedded_default
 
     student = load_weights(trained_run / "student")
@@ -79,6 +69,7 @@ def test_student_learned_kept_weights_moved_and_classifier_trained(trained_run):
     assert (trained_run / "student" / "curve.png").stat().st_size > 10_000
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["student"]["curve"]["points"] == len(curve)
+    assert metrics["student"]["kept_weights_moved"] > 0.5
 
 
 def test_one_source_of_truth_for_epochs_and_sparsity(trained_run, glue_dir, tmp_path, capsys):
@@ -150,3 +141,17 @@ def test_sparseml_console_entry_point_runs_the_recipe(trained_run, tmp_path):
     assert abs(weights["classifier.bias"]).max() > 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert max(e.get("applied_learning_rate", 0) for e in history) > 0
+
+
+def test_weights_moved_is_zero_for_a_pruned_untrained_student():
+    """What metrics.json reports as kept_weights_moved: 0 for the student shipped before the
+    optimizer fix (pruned, never trained), 1 once every kept weight changed."""
+    from sparsebert.models import embedded_default
+
+    pretrained = load_weights(embedded_default())
+    patterns = pruned_patterns()
+    pruned = {f"bert.{n}": w * (np.abs(w) > np.median(np.abs(w))) if is_pruned(n, patterns) else w
+              for n, w in pretrained.items()}
+    assert kept_weights_moved(pruned, pretrained, patterns) == 0.0
+    trained = {n: w * 1.01 for n, w in pruned.items()}
+    assert kept_weights_moved(trained, pretrained, patterns) == 1.0
