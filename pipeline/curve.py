@@ -18,16 +18,24 @@ CURVE_KEYS = ("applied_learning_rate", "sparsity", "logits_loss", "hidden_loss",
               "distillation_loss")
 
 
+def optimizer_layers(optimizer):
+    """The optimizer and each one it wraps, outermost first: Accelerate's AcceleratedOptimizer,
+    SparseML's ScheduledOptimizer (which holds a ``_wrapper``), then the torch optimizer."""
+    while optimizer is not None:
+        yield optimizer
+        inner = vars(optimizer).get("_wrapper")
+        optimizer = inner.wrapped_optimizer if inner is not None else vars(optimizer).get("optimizer")
+
+
 def stepping_optimizer(optimizer):
     """The torch optimizer that applies the update, under Accelerate's and SparseML's wrappers."""
-    while True:
-        inner = vars(optimizer).get("_wrapper")  # SparseML's ScheduledOptimizer
-        if inner is not None:
-            optimizer = inner.wrapped_optimizer
-        elif "optimizer" in vars(optimizer):  # Accelerate's AcceleratedOptimizer
-            optimizer = vars(optimizer)["optimizer"]
-        else:
-            return optimizer
+    *_, innermost = optimizer_layers(optimizer)
+    return innermost
+
+
+def scheduled_optimizer(optimizer):
+    """SparseML's ScheduledOptimizer among the layers, or None (a run without a recipe)."""
+    return next((layer for layer in optimizer_layers(optimizer) if "_wrapper" in vars(layer)), None)
 
 
 def pruned_parameters(model, manager) -> list:

@@ -115,9 +115,9 @@ def mend_trainer(module) -> None:
             self.trainer = trainer
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-            optimizer = self.trainer.optimizer
-            while optimizer is not None and "_wrapper" not in vars(optimizer):
-                optimizer = vars(optimizer).get("optimizer")  # under Accelerate's wrapper
+            from sparsebert.pipeline.curve import scheduled_optimizer
+
+            optimizer = scheduled_optimizer(self.trainer.optimizer)
             if optimizer is None or train_dataloader is None:
                 return
             steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)

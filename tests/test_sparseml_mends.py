@@ -12,7 +12,7 @@ from sparseml.transformers.sparsification import Trainer
 from sparseml.transformers.sparsification.training_args import TrainingArguments
 from transformers import TrainerCallback
 
-from sparsebert.pipeline.curve import stepping_optimizer
+from sparsebert.pipeline.curve import scheduled_optimizer, stepping_optimizer
 from sparsebert.recipe import recipe_path
 from tiny import dataset, tiny_bert
 
@@ -111,7 +111,7 @@ def test_new_run_from_a_trained_folder_starts_a_fresh_schedule(trained, tmp_path
 
 def recipe_epoch(trainer) -> float:
     """The epoch SparseML's recipe believes it is at (its optimizer wrapper's count)."""
-    return vars(vars(trainer.optimizer)["optimizer"])["_wrapper"].wrapped_epoch
+    return vars(scheduled_optimizer(trainer.optimizer))["_wrapper"].wrapped_epoch
 
 
 def test_gradient_accumulation_keeps_schedule_and_pruning_in_step(tmp_path):
