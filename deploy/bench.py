@@ -25,18 +25,19 @@ class Model:
     deployment: Path
 
 
-def random_inputs(batch_size: int, sequence_length: int, vocab_size: int = 30522, seed: int = 0) -> dict:
-    """Full-length rows (attention mask all ones): the cost of a real 128-token input."""
+def random_inputs(input_names: list[str], batch_size: int, sequence_length: int, vocab_size: int = 30522,
+                  seed: int = 0) -> dict:
+    """Full-length rows (attention mask all ones, one segment): the cost of a real 128-token input."""
     rng = np.random.default_rng(seed)
     shape = (batch_size, sequence_length)
-    return {"input_ids": rng.integers(1000, vocab_size, shape, dtype=np.int64),
-            "attention_mask": np.ones(shape, dtype=np.int64),
-            "token_type_ids": np.zeros(shape, dtype=np.int64)}
+    filled = {"input_ids": rng.integers(1000, vocab_size, shape, dtype=np.int64),
+              "attention_mask": np.ones(shape, dtype=np.int64)}
+    return {name: filled.get(name, np.zeros(shape, dtype=np.int64)) for name in input_names}
 
 
 def time_runner(runner: Runner, seconds: float, min_iterations: int = 3) -> dict:
     """Items per second and per-batch latency percentiles over about ``seconds`` of calls."""
-    inputs = random_inputs(runner.batch_size, runner.sequence_length)
+    inputs = random_inputs(runner.input_names, runner.batch_size, runner.sequence_length)
     runner(inputs)  # warm-up (first-call allocation, kernel selection)
     times = []
     deadline = time.perf_counter() + seconds

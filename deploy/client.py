@@ -1,12 +1,13 @@
 """A small client for the SparseBERT (or stock deepsparse.server) text classification route.
 
     from sparsebert.deploy.client import SparseBertClient
-    client = SparseBertClient("http://127.0.0.1:5543", "rte")
-    client.classify("A man is playing a guitar.")                        # one text
+    SparseBertClient("http://127.0.0.1:5543", "sst2").classify("A gripping film.")  # one text
+    client = SparseBertClient("http://127.0.0.1:5543", "mrpc")
     client.classify([["A man is playing a guitar.", "Someone plays."]])   # one sentence pair
 
 Standard library only. Proxies from the environment are ignored on purpose: the server is
-local, and an ``http_proxy`` setting must not send requests (and texts) elsewhere.
+local, and an ``http_proxy`` setting must not send requests (and texts) elsewhere. Bodies are
+UTF-8 JSON: \\u-escaping would double or triple the size of non-Latin text against the body limit.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class SparseBertClient:
         return f"{self.url}/v2/models/{self.model}/infer"
 
     def classify(self, sequences: Sequences) -> Predictions:
-        """Labels and scores, one per text (or pair), in input order."""
+        """Labels and scores, one per text (or pair), in input order. A pair model answers single
+        texts with HTTP 422, and a single-text model pairs (ClientError)."""
         answer = self._request(self.infer_url, {"sequences": sequences})
         return Predictions(labels=answer["labels"], scores=answer["scores"])
 
@@ -57,7 +59,7 @@ class SparseBertClient:
             return False
 
     def _request(self, url: str, payload: dict | None = None) -> dict:
-        data = None if payload is None else json.dumps(payload).encode()
+        data = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
         request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
         try:
             with self._opener.open(request, timeout=self.timeout) as response:

@@ -1,6 +1,6 @@
 """The three ways to run a deployment: PyTorch (the checkpoint), ONNX Runtime and DeepSparse
-(the ONNX file). Each takes the same fixed-shape int64 inputs and returns raw logits, so
-parity and latency compare like with like."""
+(the ONNX file). Each takes the same fixed-shape int64 inputs, named as the ONNX graph names
+them (``input_names``), and returns raw logits, so parity and latency compare like with like."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sparsebert.inference import onnx_input_names
 
 ENGINES = ("pytorch", "onnxruntime", "deepsparse")
 
@@ -25,6 +27,7 @@ def private_copy(onnx_path: Path) -> Path:
 class Runner:
     """Runs batches of exactly ``batch_size`` rows of length ``sequence_length``.
 
+    ``input_names`` are the ONNX graph's inputs (the PyTorch model takes the same names).
     ``threads`` caps the engine's threads (torch intra-op threads, ONNX Runtime intra-op threads,
     DeepSparse cores); None keeps each library's default (all cores).
     """
@@ -34,6 +37,7 @@ class Runner:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
         self.engine, self.batch_size, self.sequence_length = engine, batch_size, sequence_length
+        self.input_names = onnx_input_names(deployment / "model.onnx")
         if engine == "pytorch":
             import torch
             from transformers import AutoModelForSequenceClassification
@@ -50,23 +54,24 @@ class Runner:
                 options.intra_op_num_threads = threads
             self._session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), options,
                                                          providers=["CPUExecutionProvider"])
-            self._input_names = [i.name for i in self._session.get_inputs()]
         else:
             from deepsparse import Engine
 
             self._copy = private_copy(deployment / "model.onnx")
             cores = {"num_cores": threads} if threads else {}  # default: all cores
-            self._engine = Engine(model=str(self._copy), batch_size=batch_size,
-                                  input_shapes=[[batch_size, sequence_length]] * 3, **cores)
-            self._input_names = list(self._engine.input_names)
+            shapes = [[batch_size, sequence_length]] * len(self.input_names)
+            self._engine = Engine(model=str(self._copy), batch_size=batch_size, input_shapes=shapes, **cores)
+            if list(self._engine.input_names) != self.input_names:
+                raise ValueError(f"DeepSparse reads inputs {self._engine.input_names}, the ONNX file {self.input_names}")
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.engine == "pytorch":
             with self._torch.inference_mode():
-                return self._model(**{k: self._torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+                tensors = {n: self._torch.from_numpy(inputs[n]) for n in self.input_names}
+                return self._model(**tensors).logits.float().numpy()
         if self.engine == "onnxruntime":
-            return self._session.run(None, {n: inputs[n] for n in self._input_names})[0]
-        return self._engine([inputs[n] for n in self._input_names])[0]
+            return self._session.run(None, {n: inputs[n] for n in self.input_names})[0]
+        return self._engine([inputs[n] for n in self.input_names])[0]
 
     def close(self) -> None:
         if self.engine == "deepsparse":
@@ -74,23 +79,13 @@ class Runner:
             shutil.rmtree(self._copy.parent, ignore_errors=True)
 
 
-def encode(tokenizer, examples: list[dict], sequence_length: int) -> dict[str, np.ndarray]:
-    """Fixed-length int64 inputs for GLUE examples (one sentence or a pair)."""
-    first = [e["sentence1"] for e in examples]
-    second = [e["sentence2"] for e in examples] if "sentence2" in examples[0] else None
-    encoded = tokenizer(first, second, padding="max_length", truncation=True,
-                        max_length=sequence_length, return_tensors="np")
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: encoded[k].astype(np.int64) for k in names}
-
-
 def run_batched(runner: Runner, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Logits for all rows, padding the last batch to the runner's fixed batch size."""
-    rows = len(inputs["input_ids"])
+    rows = len(next(iter(inputs.values())))
     outputs = []
     for start in range(0, rows, runner.batch_size):
         batch = {k: v[start:start + runner.batch_size] for k, v in inputs.items()}
-        short = runner.batch_size - len(batch["input_ids"])
+        short = runner.batch_size - len(next(iter(batch.values())))
         if short:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in batch.items()}
         outputs.append(runner(batch)[: runner.batch_size - short])

@@ -33,7 +33,7 @@ class InvalidInput(ServingError):
     status = 400
 
 
-class ModelNotFound(ServingError):
+class ModelNotServed(ServingError):
     status = 404
 
 
@@ -43,6 +43,13 @@ class PayloadTooLarge(ServingError):
 
 class UnsupportedMediaType(ServingError):
     status = 415
+
+
+class UnprocessableInput(ServingError):
+    """Valid input of a kind this model does not read: single texts sent to a sentence-pair
+    model, or pairs sent to a single-text model."""
+
+    status = 422
 
 
 class ModelNotReady(ServingError):
@@ -77,19 +84,20 @@ async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    # A request model FastAPI validated itself (422 by default) is a client mistake: 400.
+    # A request model FastAPI validated itself (422 by default) is a malformed request: 400.
+    # Our own 422 (UnprocessableInput) is kept for well-formed input this model cannot read.
     return error_response(InvalidInput.status, describe(error.errors()))
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     # Routing misses (404 unknown path, 405 wrong method) keep their status, in our shape; a
-    # miss under /v2/models/<name>/ for a name not served is the domain's ModelNotFound.
+    # miss under /v2/models/<name>/ for a name not served is the domain's ModelNotServed.
     parts = request.url.path.strip("/").split("/")
     served = getattr(request.app.state, "served_models", [])
     if error.status_code == 404 and parts[:2] == ["v2", "models"] and len(parts) > 2 \
             and parts[2] not in served:
         listed = ", ".join(f"/v2/models/{name}/infer" for name in served) or "none"
-        return await _serving_error(request, ModelNotFound(
+        return await _serving_error(request, ModelNotServed(
             f"no model named '{parts[2]}' is served here; served: {listed}"))
     return error_response(error.status_code, f"{error.detail}: {request.method} {request.url.path}")
 
@@ -102,7 +110,7 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 
 def install(app: FastAPI, served: Iterable[str] = ()) -> None:
     """Register the handlers that give every error the ``{"error": ...}`` shape; ``served``
-    names the models, so a request for another name gets ModelNotFound."""
+    names the models, so a request for another name gets ModelNotServed."""
     app.state.served_models = list(served)
     app.add_exception_handler(ServingError, _serving_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

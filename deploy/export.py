@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsebert import glue, inference
 from sparsebert.errors import UserError
 from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
 
@@ -89,41 +90,52 @@ def onnx_sparsity(model_dir: Path, onnx_path: Path, pruned: dict[str, np.ndarray
     return found
 
 
-def sample_inputs(tokenizer, pairs: bool, sequence_length: int) -> dict[str, np.ndarray]:
-    first = [a for a, _ in SAMPLE_TEXTS]
-    second = [b for _, b in SAMPLE_TEXTS] if pairs else None
-    encoded = tokenizer(first, second, padding="max_length", truncation=True,
-                        max_length=sequence_length, return_tensors="np")
-    return {k: v.astype(np.int64) for k, v in encoded.items()}
-
-
 def logits_difference(model_dir: Path, deployment: Path, sequence_length: int = 128) -> float:
-    """Largest |ONNX Runtime - PyTorch| logit on sample sentences and sentence pairs."""
+    """Largest |ONNX Runtime - PyTorch| logit on sample sentences and sentence pairs, both fed
+    the inputs the ONNX graph names."""
     import onnxruntime
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(deployment)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model, tokenizer, _ = inference.load_torch(model_dir)
     session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
+    names = inference.onnx_input_names(deployment / "model.onnx")
     worst = 0.0
     for pairs in (False, True):
-        inputs = sample_inputs(tokenizer, pairs, sequence_length)
-        onnx_logits = session.run(None, {k: v for k, v in inputs.items() if k in names})[0]
+        examples = [{"sentence1": a, **({"sentence2": b} if pairs else {})} for a, b in SAMPLE_TEXTS]
+        inputs = inference.encode(tokenizer, examples, names, sequence_length, fixed_length=True)
+        onnx_logits = session.run(None, inputs)[0]
         with torch.inference_mode():
             torch_logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
     return worst
 
 
+def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_length: int) -> dict:
+    """``serving.json``: what the server needs beyond the model (one text or a pair, the exported
+    length); a regression model's output gets its name (STS-B: ``similarity``) and problem type,
+    so served answers are the value on the task's scale, not a sigmoid of it."""
+    config_path = deployment / "config.json"
+    config = json.loads(config_path.read_text())
+    if task is not None and task.is_regression:
+        name = inference.REGRESSION_LABELS.get(task.name, "score")
+        config.update(problem_type="regression", id2label={"0": name}, label2id={name: 0})
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    serving = {"task": task.name if task else None,
+               "text_inputs": len(task.text_columns) if task else None,
+               "regression": bool(task and task.is_regression),
+               "sequence_length": sequence_length}
+    (deployment / "serving.json").write_text(json.dumps(serving, indent=2) + "\n")
+    return serving
+
+
 def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
-                     max_logit_difference: float = 1e-3) -> dict:
+                     max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None) -> dict:
     """Export, then verify sparsity survived and outputs match; write ``export.json``."""
+    from transformers import AutoConfig
+
     deployment = export(model_dir, target, sequence_length)
-    config = json.loads((deployment / "config.json").read_text())
-    if not config.get("id2label") or all(str(k) == str(v) for k, v in config["id2label"].items()):
-        raise ExportError(f"{deployment}/config.json has no real label names: {config.get('id2label')}")
+    serving = describe_for_serving(deployment, task, sequence_length)
+    labels = inference.label_names(AutoConfig.from_pretrained(deployment).id2label, f"{deployment}/config.json")
     pruned = pruned_weights(model_dir)
     sizes = {n: w.size for n, w in pruned.items()}
     torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
@@ -134,7 +146,8 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
         "source": str(model_dir),
         "deployment": str(deployment),
         "sequence_length": sequence_length,
-        "labels": config["id2label"],
+        "serving": serving,
+        "labels": labels,
         "onnx_sparsity": exported,
         "onnx_encoder_linear_sparsity": zeros / sum(sizes.values()) if sizes else 0.0,
         "sparsity_matches_checkpoint": all(abs(exported[n] - torch_sparsity[n]) < 1e-9 for n in exported),

@@ -2,8 +2,10 @@
 
 - accuracy: the student beats the majority baseline and keeps at least a floor of the
   teacher's metric (metrics.json): the claim itself, not only the plumbing;
-- parity: every engine within its metric and logit thresholds of PyTorch (parity-*.json),
-  judged against the thresholds given to the gates, not a verdict stored earlier;
+- parity: every engine within its metric and logit thresholds of PyTorch on every dev split
+  (parity-*.json), and every answer of the served model within its score threshold of PyTorch's
+  (parity-served-*.json, when measured), judged against the thresholds given to the gates, not a
+  verdict stored earlier;
 - sparsity: every matrix the student's own recipe prunes reached that recipe's target;
 - speed: sparse-on-DeepSparse over dense ratios at batch 1 (bench/bench.json), which were
   measured side by side in one run, so they hold on any machine where absolute times don't.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsebert.errors import UserError
+from sparsebert.runfolder import CHECKPOINTS, RunFolder
 
 
 class MissingReport(UserError):
@@ -36,12 +39,18 @@ def _read(path: Path, how: str) -> dict:
     return json.loads(path.read_text())
 
 
-def accuracy_gates(run: Path, floors: dict) -> list[Gate]:
+def _metrics(run: RunFolder) -> dict:
+    if not run.metrics_path.is_file():
+        raise MissingReport(f"{run.metrics_path} not found; run `sparsebert train --out {run.path}` first")
+    return run.metrics
+
+
+def accuracy_gates(run: RunFolder, floors: dict) -> list[Gate]:
     """On every dev split (MNLI has two): the student beats the majority baseline by a margin
     and keeps a floor of the teacher's main metric."""
-    metrics = _read(run / "metrics.json", f"sparsebert train --out {run}")
+    metrics = _metrics(run)
     if "baseline" not in metrics:
-        raise MissingReport(f"{run}/metrics.json has no majority baseline; re-run `sparsebert train`")
+        raise MissingReport(f"{run.metrics_path} has no majority baseline; re-run `sparsebert train`")
     metric, margin = metrics["main_metric"], floors["min_points_over_baseline"]
     if not metrics["baseline"]:
         return [Gate("student beats the majority baseline", False, "no dev split was measured")]
@@ -58,32 +67,56 @@ def accuracy_gates(run: Path, floors: dict) -> list[Gate]:
     return gates
 
 
-def parity_gates(run: Path, limits: dict) -> list[Gate]:
+def parity_gates(run: RunFolder, limits: dict) -> list[Gate]:
+    """The student's engine parity on every dev split the run measured (the teacher's when
+    present), and the served answers' parity when it was measured."""
     gates = []
-    for which in ("student", "teacher"):
-        path = run / f"parity-{which}.json"
+    for which in CHECKPOINTS:
+        path = run.parity_path(which)
         if which == "teacher" and not path.is_file():
             continue  # the teacher's parity is optional; the student's is required
-        report = _read(path, f"sparsebert parity {run}")
-        for engine, result in report["against_pytorch"].items():
-            passed = (result["metric_difference"] <= limits["max_metric_difference"]
-                      and result["max_logit_difference"] <= limits["max_logit_difference"])
-            gates.append(Gate(f"parity {which} {engine}", passed,
-                              f"|Δ {report['main_metric']}| {result['metric_difference']:.3f} "
-                              f"(max {limits['max_metric_difference']}), max |Δ logit| "
-                              f"{result['max_logit_difference']:.1e} (max {limits['max_logit_difference']:.0e})"))
+        report = _read(path, f"sparsebert parity {run.path} --checkpoint {which}")
+        missing = [s for s in run.dev_splits if s not in report["splits"]]
+        if missing:
+            gates.append(Gate(f"parity {which}", False, f"dev split(s) {missing} not measured"))
+        for split, result in report["splits"].items():
+            for engine, r in result["against_pytorch"].items():
+                passed = (r["metric_difference"] <= limits["max_metric_difference"]
+                          and r["max_logit_difference"] <= limits["max_logit_difference"])
+                gates.append(Gate(f"parity {which} {engine} ({split})", passed,
+                                  f"|Δ {report['main_metric']}| {r['metric_difference']:.3f} "
+                                  f"(max {limits['max_metric_difference']}), max |Δ logit| "
+                                  f"{r['max_logit_difference']:.1e} (max {limits['max_logit_difference']:.0e})"))
+        gates += served_parity_gates(run, which, limits)
     return gates
 
 
-def sparsity_gate(run: Path, tolerance: float = 0.005) -> Gate:
+def served_parity_gates(run: RunFolder, which: str, limits: dict) -> list[Gate]:
+    path = run.parity_path(which, served=True)
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    gates = []
+    for split, engines in report["splits"].items():
+        for engine, r in engines.items():
+            passed = (r.get("label_mismatches") == 0 and r["answers"] == r.get("expected", r["answers"])
+                      and r["max_score_difference"] <= limits["max_served_score_difference"])
+            gates.append(Gate(f"served answers {which} {engine} ({split})", passed,
+                              f"{r['answers']} answers over HTTP, {r.get('label_mismatches')} wrong labels, "
+                              f"max |Δ score| {r['max_score_difference']:.1e} "
+                              f"(max {limits['max_served_score_difference']:.0e})"))
+    return gates
+
+
+def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
     """The matrices and their targets come from the recipe SparseML saved beside the student:
     each of its pruning modifiers must match measured matrices, every measured matrix must
     belong to one, and each must be at its modifier's target."""
     from sparsebert.pipeline.report import is_pruned
     from sparsebert.recipe import pruning_targets
 
-    metrics = _read(run / "metrics.json", f"sparsebert train --out {run}")
-    recipe = run / "student" / "recipe.yaml"
+    metrics = _metrics(run)
+    recipe = run.checkpoint("student") / "recipe.yaml"
     if not recipe.is_file():
         raise MissingReport(f"{recipe} not found; the student's recipe says what it prunes")
     measured = metrics["student"]["per_matrix_sparsity"]
@@ -101,8 +134,8 @@ def sparsity_gate(run: Path, tolerance: float = 0.005) -> Gate:
                 f"(tolerance {tolerance:.1%})")
 
 
-def speed_gates(run: Path, floors: dict) -> list[Gate]:
-    report = _read(run / "bench" / "bench.json", f"sparsebert bench {run}")
+def speed_gates(run: RunFolder, floors: dict) -> list[Gate]:
+    report = _read(run.bench_dir / "bench.json", f"sparsebert bench {run.path}")
     rows = [r for r in report["ratios"] if r["batch_size"] == 1]
     if not rows:
         return [Gate("speed at batch 1", False, "not measured (no batch-1 ratio in bench.json)")]
@@ -116,6 +149,7 @@ def speed_gates(run: Path, floors: dict) -> list[Gate]:
     return gates
 
 
-def check(run: Path, thresholds: dict) -> list[Gate]:
+def check(run: RunFolder | Path, thresholds: dict) -> list[Gate]:
+    run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
     return [*accuracy_gates(run, thresholds["accuracy"]), *parity_gates(run, thresholds["parity"]),
             sparsity_gate(run), *speed_gates(run, thresholds["speed"])]

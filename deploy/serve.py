@@ -14,6 +14,11 @@ deepsparse.server config, and loads its own pipeline from that same file, so
 
 Both servers rewrite ``model.onnx`` in place with a fixed batch size, so they always load a
 fresh copy of the deployment folder (``<workdir>/model``), never the original.
+
+The deployment's ``serving.json`` (written by export) says what the model reads: single texts
+sent to a sentence-pair model, or pairs sent to a single-text model, get 422 (stock
+deepsparse.server labels them); and the sequence-length buckets stop at the length the ONNX was
+exported and parity-checked with.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import re
 import shutil
 import sys
 import threading
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -34,8 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 
 from sparsebert import offline
+from sparsebert.inference import label_names
 from sparsebert.deploy import errors
-from sparsebert.deploy.errors import InvalidInput, ModelNotReady, PayloadTooLarge, UnsupportedMediaType
+from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
+                                      UnsupportedMediaType)
 from sparsebert.errors import UserError
 
 TASK = "text_classification"
@@ -43,14 +51,20 @@ ENGINES = ("deepsparse", "onnxruntime")
 DEFAULT_NAME = "sparsebert"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5543  # deepsparse.server's default
-DEFAULT_SEQUENCE_LENGTHS = (64, 128)  # short inputs run on the 64-token engine, the rest on 128
-# Request limits. The pipeline truncates every text to the longest sequence length (128 tokens,
-# roughly 600 characters of English), so a longer text is accepted and truncated, exactly as in
-# training and evaluation. The limits below only stop abuse: tokenizing is linear in length, and a
-# text past 20,000 characters is no sentence; 64 texts is a generous batch for one request.
-MAX_TEXT_CHARS = 20_000
+# Short inputs run on the 64-token engine, the rest on 128; capped at the exported length.
+DEFAULT_SEQUENCE_LENGTHS = (64, 128)
+SERVING_FILE = "serving.json"  # in the deployment folder: task, text_inputs, sequence_length
+# Request limits. The pipeline truncates every text (or pair) to the longest sequence length, as
+# in training and evaluation, so a longer text is accepted and truncated. No BERT reads more than
+# 512 tokens, and 4,000 characters is past that for natural text (English runs 4-5 characters a
+# token, Chinese one), so the limits only stop abuse; 64 texts is a generous batch.
+MAX_TEXT_CHARS = 4_000
 MAX_SEQUENCES = 64
-MAX_BODY_BYTES = 1 << 20
+# The largest valid request (64 pairs of two 4,000-character texts) must fit however its client
+# encodes JSON: an encoder may \u-escape every character, 12 bytes for an astral one (an emoji is
+# "\ud83d\ude00"); 64 KiB more covers quotes, brackets, separators and indentation.
+ESCAPED_CHAR_BYTES = 12
+MAX_BODY_BYTES = MAX_SEQUENCES * 2 * MAX_TEXT_CHARS * ESCAPED_CHAR_BYTES + (64 << 10)  # about 5.9 MiB
 DRAIN_BYTES = 8 * MAX_BODY_BYTES  # past this, close without reading (see read_body)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a single URL path segment
 
@@ -64,7 +78,8 @@ class ServeSettings:
     name: str = DEFAULT_NAME
     engine: str = "deepsparse"
     batch_size: int = 1
-    sequence_lengths: tuple[int, ...] = DEFAULT_SEQUENCE_LENGTHS
+    # None: DEFAULT_SEQUENCE_LENGTHS up to the deployment's exported length (see prepare)
+    sequence_lengths: Optional[tuple[int, ...]] = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
 
@@ -75,9 +90,10 @@ class ServeSettings:
             raise DeploymentError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
         if self.batch_size < 1:
             raise DeploymentError(f"batch size must be at least 1, not {self.batch_size}")
-        self.sequence_lengths = tuple(sorted(set(self.sequence_lengths)))
-        if not self.sequence_lengths or self.sequence_lengths[0] < 8:
-            raise DeploymentError(f"sequence lengths must be at least 8 tokens: {self.sequence_lengths}")
+        if self.sequence_lengths is not None:
+            self.sequence_lengths = tuple(sorted(set(self.sequence_lengths)))
+            if not self.sequence_lengths or self.sequence_lengths[0] < 8:
+                raise DeploymentError(f"sequence lengths must be at least 8 tokens: {self.sequence_lengths}")
         if not 0 < self.port < 65536:
             raise DeploymentError(f"port {self.port} is not a TCP port")
 
@@ -93,11 +109,34 @@ def check_deployment(folder: Path) -> dict:
     if missing:
         raise DeploymentError(f"{folder} is not a deployment folder: missing {', '.join(missing)}")
     config = json.loads((folder / "config.json").read_text())
-    labels = config.get("id2label") or {}
-    if not labels or all(str(key) == str(value) for key, value in labels.items()):
-        # DeepSparse's text classification pipeline breaks on id2label={0: 0, 1: 1}.
-        raise DeploymentError(f"{folder}/config.json has no real label names: {labels}")
+    # Answers are label names (DeepSparse's pipeline also breaks on id2label={0: 0, 1: 1}).
+    label_names(config.get("id2label"), f"{folder}/config.json")
     return config
+
+
+def read_serving_info(folder: Path) -> dict:
+    """The folder's ``serving.json`` (what export measured), or {} for a folder without one."""
+    path = Path(folder) / SERVING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DeploymentError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(info, dict) or info.get("text_inputs") not in (None, 1, 2):
+        raise DeploymentError(f"{path} must be an object whose text_inputs is 1, 2 or null")
+    length = info.get("sequence_length")
+    if length is not None and (not isinstance(length, int) or length < 8):
+        raise DeploymentError(f"{path} has sequence_length {length!r}; it must be at least 8 tokens")
+    return info
+
+
+def default_sequence_lengths(exported_length: Optional[int]) -> tuple[int, ...]:
+    """The default buckets up to and including the length the ONNX was exported and
+    parity-checked with, so texts are truncated where parity was measured (256 -> 64, 128, 256)."""
+    if exported_length is None:
+        return DEFAULT_SEQUENCE_LENGTHS
+    return tuple(n for n in DEFAULT_SEQUENCE_LENGTHS if n < exported_length) + (exported_length,)
 
 
 def copy_deployment(deployment: Path, workdir: Path) -> Path:
@@ -119,7 +158,7 @@ def server_config(model_copy: Path, settings: ServeSettings) -> dict:
         "task": TASK,
         "model": str(model_copy),
         "batch_size": settings.batch_size,
-        "bucketing": {"sequence_lengths": list(settings.sequence_lengths)},
+        "bucketing": {"sequence_lengths": list(settings.sequence_lengths or DEFAULT_SEQUENCE_LENGTHS)},
         # deepsparse.server has no engine field: EndpointConfig passes `kwargs` to the Pipeline.
         "kwargs": {"engine_type": settings.engine},
         # Per-request latency lines on stdout otherwise; nothing here leaves the machine.
@@ -140,8 +179,12 @@ def write_server_config(workdir: Path, model_copy: Path, settings: ServeSettings
 
 
 def prepare(deployment: Path, workdir: Path, settings: ServeSettings) -> Path:
-    """Copy the deployment into ``workdir`` and write ``workdir/server.yaml``; return its path."""
+    """Copy the deployment into ``workdir`` and write ``workdir/server.yaml``; return its path.
+    Without explicit sequence lengths, the buckets come from the deployment's serving.json."""
     config = check_deployment(Path(deployment))
+    serving = read_serving_info(Path(deployment))
+    if settings.sequence_lengths is None:
+        settings = replace(settings, sequence_lengths=default_sequence_lengths(serving.get("sequence_length")))
     longest = max(settings.sequence_lengths)
     if longest > config.get("max_position_embeddings", longest):
         raise DeploymentError(f"sequence length {longest} exceeds the model's "
@@ -165,8 +208,10 @@ class InferenceRequest(BaseModel):
         {"sequences": [["A man is playing a guitar.", "Someone plays music."]]},
     ]})
     sequences: Union[str, List[str], List[List[str]]] = Field(
-        description="one text, a list of texts, or a list of [sentence1, sentence2] pairs; "
-                    f"at most {MAX_SEQUENCES} items of at most {MAX_TEXT_CHARS} characters each")
+        description="one text, a list of texts, or a list of [sentence1, sentence2] pairs (a "
+                    "sentence-pair model such as MRPC reads only pairs, a single-text model such "
+                    f"as SST-2 only texts: 422 otherwise); at most {MAX_SEQUENCES} items of at "
+                    f"most {MAX_TEXT_CHARS:,} characters each")
 
     @field_validator("sequences", mode="before")
     @classmethod
@@ -176,8 +221,11 @@ class InferenceRequest(BaseModel):
 
 
 class InferenceResponse(BaseModel):
-    labels: List[str] = Field(description="the predicted label of each input, from config.json")
-    scores: List[float] = Field(description="the probability of each predicted label")
+    labels: List[str] = Field(description="the predicted label of each input, from config.json's "
+                                          "id2label (a regression task's one label: STS-B's \"similarity\")")
+    scores: List[float] = Field(description="classification: the probability of the predicted label; "
+                                            "regression: the predicted value on the task's own scale "
+                                            "(STS-B: 0 to 5)")
 
 
 class ErrorBody(BaseModel):
@@ -190,10 +238,19 @@ def json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # controls, format (zero-width, BOM), separators
+
+
+def is_blank(text: str) -> bool:
+    """Nothing but whitespace and invisible characters (U+200B, ZWJ/ZWNJ, BOM, ...), which BERT's
+    tokenizer drops: the model would label an empty input."""
+    return all(unicodedata.category(char) in _INVISIBLE for char in text)
+
+
 def check_text(text, where: str) -> None:
     if not isinstance(text, str):
         raise ValueError(f"{where} must be a string, not {json_type(text)}")
-    if not text.strip():
+    if is_blank(text):
         raise ValueError(f"{where} is empty; send some text to classify")
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"{where} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,} "
@@ -296,6 +353,13 @@ def unwrap_single_texts(sequences):
     return sequences
 
 
+def text_inputs(sequences) -> int:
+    """2 for [[sentence1, sentence2], ...]; 1 for a text, a list of texts or [[text], ...]."""
+    if isinstance(sequences, list) and isinstance(sequences[0], list):
+        return len(sequences[0])  # validated: every item has the same size
+    return 1
+
+
 class ServedModel:
     """One pipeline, loaded from a server config, called by one request at a time: Hugging Face
     fast tokenizers fail when called from several threads at once ("Already borrowed"), and one
@@ -305,8 +369,22 @@ class ServedModel:
         self.config_path = Path(config_path)
         endpoint = yaml.safe_load(self.config_path.read_text())["endpoints"][0]
         self.name, self.model_path = endpoint["name"], endpoint["model"]
+        serving = read_serving_info(Path(self.model_path))
+        self.task = serving.get("task") or self.name
+        self.text_inputs = serving.get("text_inputs")  # None: unknown, both kinds accepted
         self.pipeline = None
         self._lock = threading.Lock()
+
+    def check_text_inputs(self, request: InferenceRequest) -> None:
+        """UnprocessableInput for single texts sent to a pair model or pairs to a single-text
+        one: the model would answer them, with a label that means nothing."""
+        if self.text_inputs is None or text_inputs(request.sequences) == self.text_inputs:
+            return
+        if self.text_inputs == 2:
+            raise UnprocessableInput(f"this model ({self.task}) reads sentence pairs: "
+                                     "send [[sentence1, sentence2], ...]")
+        raise UnprocessableInput(f"this model ({self.task}) reads single texts: "
+                                 'send "text" or ["text", ...]')
 
     def load(self) -> None:
         self.pipeline = load_pipeline(self.config_path)
@@ -329,7 +407,7 @@ def create_app(model: ServedModel) -> FastAPI:
                   description="deepsparse.server's text_classification API, with 4xx on bad input")
     errors.install(app, served=[model.name])
     prefix = f"/v2/models/{model.name}"
-    error_responses = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503)}
+    error_responses = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 422, 503)}
 
     @app.get("/v2/health/live", tags=["health"])
     def live():
@@ -352,6 +430,7 @@ def create_app(model: ServedModel) -> FastAPI:
               responses=error_responses, openapi_extra=request_body)
     async def infer(request: Request):
         parsed = parse_request(await read_json(request))
+        model.check_text_inputs(parsed)
         model.require_ready()
         return await run_in_threadpool(model.predict, parsed)
 
@@ -396,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=DEFAULT_NAME, help="model name in /v2/models/<name>/infer")
     p.add_argument("--engine", choices=ENGINES, default="deepsparse")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sequence-lengths", type=int, nargs="+", default=list(DEFAULT_SEQUENCE_LENGTHS),
-                   help="token buckets; the longest one is where texts get truncated")
+    p.add_argument("--sequence-lengths", type=int, nargs="+",
+                   help="token buckets; the longest one is where texts get truncated (default "
+                        "64 and 128, up to the length in the deployment's serving.json)")
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--workdir", type=Path,
@@ -414,8 +494,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (args.deployment is None) == (args.config is None):
         parser.error("give either a deployment folder or --config")
     try:
-        settings = ServeSettings(args.name, args.engine, args.batch_size, tuple(args.sequence_lengths),
-                                 args.host, args.port)
+        lengths = tuple(args.sequence_lengths) if args.sequence_lengths else None
+        settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port)
         config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

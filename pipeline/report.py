@@ -101,27 +101,6 @@ def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: 
     }
 
 
-def predict(model_dir: Path, examples: list[dict], max_seq_length: int = 128,
-            batch_size: int = 64) -> np.ndarray:
-    """PyTorch logits for ``examples`` (batched, padded per batch)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            texts = [[e["sentence1"] for e in batch]]
-            if "sentence2" in batch[0]:
-                texts.append([e["sentence2"] for e in batch])
-            encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length,
-                                padding=True, return_tensors="pt")
-            outputs.append(model(**encoded).logits.float().numpy())
-    return np.concatenate(outputs)
-
-
 def score(task: glue.GlueTask, logits: np.ndarray, examples: list[dict], id2label: dict) -> dict:
     """Task metrics from logits; class ids go through the model's own ``id2label``."""
     if task.is_regression:
@@ -131,13 +110,23 @@ def score(task: glue.GlueTask, logits: np.ndarray, examples: list[dict], id2labe
                                 glue.label_indices(task, [e["label"] for e in examples]))
 
 
+def score_answers(task: glue.GlueTask, labels: list[str], scores: list[float], examples: list[dict]) -> dict:
+    """Task metrics from served answers: label names, or the predicted values of a regression."""
+    references = [e["label"] for e in examples]
+    if task.is_regression:
+        return glue.compute_metrics(task, np.array(scores), references)
+    return glue.compute_metrics(task, glue.label_indices(task, labels), glue.label_indices(task, references))
+
+
 def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict]],
              max_seq_length: int = 128) -> dict:
     """Dev metrics of the saved (final) model on every dev split of the task."""
     from transformers import AutoConfig
 
+    from sparsebert.inference import torch_logits
+
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(model_dir).id2label.items()}
-    return {split: score(task, predict(model_dir, examples, max_seq_length), examples, id2label)
+    return {split: score(task, torch_logits(model_dir, examples, max_seq_length), examples, id2label)
             for split, examples in dev_sets.items()}
 
 

@@ -1,4 +1,4 @@
-"""The whole training stage in one run folder:
+"""The whole training stage in one run folder (``sparsebert.runfolder``):
 
     <run>/data/        train.json, dev.json (label names kept), data.json
     <run>/teacher/     fine-tuned dense model (SparseML/HF checkpoint), curve.{json,png}
@@ -9,22 +9,16 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsebert import glue, hardware
-from sparsebert.errors import UserError
+from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
 from sparsebert.pipeline import report
 from sparsebert.pipeline.train import TrainConfig, train_student, train_teacher
-
-
-class RunExists(UserError):
-    pass
 
 
 @dataclass
@@ -37,14 +31,6 @@ class StageOptions:
     limit: int | None = None
     overwrite: bool = False
     model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
-
-
-def claim(folder: Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier result unless asked to."""
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise RunExists(f"{folder} already holds a result; pass --overwrite or choose another --out")
-        shutil.rmtree(folder)
 
 
 def _sizes(model_dir: Path) -> tuple[int, int]:
@@ -84,20 +70,20 @@ def write_curve(model_dir: Path, title: str) -> dict:
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) -> dict:
     started = time.time()
     task = glue.get_task(opts.task)
-    data_info = data_stage.prepare(opts.task, opts.glue_dir, opts.out / "data", limit=opts.limit,
+    folder = RunFolder(opts.out)
+    data_info = data_stage.prepare(opts.task, opts.glue_dir, folder.data_dir, limit=opts.limit,
                                    seed=student_cfg.seed)
-    dev_sets = {s: data_stage.read_jsonl(Path(f["path"])) for s, f in data_info["splits"].items()
-                if s != "train"}
+    dev_sets = {s: data_stage.read_jsonl(Path(data_info["splits"][s]["path"])) for s in glue.dev_splits(task)}
 
     if opts.teacher:
         teacher_dir = Path(opts.teacher)
     else:
-        teacher_dir = opts.out / "teacher"
+        teacher_dir = folder.training_dir("teacher")
         print(f"[sparsebert] fine-tuning the dense teacher on {task.name} -> {teacher_dir}", flush=True)
         train_teacher(opts.model, data_info, teacher_dir, teacher_cfg)
     teacher_done = time.time()
 
-    student_dir = opts.out / "student"
+    student_dir = folder.training_dir("student")
     print(f"[sparsebert] pruning the pre-trained student while distilling -> {student_dir}", flush=True)
     train_student(opts.model, teacher_dir, data_info, student_dir, student_cfg)
     student_done = time.time()
@@ -114,8 +100,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
                                                 f"{student['encoder_linear_sparsity']:.0%} while distilled")
     baseline = report.majority_baseline(
         task, data_stage.read_jsonl(Path(data_info["splits"]["train"]["path"])), dev_sets)
-    first_dev = next(iter(dev_sets))
-    metric = task.main_metric
+    main_dev, metric = glue.dev_splits(task)[0], task.main_metric
     metrics = {
         "task": task.name,
         "main_metric": metric,
@@ -126,14 +111,14 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         "teacher": teacher,
         "student": student,
         "student_beats_baseline": all(student["dev"][split][metric] > baseline[split][metric] for split in dev_sets),
-        "retention": student["dev"][first_dev][metric] / teacher["dev"][first_dev][metric]
-        if teacher["dev"][first_dev][metric] else None,
+        "retention": student["dev"][main_dev][metric] / teacher["dev"][main_dev][metric]
+        if teacher["dev"][main_dev][metric] else None,
         "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
         "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
                          "total": time.time() - started},
         "machine": hardware.describe(),
     }
-    (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    folder.write_metrics(metrics)
     return metrics
 
 
@@ -143,9 +128,8 @@ def _scores(dev: dict, metrics: tuple) -> str:
 
 def summary(metrics: dict) -> str:
     """A few lines a person reads at the end of a run."""
-    first_dev = next(iter(metrics["teacher"]["dev"]))
-    metric = metrics["main_metric"]
-    shown = glue.get_task(metrics["task"]).metrics
+    task = glue.get_task(metrics["task"])
+    first_dev, metric, shown = glue.dev_splits(task)[0], task.main_metric, task.metrics
     t, s, b = metrics["teacher"], metrics["student"], metrics["baseline"][first_dev]
     curve_line = ""
     if s.get("curve"):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsebert import hardware
+from sparsebert import glue, hardware
 from sparsebert.recipe import recipe_path
 
 
@@ -40,7 +40,7 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     args = {
         "model_name_or_path": model,
         "train_file": data["splits"]["train"]["path"],
-        "validation_file": data["splits"][_first_dev(data)]["path"],
+        "validation_file": data["splits"][glue.dev_splits(glue.get_task(data["task"]))[0]]["path"],
         "input_column_names": ",".join(data["text_columns"]),
         "label_column_name": "label",
         "max_seq_length": cfg.max_seq_length,
@@ -82,10 +82,6 @@ def _logging_steps(train_examples: int, cfg: TrainConfig) -> int:
     return max(1, int(steps // CURVE_POINTS))
 
 
-def _first_dev(data: dict) -> str:
-    return next(s for s in data["splits"] if s != "train")
-
-
 def run_sparseml(arguments: dict) -> None:
     """Run SparseML's text-classification script in this process."""
     # Offline, the script's hub metric load is mended by sparsebert._startup; the official
@@ -96,6 +92,30 @@ def run_sparseml(arguments: dict) -> None:
     if not os.environ.get("OMP_NUM_THREADS"):  # an explicit choice (several runs at once) wins
         torch.set_num_threads(hardware.physical_cores())
     text_classification.main(**arguments)
+
+
+def student_label_order(task: glue.GlueTask) -> list[str] | None:
+    """The order of the label ids SparseML's script gives a model it trains from our files (no
+    task name): the label names sorted. A teacher's logits are distilled id by id, so a reused
+    teacher must have the same order."""
+    return sorted(task.labels) if task.labels else None
+
+
+def check_teacher_labels(teacher: Path, task: glue.GlueTask) -> None:
+    """Refuse a ``--teacher`` whose outputs do not mean what the student's do."""
+    from sparsebert.errors import UserError
+
+    config = json.loads((Path(teacher) / "config.json").read_text())
+    labels = [str(v) for _, v in sorted((int(k), v) for k, v in (config.get("id2label") or {}).items())]
+    if task.is_regression:
+        if len(labels) != 1:
+            raise UserError(f"--teacher {teacher} has {len(labels)} outputs; {task.name} is a regression "
+                            "task and needs a teacher with one")
+        return
+    expected = student_label_order(task)
+    if labels != expected:
+        raise UserError(f"--teacher {teacher} orders its labels {labels}, the student {expected}: its "
+                        "logits would be distilled into the wrong labels; fine-tune it with `sparsebert train`")
 
 
 def train_teacher(model: str, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:

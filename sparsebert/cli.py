@@ -2,7 +2,7 @@
 
     sparsebert train  --task rte --out runs/rte      # teacher, then pruned student; metrics.json
     sparsebert export runs/rte                        # ONNX deployment/ folders
-    sparsebert parity runs/rte                        # PyTorch vs ONNX Runtime vs DeepSparse
+    sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
     sparsebert bench  runs/rte                        # latency, sparse vs dense
     sparsebert gates  runs/rte                        # CI thresholds on the reports
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sparsebert import offline
 from sparsebert.errors import UserError
+from sparsebert.runfolder import CHECKPOINTS, RunFolder
 
 
 class UsageError(UserError):
@@ -60,9 +61,9 @@ def _run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `sparsebert train`")
 
 
-def _which(p: argparse.ArgumentParser, default: str = "student") -> None:
-    p.add_argument("--model", choices=["student", "teacher"], default=default,
-                   help="which checkpoint of the run (the sparse student or the dense teacher)")
+def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="student",
+                   help="which model of the run: the sparse student or the dense teacher")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("parity", help="dev metric on PyTorch, ONNX Runtime and DeepSparse side by side")
+    p = sub.add_parser("parity", help="dev metrics on PyTorch, ONNX Runtime and DeepSparse side by side; "
+                                      "--served: the running server's answers vs PyTorch's")
     _run_argument(p)
-    _which(p)
+    _checkpoint_argument(p)
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--served", action="store_true",
+                   help="start the server on each engine and compare every answer it sends over HTTP "
+                        "(label and score) with the PyTorch checkpoint's")
 
     p = sub.add_parser("bench", help="latency of sparse vs dense on DeepSparse, ONNX Runtime and PyTorch")
     _run_argument(p)
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the exported model on 127.0.0.1 (DeepSparse or ONNX Runtime)")
     _run_argument(p)
-    _which(p)
+    _checkpoint_argument(p)
     p.add_argument("--engine", choices=["deepsparse", "onnxruntime"], default="deepsparse")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5543)
@@ -131,6 +136,10 @@ def _check_training(args) -> None:
         raise UsageError(f"GLUE directory not found: {args.glue_dir}")
     if args.teacher and not (Path(args.teacher) / "config.json").is_file():
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
+    if args.teacher:
+        from sparsebert.pipeline.train import check_teacher_labels
+
+        check_teacher_labels(Path(args.teacher), glue.get_task(args.task))
     args.out = args.out or Path("runs") / glue.get_task(args.task).name
     if args.teacher and args.overwrite and Path(args.out).resolve() in Path(args.teacher).resolve().parents:
         raise UsageError(f"--overwrite would delete the --teacher inside {args.out}; choose another --out")
@@ -175,11 +184,12 @@ def cmd_train(args) -> int:
     from sparsebert.hardware import resolve_precision
     from sparsebert.pipeline.train import TrainConfig
     from sparsebert.recipe import parse_recipe_args, recipe_path
+    from sparsebert.runfolder import clear_or_refuse
 
     model = models.resolve_model(args.model)
     recipe = recipe_path(args.recipe)
     recipe_args, epochs = _student_schedule(recipe, parse_recipe_args(args.recipe_args), args)
-    stage.claim(args.out, args.overwrite)
+    clear_or_refuse(args.out, args.overwrite)
     common = dict(batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed,
                   precision=resolve_precision(args.precision))
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, learning_rate=args.teacher_lr, **common)
@@ -194,38 +204,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _deployment(run: Path, which: str) -> Path:
-    deployment = run / "export" / which / "deployment"
-    if not (deployment / "model.onnx").is_file():
-        raise UsageError(f"{deployment}/model.onnx not found; run `sparsebert export {run}` first")
-    return deployment
-
-
-def _exported_length(deployment: Path) -> int:
-    """The sequence length the ONNX file was exported with (its input shape is fixed to it)."""
-    import json
-
-    return json.loads((deployment.parent / "export.json").read_text())["sequence_length"]
-
-
-def _run_metrics(run: Path) -> dict:
-    import json
-
-    path = run / "metrics.json"
-    if not path.is_file():
-        raise UsageError(f"{path} not found; is {run} a run folder written by `sparsebert train`?")
-    return json.loads(path.read_text())
-
-
 def cmd_export(args) -> int:
     from sparsebert.deploy.export import export_and_check
-    from sparsebert.pipeline.stage import claim
+    from sparsebert.runfolder import clear_or_refuse
 
-    metrics = _run_metrics(args.run)
-    for which in ("student", "teacher"):
-        target = args.run / "export" / which
-        claim(target, args.overwrite)
-        report = export_and_check(Path(metrics[which]["path"]), target, args.max_seq_length)
+    run = RunFolder(args.run)
+    for which in CHECKPOINTS:
+        target = run.export_dir(which)
+        clear_or_refuse(target, args.overwrite)
+        report = export_and_check(run.checkpoint(which), target, args.max_seq_length, task=run.task)
         print(f"[sparsebert] {which}: {report['deployment']}/model.onnx, encoder-linear sparsity "
               f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
               f"max |logit ONNX - PyTorch| {report['max_logit_difference']:.1e}")
@@ -233,52 +220,52 @@ def cmd_export(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from sparsebert import glue
     from sparsebert.deploy import parity, thresholds
-    from sparsebert.pipeline.data import read_jsonl
 
-    metrics = _run_metrics(args.run)
-    task = glue.get_task(metrics["task"])
-    dev_split = next(s for s in metrics["data"]["splits"] if s != "train")
-    examples = read_jsonl(Path(metrics["data"]["splits"][dev_split]["path"]))
-    deployment = _deployment(args.run, args.model)
-    report = parity.parity(task, Path(metrics[args.model]["path"]), deployment, examples,
-                           thresholds.load(args.thresholds)["parity"], batch_size=args.batch_size,
-                           sequence_length=_exported_length(deployment))
-    parity.write(report, args.run / f"parity-{args.model}.json")
-    print(parity.table(report))
+    run, which = RunFolder(args.run), args.checkpoint
+    limits = thresholds.load(args.thresholds)["parity"]
+    deployment, length = run.deployment(which), run.exported_length(which)
+    dev_sets = {split: run.examples(split) for split in run.dev_splits}
+    if args.served:
+        report = parity.served_parity(run.task, run.checkpoint(which), deployment, dev_sets, limits, length)
+        text = parity.served_table(report)
+    else:
+        report = parity.parity(run.task, run.checkpoint(which), deployment, dev_sets, limits,
+                               batch_size=args.batch_size, sequence_length=length)
+        text = parity.table(report)
+    parity.write(report, run.parity_path(which, served=args.served))
+    print(text)
     return 0 if report["passed"] else 1
 
 
 def cmd_bench(args) -> int:
     from sparsebert.deploy import bench
 
-    metrics = _run_metrics(args.run)
-    model = metrics["model"]  # a folder path when the run was started with one
-    family = f"{Path(model).name if Path(model).is_absolute() else model} ({metrics['task']})"
-    sparsity = metrics["student"]["encoder_linear_sparsity"]
-    student = _deployment(args.run, "student")
-    length = _exported_length(student)
-    models = [bench.Model(family, "dense", Path(metrics["teacher"]["path"]), _deployment(args.run, "teacher")),
-              bench.Model(family, f"sparse {sparsity:.0%}", Path(metrics["student"]["path"]), student)]
+    run = RunFolder(args.run)
+    model = run.metrics["model"]  # a folder path when the run was started with one
+    family = f"{Path(model).name if Path(model).is_absolute() else model} ({run.task.name})"
+    sparsity = run.metrics["student"]["encoder_linear_sparsity"]
+    length = run.exported_length("student")
+    models = [bench.Model(family, "dense", run.checkpoint("teacher"), run.deployment("teacher")),
+              bench.Model(family, f"sparse {sparsity:.0%}", run.checkpoint("student"), run.deployment("student"))]
     if args.bert_base is not None:
         sparsities = args.bert_base or [0.9, 0.95]
         if not all(0 < s < 1 for s in sparsities):
             raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
-        cache = args.bert_base_cache or args.run / "bench" / "bert-base"
+        cache = args.bert_base_cache or run.bench_dir / "bert-base"
         models += bench.bert_base_models(cache, sparsities, length)
     report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
                              engines=args.engines, threads=args.threads)
-    bench.write(report, args.run / "bench")
+    bench.write(report, run.bench_dir)
     print(bench.markdown(report))
-    print(f"[sparsebert] wrote {args.run / 'bench'}/bench.json, bench.md, bench.png")
+    print(f"[sparsebert] wrote {run.bench_dir}/bench.json, bench.md, bench.png")
     return 0
 
 
 def cmd_gates(args) -> int:
     from sparsebert.deploy import gates, thresholds
 
-    results = gates.check(args.run, thresholds.load(args.thresholds))
+    results = gates.check(RunFolder(args.run), thresholds.load(args.thresholds))
     for result in results:
         print(f"  {'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
     failed = [r for r in results if not r.passed]
@@ -289,26 +276,29 @@ def cmd_gates(args) -> int:
 def cmd_serve(args) -> int:
     from sparsebert.deploy import serve
 
-    name = args.name or _run_metrics(args.run)["task"]
-    return serve.main([str(_deployment(args.run, args.model)), "--name", name, "--engine", args.engine,
+    run = RunFolder(args.run)
+    name = args.name or run.task.name
+    return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size)])
 
 
 def cmd_run(args) -> int:
-    """The main job: every stage in turn, each reading what the one before wrote."""
+    """The main job: every stage in turn, each reading what the one before wrote, each with
+    its own command's defaults (parsed, not re-typed)."""
     code = cmd_train(args)
-    # The ONNX input length is fixed at export: 128, what parity, serving and the benchmark
-    # use, whatever length the models were trained with.
-    stage_args = argparse.Namespace(run=args.out, model="student", thresholds=args.thresholds,
-                                    max_seq_length=128, overwrite=args.overwrite,
-                                    batch_size=16, batch_sizes=[1, 16], seconds=5.0, bert_base=None,
-                                    engines=["pytorch", "onnxruntime", "deepsparse"],
-                                    threads=args.threads)
-    for command in (cmd_export, cmd_parity, cmd_bench):
-        code = code or command(stage_args)
+    run = str(args.out)
+    overwrite = ["--overwrite"] if args.overwrite else []
+    thresholds = ["--thresholds", str(args.thresholds)] if args.thresholds else []
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    stages = [["export", run, *overwrite], ["parity", run, *thresholds], ["parity", run, "--served", *thresholds],
+              ["bench", run, *threads]]
+    parser = build_parser()
+    for stage_argv in stages:
+        stage_args = parser.parse_args(stage_argv)
+        code = code or COMMANDS[stage_args.command](stage_args)
     if code:
         return code
-    code = cmd_gates(stage_args)
+    code = cmd_gates(parser.parse_args(["gates", run, *thresholds]))
     if code:
         print(f"[sparsebert] {args.out}: the student is servable, but the run does not hold its claim "
               "(a FAIL line above says which); at 95% the default model's student may not beat the "

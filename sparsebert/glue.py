@@ -70,7 +70,12 @@ def get_task(name: str) -> GlueTask:
 
 def split_names(task: GlueTask) -> list[str]:
     """``train`` plus the dev splits: ``dev`` (or ``dev_matched``/``dev_mismatched`` for MNLI)."""
-    return ["train"] + [Path(f).stem for f in task.dev_files]
+    return ["train"] + dev_splits(task)
+
+
+def dev_splits(task: GlueTask) -> list[str]:
+    """The dev splits, the main one (the one reported first, and SparseML's validation file) first."""
+    return [Path(f).stem for f in task.dev_files]
 
 
 def _label_of(task: GlueTask, raw: str, where: str):

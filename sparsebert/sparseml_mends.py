@@ -1,12 +1,15 @@
-"""SparseML 1.8 is frozen upstream, so its bugs are the project's: each one is mended here, in
-one place, when the SparseML module that holds it is imported (``sparsebert._startup`` runs
-these hooks for every entry point: ``sparsebert train`` and SparseML's own console scripts).
-Each mend names what it mends and has a test in ``tests/test_sparseml_mends.py``.
+"""The SparseML/DeepSparse 1.8 stack is frozen upstream, so its bugs are the project's: each one
+is mended here, in one place, when the module that holds it is imported (``sparsebert._startup``
+runs these hooks for every entry point: ``sparsebert train``/``serve``, SparseML's own console
+scripts and the stock ``deepsparse.server``). Each mend names what it mends and has a test in
+``tests/test_sparseml_mends.py``.
 """
 
 from __future__ import annotations
 
 import os
+
+# ---------------------------------------------------------------- SparseML
 
 
 def mend_scheduled_optimizer(module) -> None:
@@ -157,8 +160,36 @@ def register_modifiers(module) -> None:
     importlib.import_module("sparsebert.pipeline.modifiers")
 
 
-# SparseML module -> what runs right after it is imported.
+# ---------------------------------------------------------------- DeepSparse
+
+
+def mend_deepsparse_text_classification(module) -> None:
+    """DeepSparse's ``TextClassificationPipeline.process_engine_outputs`` applies a sigmoid
+    whenever the model has one output, so a regression model (STS-B) answered a squashed 0-1
+    "probability" instead of its prediction on the task's own 0-5 scale. A model whose config
+    says ``problem_type: regression`` now answers its raw output as the score, with
+    ``id2label[0]`` as the label; classification keeps DeepSparse's softmax/sigmoid."""
+    pipeline = module.TextClassificationPipeline
+    process = pipeline.process_engine_outputs
+
+    def process_with_regression(self, engine_outputs):
+        if getattr(self.config, "problem_type", None) != "regression":
+            return process(self, engine_outputs)
+        import numpy
+
+        outputs = engine_outputs[0] if isinstance(engine_outputs, list) else engine_outputs
+        values = numpy.asarray(outputs).reshape(len(outputs), -1)[:, 0].tolist()  # one per input
+        label = self.config.id2label[0]
+        if self.top_k == 1:
+            return self.output_schema(labels=[label] * len(values), scores=values)
+        return self.output_schema(labels=[[label] for _ in values], scores=[[value] for value in values])
+
+    pipeline.process_engine_outputs = process_with_regression
+
+
+# SparseML/DeepSparse module -> what runs right after it is imported.
 AFTER_IMPORT = {
+    "deepsparse.transformers.pipelines.text_classification": mend_deepsparse_text_classification,
     "sparseml.optim.modifier": mend_recipe_serialization,
     "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
     "sparseml.pytorch.sparsification": register_modifiers,

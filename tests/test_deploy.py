@@ -38,11 +38,12 @@ def test_sparsity_check_notices_a_dense_onnx(exported_run, tmp_path):
 def test_parity_report_across_engines(exported_run):
     assert main(["parity", str(exported_run)]) == 0
     report = json.loads((exported_run / "parity-student.json").read_text())
-    assert set(report["metrics"]) == {"pytorch", "onnxruntime", "deepsparse"}
-    assert report["examples"] == 48
+    (split,) = report["splits"].values()
+    assert set(split["metrics"]) == {"pytorch", "onnxruntime", "deepsparse"}
+    assert split["examples"] == 48
     for engine in ("onnxruntime", "deepsparse"):
-        assert report["against_pytorch"][engine]["max_logit_difference"] < 1e-3
-    assert report["passed"]
+        assert split["against_pytorch"][engine]["max_logit_difference"] < 1e-3
+    assert report["passed"] and report["sequence_length"] == 128
 
 
 def test_parity_fails_past_a_tight_threshold(exported_run, tmp_path):
@@ -115,14 +116,18 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
     assert main(["gates", str(run)]) == 1
     names = _gates(run)
     assert names["speed all-MiniLM-L6-v2 (rte) sparse 90% sparse_deepsparse_vs_dense_onnxruntime"] is False
-    assert names["parity student deepsparse"] is True
+    assert names["parity student deepsparse (dev)"] is True
     _edit(run / "bench" / "bench.json", fast)
 
     # Parity is judged from the measured differences against today's thresholds, not a stored verdict.
-    _edit(run / "parity-student.json", lambda r: r["against_pytorch"]["deepsparse"].update(passed=False))
-    assert _gates(run)["parity student deepsparse"] is True
-    _edit(run / "parity-student.json", lambda r: r["against_pytorch"]["deepsparse"].update(max_logit_difference=0.5))
-    assert _gates(run)["parity student deepsparse"] is False
+    deepsparse = lambda r: r["splits"]["dev"]["against_pytorch"]["deepsparse"]  # noqa: E731
+    _edit(run / "parity-student.json", lambda r: deepsparse(r).update(passed=False))
+    assert _gates(run)["parity student deepsparse (dev)"] is True
+    _edit(run / "parity-student.json", lambda r: deepsparse(r).update(max_logit_difference=0.5))
+    assert _gates(run)["parity student deepsparse (dev)"] is False
+    # A dev split the parity run left out (MNLI's mismatched, say) fails.
+    _edit(run / "parity-student.json", lambda r: r.update(splits={}))
+    assert _gates(run)["parity student"] is False
 
 
 def test_gates_guard_the_accuracy_claim(exported_run, tmp_path):

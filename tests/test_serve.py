@@ -1,11 +1,14 @@
-"""Serving: a real server on a free loopback port, on both engines, answers texts and sentence
-pairs with real label names, refuses each bad request with one 4xx ``{"error": ...}`` and keeps
-serving; a short load test sees no errors; the original deployment folder is never rewritten."""
+"""Serving: a real server on a free loopback port, on both engines, answers sentence pairs (the
+tiny run is RTE, a pair task) with real label names, refuses single texts with 422 and each bad
+request with one 4xx ``{"error": ...}`` and keeps serving; the largest valid request fits the body
+limit however it is encoded; a short load test sees no errors; the original deployment folder is
+never rewritten."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,20 +23,36 @@ import pytest
 import yaml
 
 from sparsebert.deploy.client import ClientError, SparseBertClient
-from sparsebert.deploy.loadtest import percentile, require_loopback, run_load
-from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_TEXT_CHARS, DeploymentError, ServedModel,
-                                     ServeSettings, check_sequences, create_app, prepare, write_server_config)
+from sparsebert.deploy.errors import UnprocessableInput
+from sparsebert.deploy.loadtest import INPUTS, percentile, require_loopback, run_load
+from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_SEQUENCES, MAX_TEXT_CHARS, SERVING_FILE,
+                                     DeploymentError, InferenceRequest, ServedModel, ServeSettings,
+                                     check_sequences, create_app, default_sequence_lengths, prepare,
+                                     read_serving_info, unwrap_single_texts, write_server_config)
 from sparsebert.errors import UserError
 
 NAME = "rte"
 STARTUP_TIMEOUT_S = 240
 PAIR = [["A man is playing a guitar on stage.", "A man is making music."]]
+# What export writes for the tiny RTE run; written here for a deployment exported without it.
+RTE_SERVING = {"task": "rte", "text_inputs": 2, "regression": False, "sequence_length": 128}
+PAIRS_ONLY = "this model (rte) reads sentence pairs: send [[sentence1, sentence2], ...]"
+
+
+def write_serving_json(folder: Path, **info) -> None:
+    (folder / SERVING_FILE).write_text(json.dumps(info))
 
 
 @pytest.fixture(scope="session")
-def deployment(exported_run) -> Path:
-    """The sparse student of the shared tiny run (tests/conftest.py)."""
-    return exported_run / "export" / "student" / "deployment"
+def deployment(exported_run, tmp_path_factory) -> Path:
+    """A copy of the sparse student of the shared tiny run (tests/conftest.py), with its
+    serving.json (the shared run's own folder is left as export wrote it)."""
+    copy = tmp_path_factory.mktemp("deployment") / "deployment"
+    shutil.copytree(exported_run / "export" / "student" / "deployment", copy)
+    if not (copy / SERVING_FILE).is_file():
+        write_serving_json(copy, **RTE_SERVING)
+    assert read_serving_info(copy)["text_inputs"] == 2
+    return copy
 
 
 @pytest.fixture(scope="session")
@@ -123,25 +142,46 @@ def assert_predictions(answer: dict, count: int, label_names: set[str]) -> None:
     assert all(0.0 <= score <= 1.0 for score in answer["scores"])
 
 
-def test_single_sentence(server, label_names):
-    status, answer = post(server.infer, as_json({"sequences": "A man is playing a guitar."}))
-    assert status == 200
-    assert_predictions(answer, 1, label_names)
-
-
 def test_sentence_pair(server, label_names):
     status, answer = post(server.infer, as_json({"sequences": PAIR}))
     assert status == 200
     assert_predictions(answer, 1, label_names)
 
 
-def test_batch_of_texts_and_wrapped_texts_agree(server, label_names):
-    texts = ["The cat sat on the mat.", "Stocks fell sharply."]
-    _, plain = post(server.infer, as_json({"sequences": texts}))
-    status, wrapped = post(server.infer, as_json({"sequences": [[text] for text in texts]}))
+def test_batch_of_pairs_answers_each_pair_as_alone(server, label_names):
+    pairs = [["The cat sat on the mat.", "A cat is sitting."], ["Stocks fell sharply.", "Prices rose."]]
+    status, batch = post(server.infer, as_json({"sequences": pairs}))
     assert status == 200
-    assert_predictions(plain, 2, label_names)
-    assert wrapped == plain
+    assert_predictions(batch, 2, label_names)
+    alone = [post(server.infer, as_json({"sequences": [pair]}))[1] for pair in pairs]
+    assert batch["labels"] == [answer["labels"][0] for answer in alone]
+    assert batch["scores"] == pytest.approx([answer["scores"][0] for answer in alone], abs=1e-5)
+
+
+@pytest.mark.parametrize("sequences", ["A man is playing a guitar.", ["The cat sat.", "Stocks fell."],
+                                       [["The cat sat."], ["Stocks fell."]]], ids=["text", "texts", "wrapped"])
+def test_single_texts_to_a_pair_model_get_422(server, sequences):
+    assert post(server.infer, as_json({"sequences": sequences})) == (422, {"error": PAIRS_ONLY})
+
+
+def largest_request(text: str) -> dict:
+    """The largest request the limits allow: MAX_SEQUENCES pairs of MAX_TEXT_CHARS-long texts."""
+    text = (text * MAX_TEXT_CHARS)[:MAX_TEXT_CHARS]
+    return {"sequences": [[text, text]] * MAX_SEQUENCES}
+
+
+def test_largest_valid_request_fits_however_encoded(server, label_names):
+    """Non-Latin text and emoji, sent as UTF-8 by our client and \\u-escaped (json.dumps'
+    default, 12 bytes an emoji): neither may exceed the body limit. Its words are over 100
+    characters, one [UNK] each, so the test measures the body limit, not the tokenizer (whose
+    truncation of long pairs takes seconds)."""
+    request = largest_request("Ωмир😀🎸" * 24 + " ")
+    predictions = SparseBertClient(server.url, NAME, timeout=120).classify(request["sequences"])
+    assert len(predictions.labels) == MAX_SEQUENCES and set(predictions.labels) <= label_names
+    escaped = json.dumps(request).encode()
+    assert escaped.isascii() and len(escaped) > 3 << 20  # three times the 1 MiB limit that was
+    status, answer = post(server.infer, escaped)
+    assert status == 200 and answer["labels"] == predictions.labels
 
 
 def test_client_returns_labels_and_scores(server, label_names):
@@ -170,12 +210,14 @@ BAD_REQUESTS = [
     ("pair-of-three", as_json({"sequences": [["a", "b", "c"]]}), "application/json", None, 400, "same size"),
     ("empty-string", as_json({"sequences": ""}), "application/json", None, 400, "empty"),
     ("blank-in-pair", as_json({"sequences": [["a", "  "]]}), "application/json", None, 400, "sequences[0][1] is empty"),
+    ("invisible-in-pair", as_json({"sequences": [["\u200b\u200c\u200d\ufeff", "a"]]}), "application/json", None,
+     400, "sequences[0][0] is empty"),
     ("empty-list", as_json({"sequences": []}), "application/json", None, 400, "empty list"),
     ("text-too-long", as_json(TOO_LONG), "application/json", None, 400, f"limit is {MAX_TEXT_CHARS:,}"),
     ("body-too-large", as_json({"sequences": "x" * MAX_BODY_BYTES}), "application/json", None, 413, "limit"),
     ("text-plain", b"a text", "text/plain", None, 415, "application/json"),
     ("form-encoded", as_json({"sequences": "hi"}), "application/x-www-form-urlencoded", None, 415, "Content-Type"),
-    ("unknown-model", as_json({"sequences": "hi"}), "application/json", "/v2/models/nope/infer", 404, "nope"),
+    ("unknown-model", as_json({"sequences": PAIR}), "application/json", "/v2/models/nope/infer", 404, "nope"),
 ]
 
 
@@ -206,6 +248,7 @@ def test_client_raises_the_server_message(server):
 def test_load_test_sees_no_errors(server):
     report = run_load(server.url, NAME, clients=2, seconds=3, max_requests=2000)
     assert report["errors"] == report["mismatches"] == 0 and report["requests"] > 0
+    assert report["inputs"] == sum(isinstance(item[0], list) for item in INPUTS if isinstance(item, list))
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
 
 
@@ -221,6 +264,8 @@ def test_config_is_a_deepsparse_server_config_for_the_copy(server, deployment):
     assert endpoint.kwargs == {"engine_type": server.engine}
     assert endpoint.to_pipeline_config().engine_type == server.engine
     assert Path(endpoint.model) == (server.workdir / "model").resolve() != deployment.resolve()
+    exported_length = read_serving_info(deployment)["sequence_length"]
+    assert endpoint.bucketing.sequence_lengths == list(default_sequence_lengths(exported_length))
 
 
 def test_original_deployment_is_not_rewritten(server, deployment, original_digest):
@@ -230,9 +275,58 @@ def test_original_deployment_is_not_rewritten(server, deployment, original_diges
 # ---------------------------------------------------------------- without a server
 
 
-@pytest.mark.parametrize("sequences", ["a", ["a", "b"], [["a", "b"]], [["a"], ["b"]]])
+@pytest.mark.parametrize("sequences", ["a", ["a", "b"], [["a", "b"]], [["a"], ["b"]], "a\u200b", "\u200bb"])
 def test_accepted_sequences(sequences):
     check_sequences(sequences)
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\u200c\u200d", "\ufeff", " \u00a0\u2028\u3000\t\n", "\u2060\x00"])
+def test_invisible_text_is_blank(text):
+    """Zero-width spaces, joiners, BOMs, controls and separators: BERT's tokenizer drops them."""
+    with pytest.raises(ValueError, match="sequences is empty"):
+        check_sequences(text)
+
+
+def test_wrapped_single_texts_are_unwrapped():
+    assert unwrap_single_texts([["a"], ["b"]]) == ["a", "b"]
+    assert unwrap_single_texts([["a", "b"]]) == [["a", "b"]]
+
+
+def test_largest_valid_request_fits_fully_escaped():
+    """Every character astral and \\u-escaped (12 bytes), indented: still within the body limit."""
+    body = json.dumps(largest_request("\U0001F600"), indent=4).encode()
+    assert len(body) <= MAX_BODY_BYTES
+    assert len(body) > MAX_BODY_BYTES * 0.9  # the limit is not far above what it must allow
+
+
+def served_model(tmp_path: Path, **serving) -> ServedModel:
+    """A ServedModel (not loaded) whose model folder has ``serving`` as its serving.json."""
+    (tmp_path / "model").mkdir()
+    if serving:
+        write_serving_json(tmp_path / "model", **serving)
+    return ServedModel(write_server_config(tmp_path, tmp_path / "model", ServeSettings(name="sst2")))
+
+
+def test_single_text_model_refuses_pairs(tmp_path):
+    model = served_model(tmp_path, task="sst2", text_inputs=1, regression=False, sequence_length=128)
+    for sequences in ("a", ["a", "b"], [["a"], ["b"]]):
+        model.check_text_inputs(InferenceRequest(sequences=sequences))
+    with pytest.raises(UnprocessableInput, match=r"^this model \(sst2\) reads single texts: send "):
+        model.check_text_inputs(InferenceRequest(sequences=[["a", "b"]]))
+
+
+@pytest.mark.parametrize("serving", [{}, {"task": "glue", "text_inputs": None}], ids=["no-file", "null"])
+def test_unknown_text_inputs_accept_both(tmp_path, serving):
+    model = served_model(tmp_path, **serving)
+    for sequences in ("a", ["a", "b"], [["a"], ["b"]], [["a", "b"]]):
+        model.check_text_inputs(InferenceRequest(sequences=sequences))
+
+
+@pytest.mark.parametrize("info", [{"text_inputs": 3}, {"sequence_length": "128"}, ["rte"]])
+def test_bad_serving_json_is_refused(tmp_path, info):
+    (tmp_path / SERVING_FILE).write_text(json.dumps(info))
+    with pytest.raises(DeploymentError, match=SERVING_FILE):
+        read_serving_info(tmp_path)
 
 
 def test_settings_reject_unknown_engine_and_bad_name():
@@ -242,15 +336,35 @@ def test_settings_reject_unknown_engine_and_bad_name():
         ServeSettings(name="a/b")
 
 
-def test_prepare_refuses_to_overwrite_the_deployment(tmp_path):
-    folder = tmp_path / "model"  # the copy would go to <workdir>/model: the folder itself
+def fake_deployment(folder: Path, **serving) -> Path:
+    """A folder that passes check_deployment (empty model and tokenizer files)."""
     folder.mkdir()
     for name in ("model.onnx", "tokenizer.json"):
         (folder / name).write_text("")
-    (folder / "config.json").write_text(json.dumps({"id2label": {"0": "entailment", "1": "not_entailment"}}))
+    (folder / "config.json").write_text(json.dumps({"id2label": {"0": "entailment", "1": "not_entailment"},
+                                                    "max_position_embeddings": 512}))
+    if serving:
+        write_serving_json(folder, **serving)
+    return folder
+
+
+def test_prepare_refuses_to_overwrite_the_deployment(tmp_path):
+    folder = fake_deployment(tmp_path / "model")  # the copy would go to <workdir>/model: the folder itself
     with pytest.raises(DeploymentError, match="overwrite"):
         prepare(folder, tmp_path, ServeSettings(name=NAME))
     assert (folder / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("exported, explicit, buckets", [
+    (256, None, [64, 128, 256]), (128, None, [64, 128]), (64, None, [64]), (96, None, [64, 96]),
+    (None, None, [64, 128]), (256, (32, 128), [32, 128])])
+def test_buckets_stop_at_the_exported_length(tmp_path, exported, explicit, buckets):
+    """Texts are truncated at the length parity was measured with; --sequence-lengths still wins."""
+    serving = {"task": "mrpc", "text_inputs": 2, "sequence_length": exported} if exported else {}
+    folder = fake_deployment(tmp_path / "deployment", **serving)
+    config = prepare(folder, tmp_path / "work", ServeSettings(name=NAME, sequence_lengths=explicit))
+    endpoint = yaml.safe_load(config.read_text())["endpoints"][0]
+    assert endpoint["bucketing"]["sequence_lengths"] == buckets
 
 
 def test_prepare_refuses_a_folder_without_model(tmp_path):

@@ -1,6 +1,7 @@
 """SparseML 1.8's bugs on the training path, each through SparseML's real trainer with the
-project's recipe (sparsebert.sparseml_mends mends them). Without the mends the student's
-optimizer applied a learning rate of 0 for the whole run while the log showed a schedule."""
+project's recipe, and DeepSparse 1.8's on the serving path (sparsebert.sparseml_mends mends
+them). Without the mends the student's optimizer applied a learning rate of 0 for the whole run
+while the log showed a schedule, and an STS-B model was served on a 0-1 scale."""
 
 import json
 from pathlib import Path
@@ -164,3 +165,30 @@ def test_regression_labels_are_read(tmp_path):
     classes = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"label": ["no", "yes", "no"]})})
     info = text_classification._get_label_info(SimpleNamespace(label_column_name="label", task_name=None), classes)
     assert info[0] is False and info[2] == ["no", "yes"]
+
+
+def _text_classification_stub(problem_type, id2label):
+    """What ``TextClassificationPipeline.process_engine_outputs`` reads of the pipeline."""
+    from types import SimpleNamespace
+
+    from deepsparse.transformers.pipelines.text_classification import TextClassificationOutput
+
+    config = SimpleNamespace(num_labels=len(id2label), problem_type=problem_type, id2label=id2label)
+    return SimpleNamespace(config=config, _top_k=1, top_k=1, output_schema=TextClassificationOutput)
+
+
+def test_deepsparse_regression_answers_the_raw_prediction():
+    """DeepSparse applied a sigmoid to a one-output model: STS-B's 3.7 was served as 0.976."""
+    import numpy
+
+    from deepsparse.transformers.pipelines.text_classification import TextClassificationPipeline
+
+    process = TextClassificationPipeline.process_engine_outputs
+    regression = _text_classification_stub("regression", {0: "similarity"})
+    output = process(regression, [numpy.array([[3.7], [0.2]], dtype=numpy.float32)])
+    assert output.labels == ["similarity", "similarity"]
+    assert output.scores == pytest.approx([3.7, 0.2], abs=1e-6)
+    classification = _text_classification_stub(None, {0: "entailment", 1: "not_entailment"})
+    output = process(classification, [numpy.array([[0.0, 1.0]], dtype=numpy.float32)])
+    assert output.labels == ["not_entailment"]
+    assert output.scores == pytest.approx([1 / (1 + numpy.exp(-1.0))])  # softmax of (0, 1)

@@ -128,6 +128,24 @@ def test_bad_inputs_fail_before_training(tmp_path, glue_dir, capsys):
     assert not (tmp_path / "run" / "teacher").exists()
 
 
+def test_teacher_with_another_label_order_is_refused(trained_run, tmp_path, glue_dir, capsys):
+    """A reused teacher's logits are distilled id by id: its labels must be in the student's order."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    config = json.loads((trained_run / "teacher" / "config.json").read_text())
+    config["id2label"] = {"0": "not_entailment", "1": "entailment"}  # GLUE's order, not the student's
+    (teacher / "config.json").write_text(json.dumps(config))
+    base = ["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "run")]
+    assert "orders its labels" in _one_line_error(base + ["--teacher", str(teacher)], capsys)
+    config["id2label"] = {"0": "similarity"}
+    (teacher / "config.json").write_text(json.dumps(config))
+    assert "orders its labels ['similarity']" in _one_line_error(base + ["--teacher", str(teacher)], capsys)
+    assert "needs a teacher with one" in _one_line_error(
+        ["train", "--task", "stsb", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "run"),
+         "--teacher", str(trained_run / "teacher")], capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_sparseml_console_entry_point_runs_the_recipe(trained_run, tmp_path):
     """The documented command: SparseML's own script, the project's recipe and modifier."""
     from sparsebert.models import embedded_default

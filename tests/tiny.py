@@ -26,3 +26,38 @@ def dataset(examples=64, length=12, seed=0):
     labels = (ids == 7).any(dim=1).long()
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
                                        "labels": labels.tolist()})
+
+
+def tiny_task_checkpoint(task, folder, seed=0, model_type="bert"):
+    """A small random classifier (or regressor) for a GLUE task, saved with the default model's
+    uncased tokenizer and the label order training gives it. Its head is scaled up so that
+    answers are confident (labels are no ties) and a regression's values spread over 0-5."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    from sparsebert.models import embedded_default
+    from sparsebert.pipeline.train import student_label_order
+
+    torch.manual_seed(seed)
+    labels = student_label_order(task) or ["LABEL_0"]
+    sizes = dict(vocab_size=30522, max_position_embeddings=128, num_labels=len(labels),
+                 id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    if model_type == "distilbert":
+        config = DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, **sizes)
+        model = DistilBertForSequenceClassification(config)
+        tokenizer_class = "DistilBertTokenizerFast"
+    else:
+        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **sizes)
+        model = BertForSequenceClassification(config)
+        tokenizer_class = None
+    if task.is_regression:
+        model.config.problem_type = "regression"
+    with torch.no_grad():
+        head = model.classifier
+        head.weight.normal_(0, 3.0)
+        head.bias.fill_(2.5 if task.is_regression else 0.0)
+    model.save_pretrained(folder)
+    source = str(embedded_default())
+    tokenizer = (AutoTokenizer.from_pretrained(source) if tokenizer_class is None
+                 else getattr(__import__("transformers"), tokenizer_class).from_pretrained(source))
+    tokenizer.save_pretrained(folder)
+    return folder

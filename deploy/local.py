@@ -1,0 +1,46 @@
+"""The validating server, started in this process on a free loopback port for as long as a
+``with`` block runs: what ``sparsebert parity --served`` and the tests talk to over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sparsebert.deploy.client import SparseBertClient
+from sparsebert.deploy.serve import ServedModel, ServeSettings, create_app, prepare
+from sparsebert.errors import UserError
+
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(deployment: Path, engine: str, workdir: Path, name: str = "parity"):
+    """A client of ``deployment`` served on ``engine`` (its default buckets: the exported length)."""
+    import uvicorn
+
+    settings = ServeSettings(name=name, engine=engine, port=free_port())
+    model = ServedModel(prepare(Path(deployment), Path(workdir), settings))
+    model.load()
+    server = uvicorn.Server(uvicorn.Config(create_app(model), host=settings.host, port=settings.port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise UserError(f"the server for {deployment} did not start on port {settings.port}")
+            time.sleep(0.05)
+        yield SparseBertClient(f"http://{settings.host}:{settings.port}", name)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,113 @@
+"""One path from text to logits to answers, used by every stage: the training report, export's
+self-check, parity (engines and the served model) and the benchmark.
+
+Input names are read from the model (the ONNX graph's inputs, or the tokenizer's
+``model_input_names`` that the PyTorch model's ``forward`` takes), never assumed: BERT takes
+``token_type_ids``, DistilBERT and RoBERTa do not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+
+from sparsebert.errors import UserError
+
+# What a served answer calls the value of a regression model (STS-B similarity, 0-5).
+REGRESSION_LABELS = {"stsb": "similarity"}
+
+
+class InferenceError(UserError):
+    pass
+
+
+def sentences(examples: list[dict]) -> tuple[list[str], list[str] | None]:
+    """The first sentences of GLUE examples, and the second ones for a pair task."""
+    first = [e["sentence1"] for e in examples]
+    second = [e["sentence2"] for e in examples] if examples and "sentence2" in examples[0] else None
+    return first, second
+
+
+def as_sequences(examples: list[dict]) -> list:
+    """The served request's ``sequences`` for GLUE examples: texts, or [sentence1, sentence2] pairs."""
+    first, second = sentences(examples)
+    return first if second is None else [[a, b] for a, b in zip(first, second)]
+
+
+def onnx_input_names(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def torch_input_names(model, tokenizer) -> list[str]:
+    """The tokenizer's outputs that the PyTorch model's ``forward`` takes, in the tokenizer's order."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    return [name for name in tokenizer.model_input_names if name in accepted]
+
+
+def encode(tokenizer, examples: list[dict], input_names: list[str], max_length: int,
+           fixed_length: bool) -> dict[str, np.ndarray]:
+    """int64 inputs named as the model names them, truncated to ``max_length`` tokens and padded
+    to it (``fixed_length``: a fixed-shape ONNX graph) or to the longest row."""
+    first, second = sentences(examples)
+    encoded = tokenizer(first, second, truncation=True, max_length=max_length,
+                        padding="max_length" if fixed_length else True, return_tensors="np")
+    missing = [name for name in input_names if name not in encoded]
+    if missing:
+        raise InferenceError(f"the model takes inputs {missing} that its tokenizer does not make "
+                             f"(it makes {sorted(encoded.keys())})")
+    return {name: encoded[name].astype(np.int64) for name in input_names}
+
+
+def is_regression(config) -> bool:
+    return config.num_labels == 1 and getattr(config, "problem_type", None) != "multi_label_classification"
+
+
+def label_names(id2label: dict | None, where: str) -> dict[int, str]:
+    """``id2label`` after checking it names the labels (a served answer and every metric go
+    through it); Hugging Face's placeholders (``LABEL_0``, ``0``) are refused."""
+    labels = {int(k): str(v) for k, v in (id2label or {}).items()}
+    placeholders = [v for k, v in labels.items() if v in (str(k), f"LABEL_{k}")]
+    if not labels or placeholders:
+        raise InferenceError(f"{where} has no real label names (id2label {labels}); export from a "
+                             "run of `sparsebert train`, which names them")
+    return labels
+
+
+def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
+    """What the server answers for these logits: the label and its probability (softmax), or
+    for a regression model its one label and the predicted value on the task's own scale."""
+    names = label_names(config.id2label, "the model config")
+    if is_regression(config):
+        return [names[0]] * len(logits), [float(v) for v in logits[:, 0]]
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    best = probabilities.argmax(axis=1)
+    return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
+
+
+def load_torch(model_dir: Path):
+    """(model in eval mode, tokenizer, input names) of a checkpoint folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer, torch_input_names(model, tokenizer)
+
+
+def torch_logits(model_dir: Path, examples: list[dict], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
+    """PyTorch logits of a checkpoint for GLUE examples (batched, each batch padded to its longest row)."""
+    import torch
+
+    model, tokenizer, names = load_torch(model_dir)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            inputs = encode(tokenizer, examples[start:start + batch_size], names, max_length, fixed_length=False)
+            outputs.append(model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.float().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)

@@ -1,0 +1,121 @@
+"""A run folder, as one typed object: where each stage writes, and what it wrote.
+
+    <run>/data/                       train.json, the dev split(s), data.json
+    <run>/teacher/, <run>/student/    checkpoints (a reused --teacher lives elsewhere: metrics.json says where)
+    <run>/metrics.json                dev metrics, baseline, measured sparsity
+    <run>/export/<which>/             export.json and deployment/ (model.onnx, serving.json, ...)
+    <run>/parity-<which>.json         PyTorch vs ONNX Runtime vs DeepSparse, every dev split
+    <run>/parity-served-<which>.json  the running server's answers vs PyTorch's
+    <run>/bench/                      bench.json, bench.md, bench.png
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from sparsebert import glue
+from sparsebert.errors import UserError
+
+CHECKPOINTS = ("student", "teacher")
+
+
+class RunFolderError(UserError):
+    pass
+
+
+def clear_or_refuse(folder: Path, overwrite: bool) -> None:
+    """Make ``folder`` ready for a new result: refuse when it holds one, unless ``overwrite``
+    asks to delete it."""
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise RunFolderError(f"{folder} already holds a result; pass --overwrite or choose another --out")
+        shutil.rmtree(folder)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    # ---------------------------------------------------------------- layout
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.path / "bench"
+
+    def training_dir(self, which: str) -> Path:
+        """Where the training stage writes a checkpoint (``checkpoint`` says which one a run used)."""
+        return self.path / _checked(which)
+
+    def export_dir(self, which: str) -> Path:
+        return self.path / "export" / _checked(which)
+
+    def parity_path(self, which: str, served: bool = False) -> Path:
+        return self.path / f"parity-{'served-' if served else ''}{_checked(which)}.json"
+
+    # ---------------------------------------------------------------- what the stages wrote
+
+    @cached_property
+    def metrics(self) -> dict:
+        if not self.metrics_path.is_file():
+            raise RunFolderError(f"{self.metrics_path} not found; is {self.path} a run folder written "
+                                 "by `sparsebert train`?")
+        return json.loads(self.metrics_path.read_text())
+
+    def write_metrics(self, metrics: dict) -> None:
+        self.metrics_path.write_text(json.dumps(metrics, indent=2))
+        self.__dict__.pop("metrics", None)
+
+    @property
+    def task(self) -> glue.GlueTask:
+        return glue.get_task(self.metrics["task"])
+
+    def checkpoint(self, which: str) -> Path:
+        """The run's own checkpoint folder (found where it is, should the run folder have moved),
+        else where metrics.json says it is (a reused ``--teacher``)."""
+        own = self.training_dir(which)
+        return own if (own / "config.json").is_file() else Path(self.metrics[which]["path"])
+
+    @property
+    def dev_splits(self) -> list[str]:
+        """Every dev split the run measured (MNLI: matched and mismatched), main one first."""
+        return [s for s in self.metrics["data"]["splits"] if s != "train"]
+
+    def examples(self, split: str) -> list[dict]:
+        from sparsebert.pipeline.data import read_jsonl
+
+        return read_jsonl(Path(self.metrics["data"]["splits"][split]["path"]))
+
+    def deployment(self, which: str) -> Path:
+        folder = self.export_dir(which) / "deployment"
+        if not (folder / "model.onnx").is_file():
+            raise RunFolderError(f"{folder}/model.onnx not found; run `sparsebert export {self.path}` first")
+        return folder
+
+    def serving(self, which: str) -> dict:
+        """The deployment's ``serving.json``: task, one text or a pair, exported length."""
+        path = self.deployment(which) / "serving.json"
+        if not path.is_file():
+            raise RunFolderError(f"{path} not found; re-run `sparsebert export {self.path} --overwrite`")
+        return json.loads(path.read_text())
+
+    def exported_length(self, which: str) -> int:
+        """The sequence length the ONNX file was exported (and its parity measured) with."""
+        return int(self.serving(which)["sequence_length"])
+
+
+def _checked(which: str) -> str:
+    if which not in CHECKPOINTS:
+        raise RunFolderError(f"unknown checkpoint {which!r}; choose one of {CHECKPOINTS}")
+    return which
