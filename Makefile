@@ -29,7 +29,7 @@ test: install
 # schedule cannot hold 95% on so little data), then every stage and the gates, accuracy included.
 gates: install
 	GLUE_DIR=$(GLUE_DIR) $(BIN)/sparsebert run --task sst2 --out runs/ci --overwrite --limit 3000 \
-	  --teacher-epochs 2 --student-epochs 4 --sparsity 0.9 --max-seq-length 64 --batch-size 32 --threads 1 $(ARGS)
+	  --teacher-epochs 2 --student-epochs 4 --sparsity 0.9 --max-seq-length 128 --batch-size 32 --threads 1 $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

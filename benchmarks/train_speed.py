@@ -92,7 +92,7 @@ def short_runs(task, model, glue_dir, out, precisions):
         if code:
             raise SystemExit(code)
         metrics = json.loads((folder / "metrics.json").read_text())
-        dev = next(iter(metrics["student"]["dev"]))
+        dev = glue.dev_splits(glue.get_task(task))[0]
         results[precision] = {"teacher": metrics["teacher"]["dev"][dev], "student": metrics["student"]["dev"][dev],
                               "baseline": metrics["baseline"][dev], "minutes": (time.time() - started) / 60}
     return results

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sparsebert import glue
 from sparsebert.cli import main as sparsebert
 
 
@@ -32,7 +33,7 @@ def cell(task: str, sparsity: float, out: Path, teacher: Path | None, extra: lis
 
 
 def row(metrics: dict) -> dict:
-    dev = next(iter(metrics["teacher"]["dev"]))
+    dev = glue.dev_splits(glue.get_task(metrics["task"]))[0]
     metric = metrics["main_metric"]
     second = next((k for k in metrics["teacher"]["dev"][dev] if k != metric), None)
     pick = lambda scores: {k: scores[k] for k in (metric, second) if k}  # noqa: E731

@@ -59,7 +59,7 @@ class SparseBertClient:
             return False
 
     def _request(self, url: str, payload: dict | None = None) -> dict:
-        data = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+        data = None if payload is None else _json_body(payload)
         request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
@@ -68,6 +68,14 @@ class SparseBertClient:
             raise ClientError(error.code, _error_message(error.read()), url) from None
         except (urllib.error.URLError, OSError) as error:
             raise ClientError(None, f"cannot reach the server ({getattr(error, 'reason', error)})", url) from None
+
+
+def _json_body(payload: dict) -> bytes:
+    """UTF-8 JSON; a lone surrogate (no UTF-8 for it) is sent escaped instead, as JSON allows."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode()
 
 
 def _error_message(body: bytes) -> str:

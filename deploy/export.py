@@ -96,7 +96,7 @@ def logits_difference(model_dir: Path, deployment: Path, sequence_length: int = 
     import onnxruntime
     import torch
 
-    model, tokenizer, _ = inference.load_torch(model_dir)
+    model, tokenizer, _ = inference.load_torch(model_dir, tokenizer_dir=deployment)
     session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), providers=["CPUExecutionProvider"])
     names = inference.onnx_input_names(deployment / "model.onnx")
     worst = 0.0
@@ -114,15 +114,18 @@ def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_
     """``serving.json``: what the server needs beyond the model (one text or a pair, the exported
     length); a regression model's output gets its name (STS-B: ``similarity``) and problem type,
     so served answers are the value on the task's scale, not a sigmoid of it."""
+    from transformers import AutoConfig
+
     config_path = deployment / "config.json"
-    config = json.loads(config_path.read_text())
-    if task is not None and task.is_regression:
-        name = inference.REGRESSION_LABELS.get(task.name, "score")
+    regression = task.is_regression if task else inference.is_regression(AutoConfig.from_pretrained(deployment))
+    if regression:
+        name = inference.REGRESSION_LABELS.get(task.name if task else "", "score")
+        config = json.loads(config_path.read_text())
         config.update(problem_type="regression", id2label={"0": name}, label2id={name: 0})
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     serving = {"task": task.name if task else None,
                "text_inputs": len(task.text_columns) if task else None,
-               "regression": bool(task and task.is_regression),
+               "regression": regression,
                "sequence_length": sequence_length}
     (deployment / "serving.json").write_text(json.dumps(serving, indent=2) + "\n")
     return serving

@@ -68,41 +68,67 @@ def accuracy_gates(run: RunFolder, floors: dict) -> list[Gate]:
 
 
 def parity_gates(run: RunFolder, limits: dict) -> list[Gate]:
-    """The student's engine parity on every dev split the run measured (the teacher's when
-    present), and the served answers' parity when it was measured."""
+    """The student's engine parity and served answers on every dev split the run measured (the
+    teacher's too, where measured)."""
     gates = []
     for which in CHECKPOINTS:
-        path = run.parity_path(which)
-        if which == "teacher" and not path.is_file():
-            continue  # the teacher's parity is optional; the student's is required
-        report = _read(path, f"sparsebert parity {run.path} --checkpoint {which}")
-        missing = [s for s in run.dev_splits if s not in report["splits"]]
-        if missing:
-            gates.append(Gate(f"parity {which}", False, f"dev split(s) {missing} not measured"))
-        for split, result in report["splits"].items():
-            for engine, r in result["against_pytorch"].items():
-                passed = (r["metric_difference"] <= limits["max_metric_difference"]
-                          and r["max_logit_difference"] <= limits["max_logit_difference"])
-                gates.append(Gate(f"parity {which} {engine} ({split})", passed,
-                                  f"|Δ {report['main_metric']}| {r['metric_difference']:.3f} "
-                                  f"(max {limits['max_metric_difference']}), max |Δ logit| "
-                                  f"{r['max_logit_difference']:.1e} (max {limits['max_logit_difference']:.0e})"))
-        gates += served_parity_gates(run, which, limits)
+        required = which == "student"
+        gates += engine_parity_gates(run, which, limits, required)
+        gates += served_parity_gates(run, which, limits, required)
     return gates
 
 
-def served_parity_gates(run: RunFolder, which: str, limits: dict) -> list[Gate]:
-    path = run.parity_path(which, served=True)
-    if not path.is_file():
+def _parity_report(run: RunFolder, which: str, served: bool, required: bool) -> dict | None:
+    path = run.parity_path(which, served)
+    if not path.is_file() and not required:
+        return None
+    how = f"sparsebert parity {run.path} --checkpoint {which}{' --served' if served else ''}"
+    report = _read(path, how)
+    if "splits" not in report:
+        raise MissingReport(f"{path} was written by an older sparsebert; re-run `{how}`")
+    return report
+
+
+def _unmeasured_splits(run: RunFolder, report: dict, name: str) -> list[Gate]:
+    missing = [s for s in run.dev_splits if s not in report["splits"]]
+    return [Gate(name, False, f"dev split(s) {missing} not measured")] if missing else []
+
+
+def engine_parity_gates(run: RunFolder, which: str, limits: dict, required: bool) -> list[Gate]:
+    report = _parity_report(run, which, served=False, required=required)
+    if report is None:
         return []
-    report = json.loads(path.read_text())
-    gates = []
+    gates = _unmeasured_splits(run, report, f"parity {which}")
+    for split, result in report["splits"].items():
+        for engine, r in result["against_pytorch"].items():
+            passed = (r["metric_difference"] <= limits["max_metric_difference"]
+                      and r["max_logit_difference"] <= limits["max_logit_difference"])
+            gates.append(Gate(f"parity {which} {engine} ({split})", passed,
+                              f"|Δ {report['main_metric']}| {r['metric_difference']:.3f} "
+                              f"(max {limits['max_metric_difference']}), max |Δ logit| "
+                              f"{r['max_logit_difference']:.1e} (max {limits['max_logit_difference']:.0e})"))
+    return gates
+
+
+def served_parity_gates(run: RunFolder, which: str, limits: dict, required: bool = True) -> list[Gate]:
+    """Every dev row answered over HTTP by the server on each engine: labels equal to PyTorch's
+    (but for ties), scores within the threshold."""
+    from sparsebert.deploy.parity import SERVED_ENGINES
+
+    report = _parity_report(run, which, served=True, required=required)
+    if report is None:
+        return []
+    gates = _unmeasured_splits(run, report, f"served answers {which}")
     for split, engines in report["splits"].items():
-        for engine, r in engines.items():
-            passed = (r.get("label_mismatches") == 0 and r["answers"] == r.get("expected", r["answers"])
+        for engine in SERVED_ENGINES:
+            r = engines.get(engine)
+            if r is None:
+                gates.append(Gate(f"served answers {which} {engine} ({split})", False, "not measured"))
+                continue
+            passed = (r["label_mismatches"] == 0 and r["answers"] == r.get("expected", r["answers"])
                       and r["max_score_difference"] <= limits["max_served_score_difference"])
             gates.append(Gate(f"served answers {which} {engine} ({split})", passed,
-                              f"{r['answers']} answers over HTTP, {r.get('label_mismatches')} wrong labels, "
+                              f"{r['answers']} answers over HTTP, {r['label_mismatches']} wrong labels, "
                               f"max |Δ score| {r['max_score_difference']:.1e} "
                               f"(max {limits['max_served_score_difference']:.0e})"))
     return gates

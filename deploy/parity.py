@@ -100,9 +100,15 @@ def compare_answers(expected: tuple[list, list], got: tuple[list, list], margins
 
 def ask_server(client, examples: list[dict], request_size: int) -> tuple[list[str], list[float]]:
     """Labels and scores for the dev rows, ``request_size`` rows per HTTP request."""
+    from sparsebert.deploy.client import ClientError
+    from sparsebert.errors import UserError
+
     labels, scores = [], []
     for start in range(0, len(examples), request_size):
-        answer = client.classify(inference.as_sequences(examples[start:start + request_size]))
+        try:
+            answer = client.classify(inference.as_sequences(examples[start:start + request_size]))
+        except ClientError as error:
+            raise UserError(f"the server refused dev rows {start}-{start + request_size - 1}: {error}") from None
         labels += answer.labels
         scores += answer.scores
     return labels, scores
@@ -120,7 +126,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
     tolerance = thresholds["max_served_score_difference"]
     expected = {}
     for split, examples in dev_sets.items():
-        logits = inference.torch_logits(model_dir, examples, sequence_length)
+        logits = inference.torch_logits(model_dir, examples, sequence_length, tokenizer_dir=deployment)
         expected[split] = (inference.answers(logits, config), probability_margins(logits))
     results = {}
     for engine in engines:

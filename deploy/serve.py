@@ -65,7 +65,7 @@ MAX_SEQUENCES = 64
 # "\ud83d\ude00"); 64 KiB more covers quotes, brackets, separators and indentation.
 ESCAPED_CHAR_BYTES = 12
 MAX_BODY_BYTES = MAX_SEQUENCES * 2 * MAX_TEXT_CHARS * ESCAPED_CHAR_BYTES + (64 << 10)  # about 5.9 MiB
-DRAIN_BYTES = 8 * MAX_BODY_BYTES  # past this, close without reading (see read_body)
+DRAIN_BYTES = 2 * MAX_BODY_BYTES  # past this, close without reading (see read_body)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a single URL path segment
 
 
@@ -238,13 +238,18 @@ def json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # controls, format (zero-width, BOM), separators
+# Unicode categories with nothing to read: controls, format (zero-width, BOM), surrogates, private
+# use, unassigned, separators, and combining marks with no letter to sit on.
+_NOTHING_TO_READ = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"}
+_REPLACEMENT_CHARACTER = "\ufffd"
 
 
 def is_blank(text: str) -> bool:
-    """Nothing but whitespace and invisible characters (U+200B, ZWJ/ZWNJ, BOM, ...), which BERT's
-    tokenizer drops: the model would label an empty input."""
-    return all(unicodedata.category(char) in _INVISIBLE for char in text)
+    """Nothing but whitespace and characters with nothing to read (U+200B, ZWJ/ZWNJ, BOM, a lone
+    accent, U+FFFD...), which BERT's tokenizer drops or cannot read: the model would label an
+    empty input."""
+    return all(char == _REPLACEMENT_CHARACTER or unicodedata.category(char) in _NOTHING_TO_READ
+               for char in text)
 
 
 def check_text(text, where: str) -> None:

@@ -105,7 +105,10 @@ def check_teacher_labels(teacher: Path, task: glue.GlueTask) -> None:
     """Refuse a ``--teacher`` whose outputs do not mean what the student's do."""
     from sparsebert.errors import UserError
 
-    config = json.loads((Path(teacher) / "config.json").read_text())
+    try:
+        config = json.loads((Path(teacher) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--teacher {teacher}: cannot read its config.json ({error})") from None
     labels = [str(v) for _, v in sorted((int(k), v) for k, v in (config.get("id2label") or {}).items())]
     if task.is_regression:
         if len(labels) != 1:

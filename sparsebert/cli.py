@@ -212,6 +212,8 @@ def cmd_export(args) -> int:
     for which in CHECKPOINTS:
         target = run.export_dir(which)
         clear_or_refuse(target, args.overwrite)
+        for stale in (run.parity_path(which), run.parity_path(which, served=True)):
+            stale.unlink(missing_ok=True)  # measured on the export just replaced
         report = export_and_check(run.checkpoint(which), target, args.max_seq_length, task=run.task)
         print(f"[sparsebert] {which}: {report['deployment']}/model.onnx, encoder-linear sparsity "
               f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
@@ -290,7 +292,9 @@ def cmd_run(args) -> int:
     overwrite = ["--overwrite"] if args.overwrite else []
     thresholds = ["--thresholds", str(args.thresholds)] if args.thresholds else []
     threads = ["--threads", str(args.threads)] if args.threads else []
-    stages = [["export", run, *overwrite], ["parity", run, *thresholds], ["parity", run, "--served", *thresholds],
+    # Exported (so parity-checked, benchmarked and served) at the length the models were trained with.
+    stages = [["export", run, "--max-seq-length", str(args.max_seq_length), *overwrite], ["parity", run, *thresholds],
+              ["parity", run, "--served", *thresholds],
               ["bench", run, *threads]]
     parser = build_parser()
     for stage_argv in stages:

@@ -65,7 +65,10 @@ def encode(tokenizer, examples: list[dict], input_names: list[str], max_length: 
 
 
 def is_regression(config) -> bool:
-    return config.num_labels == 1 and getattr(config, "problem_type", None) != "multi_label_classification"
+    """A regression head: so marked, or one output with no problem type (Hugging Face trains a
+    one-label model as a regression, and a sigmoid over it answers nothing meaningful)."""
+    problem = getattr(config, "problem_type", None)
+    return problem == "regression" or (problem is None and config.num_labels == 1)
 
 
 def label_names(id2label: dict | None, where: str) -> dict[int, str]:
@@ -91,20 +94,22 @@ def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
     return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
 
 
-def load_torch(model_dir: Path):
-    """(model in eval mode, tokenizer, input names) of a checkpoint folder."""
+def load_torch(model_dir: Path, tokenizer_dir: Path | None = None):
+    """(model in eval mode, tokenizer, input names) of a checkpoint folder; the tokenizer from
+    ``tokenizer_dir`` when given (a deployment's, which is what its server tokenizes with)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     return model, tokenizer, torch_input_names(model, tokenizer)
 
 
-def torch_logits(model_dir: Path, examples: list[dict], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
+def torch_logits(model_dir: Path, examples: list[dict], max_length: int = 128, batch_size: int = 64,
+                 tokenizer_dir: Path | None = None) -> np.ndarray:
     """PyTorch logits of a checkpoint for GLUE examples (batched, each batch padded to its longest row)."""
     import torch
 
-    model, tokenizer, names = load_torch(model_dir)
+    model, tokenizer, names = load_torch(model_dir, tokenizer_dir)
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):

@@ -93,9 +93,13 @@ class RunFolder:
         return [s for s in self.metrics["data"]["splits"] if s != "train"]
 
     def examples(self, split: str) -> list[dict]:
+        """A split's examples, from the run's own data folder (wherever the run folder now is)."""
         from sparsebert.pipeline.data import read_jsonl
 
-        return read_jsonl(Path(self.metrics["data"]["splits"][split]["path"]))
+        path = self.data_dir / f"{split}.json"
+        if not path.is_file():
+            raise RunFolderError(f"{path} not found; the run's data files are needed (re-run `sparsebert train`)")
+        return read_jsonl(path)
 
     def deployment(self, which: str) -> Path:
         folder = self.export_dir(which) / "deployment"

@@ -166,14 +166,16 @@ def register_modifiers(module) -> None:
 def mend_deepsparse_text_classification(module) -> None:
     """DeepSparse's ``TextClassificationPipeline.process_engine_outputs`` applies a sigmoid
     whenever the model has one output, so a regression model (STS-B) answered a squashed 0-1
-    "probability" instead of its prediction on the task's own 0-5 scale. A model whose config
-    says ``problem_type: regression`` now answers its raw output as the score, with
+    "probability" instead of its prediction on the task's own 0-5 scale. A regression model
+    (``sparsebert.inference.is_regression``) now answers its raw output as the score, with
     ``id2label[0]`` as the label; classification keeps DeepSparse's softmax/sigmoid."""
     pipeline = module.TextClassificationPipeline
     process = pipeline.process_engine_outputs
 
     def process_with_regression(self, engine_outputs):
-        if getattr(self.config, "problem_type", None) != "regression":
+        from sparsebert.inference import is_regression
+
+        if not is_regression(self.config):
             return process(self, engine_outputs)
         import numpy
 

@@ -93,13 +93,22 @@ def _edit(path, change):
     path.write_text(json.dumps(report))
 
 
+def _copy(exported_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=WEIGHTS_AND_DATA)
+    served = run / "parity-served-student.json"
+    if not served.is_file():  # measured by tests/test_served.py (after these); the gates only read it
+        answer = {"answers": 48, "label_mismatches": 0, "ties_flipped": 0, "max_score_difference": 0.0}
+        served.write_text(json.dumps({"splits": {"dev": {e: answer for e in ("deepsparse", "onnxruntime")}}}))
+    return run
+
+
 def _gates(run):
     return {g.name: g.passed for g in gates.check(run, thresholds.load())}
 
 
 def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(exported_run, run, ignore=WEIGHTS_AND_DATA)
+    run = _copy(exported_run, tmp_path)
 
     def learned(m):  # a student that learned: 10 points over the baseline, 95% of the teacher
         baseline = m["baseline"]["dev"]["accuracy"]
@@ -129,12 +138,21 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
     _edit(run / "parity-student.json", lambda r: r.update(splits={}))
     assert _gates(run)["parity student"] is False
 
+    # The served answers are required: every split, both engines, none wrong.
+    _edit(run / "parity-served-student.json", lambda r: r["splits"]["dev"].pop("onnxruntime"))
+    assert _gates(run)["served answers student onnxruntime (dev)"] is False
+    (run / "parity-served-student.json").unlink()
+    with pytest.raises(gates.MissingReport, match="--served"):
+        _gates(run)
+    (run / "parity-student.json").write_text(json.dumps({"against_pytorch": {}}))  # an older format
+    with pytest.raises(gates.MissingReport, match="older sparsebert"):
+        _gates(run)
+
 
 def test_gates_guard_the_accuracy_claim(exported_run, tmp_path):
     """A student that does not beat the majority baseline, or keeps too little of the teacher,
     fails the gates, whatever its speed and parity (today's untrained student did)."""
-    run = tmp_path / "run"
-    shutil.copytree(exported_run, run, ignore=WEIGHTS_AND_DATA)
+    run = _copy(exported_run, tmp_path)
     at_baseline = lambda m: m["student"]["dev"]["dev"].update(accuracy=m["baseline"]["dev"]["accuracy"])  # noqa: E731
     _edit(run / "metrics.json", at_baseline)
     names = _gates(run)
@@ -145,15 +163,13 @@ def test_gates_guard_the_accuracy_claim(exported_run, tmp_path):
 
 
 def test_gates_fail_a_missing_speed_row(exported_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(exported_run, run, ignore=WEIGHTS_AND_DATA)
+    run = _copy(exported_run, tmp_path)
     _edit(run / "bench" / "bench.json", lambda r: r.update(ratios=[x for x in r["ratios"] if x["batch_size"] != 1]))
     assert _gates(run)["speed at batch 1"] is False
 
 
 def test_sparsity_gate_reads_the_students_recipe(exported_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(exported_run, run, ignore=WEIGHTS_AND_DATA)
+    run = _copy(exported_run, tmp_path)
     assert _gates(run)["student sparsity"] is True
     recipe = run / "student" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("final_sparsity: 0.9", "final_sparsity: 0.95"))
