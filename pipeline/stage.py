@@ -135,8 +135,9 @@ def summary(metrics: dict) -> str:
     if s.get("curve"):
         curve_line = (f"  student training loss {s['curve']['first_loss']:.4f} (first log) -> "
                       f"{s['curve']['last_loss']:.4f} (last); {s['curve']['path']} and curve.png")
-    verdict = ("  the student beats the majority baseline" if metrics["student_beats_baseline"] else
-               "  WARNING: the student does NOT beat the majority baseline at this sparsity; "
+    kind = "constant" if task.is_regression else "majority"
+    verdict = (f"  the student beats the {kind} baseline" if metrics["student_beats_baseline"] else
+               f"  WARNING: the student does NOT beat the {kind} baseline at this sparsity; "
                "try --sparsity 0.9 or more --student-epochs")
     return "\n".join([
         f"task {metrics['task']} ({first_dev}; final model, main metric {metric}):",
