@@ -145,13 +145,20 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
     recipe = run.checkpoint("student") / "recipe.yaml"
     if not recipe.is_file():
         raise MissingReport(f"{recipe} not found; the student's recipe says what it prunes")
-    measured = metrics["student"]["per_matrix_sparsity"]
+    measured, targets = metrics["student"]["per_matrix_sparsity"], pruning_targets(recipe)
     covered, problems = set(), []
-    for patterns, target in pruning_targets(recipe):
+    for patterns, target, ranked_together in targets:
         matched = [n for n in measured if is_pruned(n, patterns)]
         if not matched:
             problems.append(f"params {patterns} match no measured matrix")
         covered.update(matched)
+        if ranked_together:  # global magnitude: the target holds over the matrices as a whole
+            overall = metrics["student"]["encoder_linear_sparsity"]
+            if len(targets) > 1:
+                problems.append("a global pruning modifier beside others cannot be gated as a whole")
+            elif overall < target - tolerance:
+                problems.append(f"overall {overall:.2%} < {target:.0%}")
+            continue
         problems += [f"{n} {measured[n]:.2%} < {target:.0%}" for n in matched if measured[n] < target - tolerance]
     problems += [f"{n} is pruned by no modifier" for n in measured if n not in covered]
     least = min(measured.values(), default=0.0)

@@ -31,6 +31,7 @@ class StageOptions:
     limit: int | None = None
     overwrite: bool = False
     model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
+    augment: int | None = None  # teacher-labelled variants per training example for the student
 
 
 def _sizes(model_dir: Path) -> tuple[int, int]:
@@ -67,6 +68,24 @@ def write_curve(model_dir: Path, title: str) -> dict:
             "applied_learning_rate_max": max(p.get("applied_learning_rate", 0.0) for p in points)}
 
 
+def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, folder: RunFolder,
+                   variants: int, seed: int) -> tuple[dict, dict]:
+    """The student's training data: the originals and their teacher-labelled variants, cached in
+    the run folder by task, teacher, data, count and seed."""
+    from sparsebert.pipeline.augment import AugmentConfig, augment
+
+    train_file = Path(data_info["splits"]["train"]["path"])
+    cfg = AugmentConfig(variants, seed)
+    path = augment(task, teacher_dir, train_file, folder.data_dir / f"augment-n{variants}-s{seed}", cfg)
+    columns = ["sentence1", "sentence2", "label"]
+    rows = data_stage.read_jsonl(train_file) + [{k: v[k] for k in columns if k in v} for v in data_stage.read_jsonl(path)]
+    combined = folder.data_dir / f"train-augmented-n{variants}-s{seed}.json"
+    data_stage.write_jsonl(rows, combined)
+    splits = {**data_info["splits"], "train": {"path": str(combined), "examples": len(rows)}}
+    return {**data_info, "splits": splits}, {"variants_per_example": variants, "seed": seed,
+                                              "variants_file": str(path), "student_train_examples": len(rows)}
+
+
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) -> dict:
     started = time.time()
     task = glue.get_task(opts.task)
@@ -83,9 +102,13 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         train_teacher(opts.model, data_info, teacher_dir, teacher_cfg)
     teacher_done = time.time()
 
+    student_data, augmentation = data_info, None
+    if opts.augment:
+        student_data, augmentation = augmented_data(task, teacher_dir, data_info, folder, opts.augment,
+                                                    student_cfg.seed)
     student_dir = folder.training_dir("student")
     print(f"[sparsebert] pruning the pre-trained student while distilling -> {student_dir}", flush=True)
-    train_student(opts.model, teacher_dir, data_info, student_dir, student_cfg)
+    train_student(opts.model, teacher_dir, student_data, student_dir, student_cfg)
     student_done = time.time()
 
     patterns = report.pruned_patterns(student_dir)
@@ -113,6 +136,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         "student_beats_baseline": all(student["dev"][split][metric] > baseline[split][metric] for split in dev_sets),
         "retention": student["dev"][main_dev][metric] / teacher["dev"][main_dev][metric]
         if teacher["dev"][main_dev][metric] else None,
+        "augmentation": augmentation,
         "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
         "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
                          "total": time.time() - started},

@@ -1,6 +1,7 @@
 """``sparsebert``: one small CLI that strings the stages together.
 
     sparsebert train  --task rte --out runs/rte      # teacher, then pruned student; metrics.json
+    sparsebert augment --task rte --teacher runs/rte/teacher --augment 8 --out runs/rte-aug
     sparsebert export runs/rte                        # ONNX deployment/ folders
     sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
@@ -52,6 +53,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 autocast where the hardware has native bf16 (AMX/AVX512-BF16 CPUs, "
                         "GPUs), fp32 elsewhere (auto); or force one")
+    p.add_argument("--augment", type=int, metavar="N",
+                   help="distil the student on the training set plus N teacher-labelled variants of "
+                        "each example (words replaced by embedding neighbours or dropped; cached)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
@@ -72,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.split("\n\n")[1:2]))
     sub = parser.add_subparsers(dest="command", required=True)
     _training_arguments(sub.add_parser("train", help="fine-tune the teacher, then prune+distill the student"))
+
+    p = sub.add_parser("augment", help="teacher-labelled variants of a task's training examples (JSON lines)")
+    p.add_argument("--task", required=True, help="GLUE task")
+    p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (its embeddings pick the "
+                                                    "replacement words, its answers label the variants)")
+    p.add_argument("--augment", type=int, required=True, metavar="N", help="variants per training example")
+    p.add_argument("--out", type=Path, required=True, help="folder for data/, augmented.jsonl and augment.json")
+    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+                   help="local folder in the glue_data layout (default $GLUE_DIR; if unset, the hub)")
+    p.add_argument("--limit", type=int, help="augment a random subset of this many training examples")
+    p.add_argument("--seed", type=int, default=42, help="the same seed gives the same bytes")
 
     p = sub.add_parser("export", help="ONNX deployment folders for the student and the teacher")
     _run_argument(p)
@@ -136,6 +151,8 @@ def _check_training(args) -> None:
         raise UsageError(f"GLUE directory not found: {args.glue_dir}")
     if args.teacher and not (Path(args.teacher) / "config.json").is_file():
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
+    if args.augment is not None and args.augment < 1:
+        raise UsageError(f"--augment must be at least 1, not {args.augment}")
     if args.teacher:
         from sparsebert.pipeline.train import check_teacher_labels
 
@@ -197,10 +214,34 @@ def cmd_train(args) -> int:
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
-                              model_name=args.model)
+                              model_name=args.model, augment=args.augment)
     metrics = stage.run(opts, teacher_cfg, student_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from sparsebert import glue
+
+    task = glue.get_task(args.task)
+    if args.augment < 1:
+        raise UsageError(f"--augment must be at least 1, not {args.augment}")
+    if not (Path(args.teacher) / "config.json").is_file():
+        raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
+    if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
+        raise UsageError(f"GLUE directory not found: {args.glue_dir}")
+    offline.configure(hub=args.glue_dir is None)
+    from sparsebert.pipeline import data as data_stage
+    from sparsebert.pipeline.augment import AugmentConfig, augment
+    from sparsebert.pipeline.train import check_teacher_labels
+
+    check_teacher_labels(Path(args.teacher), task)
+    data = data_stage.prepare(task.name, args.glue_dir, args.out / "data", limit=args.limit, seed=args.seed)
+    path = augment(task, Path(args.teacher), Path(data["splits"]["train"]["path"]), args.out,
+                   AugmentConfig(args.augment, args.seed))
+    print(f"[sparsebert] wrote {path} ({args.augment} teacher-labelled variants of each of "
+          f"{data['splits']['train']['examples']} training examples)")
     return 0
 
 
@@ -323,7 +364,7 @@ def _why_gates_fail(args) -> str:
     return ""
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "augment": cmd_augment, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
             "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run}
 
 

@@ -110,9 +110,12 @@ def torch_logits(model_dir: Path, examples: list[dict], max_length: int = 128, b
     import torch
 
     model, tokenizer, names = load_torch(model_dir, tokenizer_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation on a GPU machine
+    model.to(device)
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             inputs = encode(tokenizer, examples[start:start + batch_size], names, max_length, fixed_length=False)
-            outputs.append(model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.float().numpy())
+            logits = model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).logits
+            outputs.append(logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)

@@ -49,15 +49,16 @@ def recipe_variables(path: Path) -> dict:
     return {k: v for k, v in variables.items() if not k.endswith("modifiers") and k != "version"}
 
 
-def pruning_targets(path: Path) -> list[tuple[list[str], float]]:
-    """Each pruning modifier's ``params`` (names or ``re:`` patterns) and ``final_sparsity``."""
-    return [(list(m.params), m.final_sparsity) for m in check_recipe(Path(path), {})
-            if hasattr(m, "final_sparsity") and hasattr(m, "params")]
+def pruning_targets(path: Path) -> list[tuple[list[str], float, bool]]:
+    """Each pruning modifier's ``params`` (names or ``re:`` patterns), ``final_sparsity``, and
+    whether it ranks its matrices together (global: the target holds for them as a whole)."""
+    return [(list(m.params), m.final_sparsity, bool(getattr(m, "global_sparsity", False)))
+            for m in check_recipe(Path(path), {}) if hasattr(m, "final_sparsity") and hasattr(m, "params")]
 
 
 def pruned_params(path: Path) -> list[str]:
     """The matrices a student trained with the recipe is measured and gated on."""
-    return [p for params, _ in pruning_targets(path) for p in params]
+    return [p for params, _, _ in pruning_targets(path) for p in params]
 
 
 def check_recipe(path: Path, recipe_args: dict) -> list:

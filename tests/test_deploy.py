@@ -179,6 +179,20 @@ def test_sparsity_gate_reads_the_students_recipe(exported_run, tmp_path):
     assert _gates(run)["student sparsity"] is False  # a measured matrix no modifier prunes
 
 
+def test_sparsity_gate_judges_a_global_ranking_as_a_whole(exported_run, tmp_path):
+    run = _copy(exported_run, tmp_path)
+    recipe = run / "student" / "recipe.yaml"
+    assert "global_sparsity: False" in recipe.read_text()
+    uneven = lambda m: m["student"]["per_matrix_sparsity"].update(  # noqa: E731
+        {n: 0.8 for n in list(m["student"]["per_matrix_sparsity"])[:3]})
+    _edit(run / "metrics.json", uneven)  # overall still 90%, as a global ranking leaves it
+    assert _gates(run)["student sparsity"] is False
+    recipe.write_text(recipe.read_text().replace("global_sparsity: False", "global_sparsity: True"))
+    assert _gates(run)["student sparsity"] is True
+    _edit(run / "metrics.json", lambda m: m["student"].update(encoder_linear_sparsity=0.85))
+    assert _gates(run)["student sparsity"] is False
+
+
 def test_gates_need_the_reports(tmp_path, capsys):
     assert main(["gates", str(tmp_path)]) == 2
     assert "metrics.json not found" in capsys.readouterr().err

@@ -12,7 +12,26 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     names = [type(m).__name__ for m in check_recipe(path, {})]
-    assert "GMPruningModifier" in names and "SparseBertDistillationModifier" in names
+    assert {"GMPruningModifier", "OBSPruningModifier"} & set(names) and "SparseBertDistillationModifier" in names
+
+
+def test_schedule_and_ranking_are_recipe_variables():
+    args = {"num_epochs": 10, "prune_start_fraction": 0.1, "prune_end_fraction": 0.5, "mask_updates": 20,
+            "global_ranking": True}
+    pruning = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert"), args)}["GMPruningModifier"]
+    assert (pruning.start_epoch, pruning.end_epoch, pruning.update_frequency) == (1.0, 5.0, 0.2)
+    assert pruning.global_sparsity is True
+
+
+def test_second_order_variant_keeps_the_method_but_the_ranking():
+    obs = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert-obs"), {"num_gradients": 16})}
+    magnitude = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert"), {})}
+    pruning, reference = obs["OBSPruningModifier"], magnitude["GMPruningModifier"]
+    assert pruning.num_grads == 16 and pruning.fisher_block_size == 50
+    assert (pruning.params, pruning.final_sparsity, pruning.inter_func, pruning.end_epoch) == \
+        (reference.params, reference.final_sparsity, reference.inter_func, reference.end_epoch)
+    distill = obs["SparseBertDistillationModifier"]
+    assert distill.logits_weight == distill.hidden_weight == distill.attention_weight == 1.0
 
 
 def test_sparsebert_recipe_encodes_the_method():

@@ -136,7 +136,7 @@ def test_saved_recipe_reads_back_with_its_params(trained):
     from sparsebert.recipe import pruning_targets
 
     folder, trainer, _, _ = trained
-    (patterns, target), = pruning_targets(folder / "run" / "recipe.yaml")
+    (patterns, target, _), = pruning_targets(folder / "run" / "recipe.yaml")
     assert target == 0.8
     names = [n for n, _ in trainer.model.named_parameters() if is_pruned(n, patterns)]
     assert len(names) == 6 * 2 and all(n.endswith("weight") for n in names)
