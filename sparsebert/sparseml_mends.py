@@ -82,6 +82,12 @@ def mend_trainer(module) -> None:
       optimizer steps per epoch where the Hugging Face trainer takes ``batches // accumulation``,
       so the recipe's epochs ran slower than the trainer's and pruning could end late or never
       reach its target. The recipe now counts the trainer's own steps per epoch.
+    - ``_data_loader_builder`` (the gradient sampler of second-order pruning, OBS) rebuilt the
+      train dataloader as ``type(loader)(**loader.__dict__)``; Accelerate's prepared loader
+      (``DataLoaderShard``) cannot be rebuilt from its attributes, so ``recipes/sparsebert-obs.yaml``
+      stopped at its first mask update with a ``TypeError``. It now samples the trainer's own
+      train dataloader (or, when a recipe's ``grad_sampler_kwargs`` ask for another batch size,
+      a plain DataLoader over the same data and collator).
     - every trainer records a training curve (``sparsebert.pipeline.curve``): the learning rate
       the stepping optimizer applied, the sparsity reached and each distillation term, in
       ``trainer_state.json``'s log history. (An addition, not a mend: SparseML's trainer takes
@@ -107,6 +113,7 @@ def mend_trainer(module) -> None:
         self.add_callback(TrainingCurve(self))
 
     trainer.__init__ = init_with_curve
+    module.RecipeManagerTrainerInterface._data_loader_builder = _gradient_samples
 
     from transformers import TrainerCallback
 
@@ -126,6 +133,22 @@ def mend_trainer(module) -> None:
             steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
             self.trainer.manager_steps_per_epoch = steps
             vars(optimizer)["_wrapper"]._wrapped_steps_per_epoch = steps
+
+
+def _gradient_samples(self, kwargs=None):
+    """Endless ``([], inputs, label)`` batches of the training data for OBS's gradient sampler."""
+    from torch.utils.data import DataLoader
+
+    if kwargs:
+        data = self._remove_unused_columns(self.train_dataset, description="gradient sampling")
+        settings = {"batch_size": self.args.per_device_train_batch_size, "shuffle": True, **kwargs}
+        loader = DataLoader(data, collate_fn=self.data_collator, **settings)
+    else:
+        loader = self.get_train_dataloader()
+    while True:
+        for sample in loader:
+            label = sample.pop("labels") if self.label_smoother is not None and "labels" in sample else None
+            yield [], self._prepare_inputs(sample), label
 
 
 def mend_recipe_serialization(module) -> None:

@@ -32,14 +32,16 @@ class RecordLearningRates(TrainerCallback):
         self.scheduled.append(self.trainer.lr_scheduler.get_last_lr()[0])
 
 
-def train(out: Path, model_state_path: Path, epochs=2, accumulation=1, examples=64, prune_end_fraction=0.6):
+def train(out: Path, model_state_path: Path, epochs=2, accumulation=1, examples=64, prune_end_fraction=0.6,
+          recipe="sparsebert", **recipe_args):
     student, teacher = tiny_bert(0), tiny_bert(1).eval()
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
         num_train_epochs=epochs, learning_rate=PEAK_LR, warmup_ratio=0.25, lr_scheduler_type="linear",
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = Trainer(model=student, model_state_path=str(model_state_path), recipe=str(recipe_path("sparsebert")),
-                      recipe_args={"num_epochs": epochs, "final_sparsity": 0.8, "prune_end_fraction": prune_end_fraction},
+    trainer = Trainer(model=student, model_state_path=str(model_state_path), recipe=str(recipe_path(recipe)),
+                      recipe_args={"num_epochs": epochs, "final_sparsity": 0.8, "prune_end_fraction": prune_end_fraction,
+                                   **recipe_args},
                       teacher=teacher, args=args,
                       train_dataset=dataset(examples))
     recorder = RecordLearningRates()
@@ -192,3 +194,17 @@ def test_deepsparse_regression_answers_the_raw_prediction():
     output = process(classification, [numpy.array([[0.0, 1.0]], dtype=numpy.float32)])
     assert output.labels == ["not_entailment"]
     assert output.scores == pytest.approx([1 / (1 + numpy.exp(-1.0))])  # softmax of (0, 1)
+
+
+def test_second_order_pruning_samples_the_trainers_gradients(tmp_path):
+    """recipes/sparsebert-obs.yaml: OBS's gradient sampler rebuilt Accelerate's dataloader from its
+    attributes and stopped at the first mask update (TypeError); it now prunes to the target."""
+    trainer, _, before = train(tmp_path / "run", tmp_path, recipe="sparsebert-obs",
+                               num_gradients=4, fisher_block_size=16, mask_updates=4)
+    for layer in trainer.model.bert.encoder.layer:
+        query = layer.attention.self.query.weight
+        assert (query == 0).float().mean().item() == pytest.approx(0.8, abs=0.01)
+    kept = trainer.model.bert.encoder.layer[0].attention.self.query.weight != 0
+    moved = trainer.model.bert.encoder.layer[0].attention.self.query.weight[kept] != \
+        before["bert.encoder.layer.0.attention.self.query.weight"][kept]
+    assert moved.float().mean().item() > 0.5
