@@ -32,6 +32,7 @@ class StageOptions:
     overwrite: bool = False
     model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
     augment: int | None = None  # teacher-labelled variants per training example for the student
+    augment_cache: Path | None = None  # where augmented data is kept (default: the run's data/)
 
 
 def _sizes(model_dir: Path) -> tuple[int, int]:
@@ -69,14 +70,15 @@ def write_curve(model_dir: Path, title: str) -> dict:
 
 
 def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, folder: RunFolder,
-                   variants: int, seed: int) -> tuple[dict, dict]:
+                   variants: int, seed: int, cache: Path | None = None) -> tuple[dict, dict]:
     """The student's training data: the originals and their teacher-labelled variants, cached in
-    the run folder by task, teacher, data, count and seed."""
+    the run folder (or ``cache``, shared by the runs of a sweep), keyed by task, teacher, data,
+    count and seed."""
     from sparsebert.pipeline.augment import AugmentConfig, augment
 
     train_file = Path(data_info["splits"]["train"]["path"])
     cfg = AugmentConfig(variants, seed)
-    path = augment(task, teacher_dir, train_file, folder.data_dir / f"augment-n{variants}-s{seed}", cfg)
+    path = augment(task, teacher_dir, train_file, (cache or folder.data_dir) / f"augment-n{variants}-s{seed}", cfg)
     columns = ["sentence1", "sentence2", "label"]
     rows = data_stage.read_jsonl(train_file) + [{k: v[k] for k in columns if k in v} for v in data_stage.read_jsonl(path)]
     combined = folder.data_dir / f"train-augmented-n{variants}-s{seed}.json"
@@ -105,7 +107,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     student_data, augmentation = data_info, None
     if opts.augment:
         student_data, augmentation = augmented_data(task, teacher_dir, data_info, folder, opts.augment,
-                                                    student_cfg.seed)
+                                                    student_cfg.seed, opts.augment_cache)
     student_dir = folder.training_dir("student")
     print(f"[sparsebert] pruning the pre-trained student while distilling -> {student_dir}", flush=True)
     train_student(opts.model, teacher_dir, student_data, student_dir, student_cfg)

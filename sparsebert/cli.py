@@ -2,6 +2,7 @@
 
     sparsebert train  --task rte --out runs/rte      # teacher, then pruned student; metrics.json
     sparsebert augment --task rte --teacher runs/rte/teacher --augment 8 --out runs/rte-aug
+    sparsebert sweep  --tasks mrpc stsb --variants base aug4   # resumable grid + frontier page
     sparsebert export runs/rte                        # ONNX deployment/ folders
     sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
@@ -56,6 +57,8 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", type=int, metavar="N",
                    help="distil the student on the training set plus N teacher-labelled variants of "
                         "each example (words replaced by embedding neighbours or dropped; cached)")
+    p.add_argument("--augment-cache", type=Path,
+                   help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
@@ -87,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local folder in the glue_data layout (default $GLUE_DIR; if unset, the hub)")
     p.add_argument("--limit", type=int, help="augment a random subset of this many training examples")
     p.add_argument("--seed", type=int, default=42, help="the same seed gives the same bytes")
+
+    p = sub.add_parser("sweep", help="task x sparsity x variant training grid, resumable, and its frontier page")
+    p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--variants", nargs="+", default=["base"],
+                   help="base (the recipe's defaults), augN (N teacher-labelled variants per example), "
+                        "obs (second-order pruning), global (one magnitude ranking)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("train_flags", nargs=argparse.REMAINDER,
+                   help="after --: flags for every `sparsebert train` of the sweep (e.g. -- --limit 2000)")
 
     p = sub.add_parser("export", help="ONNX deployment folders for the student and the teacher")
     _run_argument(p)
@@ -214,7 +227,7 @@ def cmd_train(args) -> int:
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
-                              model_name=args.model, augment=args.augment)
+                              model_name=args.model, augment=args.augment, augment_cache=args.augment_cache)
     metrics = stage.run(opts, teacher_cfg, student_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
@@ -242,6 +255,20 @@ def cmd_augment(args) -> int:
                    AugmentConfig(args.augment, args.seed))
     print(f"[sparsebert] wrote {path} ({args.augment} teacher-labelled variants of each of "
           f"{data['splits']['train']['examples']} training examples)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from sparsebert import glue
+    from sparsebert.pipeline.sweep import sweep
+
+    for task in args.tasks:
+        glue.get_task(task)
+    if not all(0 < s < 1 for s in args.sparsities):
+        raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
+    flags = [f for f in args.train_flags if f != "--"]
+    sweep(args.tasks, args.sparsities, args.variants, args.out, flags)
+    print(f"[sparsebert] wrote {args.out}/frontier.md, frontier.png, frontier.json")
     return 0
 
 
@@ -364,7 +391,7 @@ def _why_gates_fail(args) -> str:
     return ""
 
 
-COMMANDS = {"train": cmd_train, "augment": cmd_augment, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "augment": cmd_augment, "sweep": cmd_sweep, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
             "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run}
 
 

@@ -1,0 +1,58 @@
+"""`sparsebert sweep`: every cell of the grid is a real (tiny) training run; the teacher is trained
+once per task and reused, augmented data is made once, and a sweep run again trains only what is
+missing."""
+
+import pytest
+from tiny import tiny_task_checkpoint
+
+from sparsebert import glue
+from sparsebert.cli import main
+from sparsebert.pipeline.sweep import SweepError, sweep, variant_flags
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_task_checkpoint(glue.get_task("rte"), tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path):
+    calls = []
+
+    def train(argv):
+        calls.append(argv)
+        return main(argv)
+
+    flags = ["--model", str(tiny_model), "--glue-dir", str(glue_dir), "--limit", "24", "--teacher-epochs", "1",
+             "--student-epochs", "1", "--max-seq-length", "32", "--batch-size", "8"]
+    out = tmp_path / "sweep"
+    rows = sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train)
+    assert len(rows) == len(calls) == 4
+    assert "--teacher" not in calls[0] and all("--teacher" in c for c in calls[1:])  # one teacher per task
+    assert sorted(p.name for p in (out / "rte" / "augment").iterdir()) == ["augment-n1-s42"]  # made once
+    assert {(r["variant"], r["sparsity"]) for r in rows} == {("base", 0.5), ("base", 0.8), ("aug1", 0.5), ("aug1", 0.8)}
+    assert all(r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01) for r in rows)
+    assert "train subset of 24" in rows[0]["notes"] and "1 student epochs" in rows[0]["notes"]
+    page = (out / "frontier.md").read_text()
+    assert page.count("| rte | aug1 |") == 2 and (out / "frontier.png").stat().st_size > 10_000
+
+    calls.clear()
+    assert sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train) == rows  # all kept
+    assert calls == []
+    (out / "rte" / "aug1-80" / "metrics.json").unlink()  # an interrupted cell
+    sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train)
+    assert len(calls) == 1 and str(out / "rte" / "aug1-80") in calls[0]
+
+
+def test_variants_are_train_flags():
+    assert variant_flags("base") == [] and variant_flags("aug8") == ["--augment", "8"]
+    assert variant_flags("obs") == ["--recipe", "sparsebert-obs"]
+    with pytest.raises(SweepError, match="unknown variant"):
+        variant_flags("aug")
+
+
+def test_bad_sweep_input_is_one_line(tmp_path, capsys):
+    assert main(["sweep", "--tasks", "rte", "--sparsities", "1.2", "--out", str(tmp_path)]) == 2
+    assert "--sparsities must be in (0, 1)" in capsys.readouterr().err
+    assert main(["sweep", "--tasks", "rte", "--variants", "huge", "--out", str(tmp_path)]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
