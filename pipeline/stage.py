@@ -33,6 +33,7 @@ class StageOptions:
     model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
     augment: int | None = None  # teacher-labelled variants per training example for the student
     augment_cache: Path | None = None  # where augmented data is kept (default: the run's data/)
+    student_init: str = "pretrained"  # "teacher": fine-tune-then-prune, the order the paper argues against
 
 
 def _sizes(model_dir: Path) -> tuple[int, int]:
@@ -109,8 +110,10 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         student_data, augmentation = augmented_data(task, teacher_dir, data_info, folder, opts.augment,
                                                     student_cfg.seed, opts.augment_cache)
     student_dir = folder.training_dir("student")
-    print(f"[sparsebert] pruning the pre-trained student while distilling -> {student_dir}", flush=True)
-    train_student(opts.model, teacher_dir, student_data, student_dir, student_cfg)
+    print(f"[sparsebert] pruning the {'fine-tuned' if opts.student_init == 'teacher' else 'pre-trained'} "
+          f"student while distilling -> {student_dir}", flush=True)
+    student_start = str(teacher_dir) if opts.student_init == "teacher" else opts.model
+    train_student(student_start, teacher_dir, student_data, student_dir, student_cfg)
     student_done = time.time()
 
     patterns = report.pruned_patterns(student_dir)

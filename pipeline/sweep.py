@@ -29,7 +29,7 @@ REFERENCES = {
     "plain PyTorch run of the method, no augmentation (MiniLM-L6, SST-2/MRPC/STS-B)": {0.8: 0.956, 0.9: 0.83, 0.95: 0.72},
     "SparseML GMP + distillation, 30 epochs (6-layer BERT, SQuAD)": {0.8: 1.0, 0.9: 0.999, 0.95: 0.962},
 }
-_VARIANT = re.compile(r"^(base|aug(\d+)|obs|global)$")
+_VARIANT = re.compile(r"^(base|aug(\d+)|obs|global|ptf|ftp)$")
 
 
 class SweepError(UserError):
@@ -47,17 +47,22 @@ class Cell:
         return f"{self.variant}-{round(self.sparsity * 100)}"
 
 
-def variant_flags(variant: str) -> list[str]:
-    """`sparsebert train` flags of a named variant: ``base`` (the recipe's defaults), ``augN``
-    (N teacher-labelled variants per example), ``obs`` (second-order pruning), ``global`` (one
-    magnitude ranking over all pruned matrices)."""
+def variant_flags(variant: str, sparsity: float = 0.9) -> list[str]:
+    """`sparsebert train` flags of a named variant: ``base`` (the recipe's defaults: the
+    pre-trained model pruned gradually while distilled), ``augN`` (N teacher-labelled variants per
+    example), ``obs`` (second-order pruning), ``global`` (one magnitude ranking over all pruned
+    matrices), and the paper's two other orders on the same budget of epochs and the same loss:
+    ``ptf`` (prune-then-fine-tune: the pre-trained model pruned to the target at once, then
+    trained) and ``ftp`` (fine-tune-then-prune: the student starts from the fine-tuned teacher)."""
     match = _VARIANT.match(variant)
     if not match:
-        raise SweepError(f"unknown variant {variant!r}; use base, augN (e.g. aug4), obs or global")
+        raise SweepError(f"unknown variant {variant!r}; use base, augN (e.g. aug4), obs, global, ptf or ftp")
     if match.group(2):
         return ["--augment", match.group(2)]
+    at_once = json.dumps({"init_sparsity": sparsity, "prune_end_fraction": 0.05, "mask_updates": 1})
     return {"base": [], "obs": ["--recipe", "sparsebert-obs"],
-            "global": ["--recipe-args", '{"global_ranking": true}']}[variant]
+            "global": ["--recipe-args", '{"global_ranking": true}'],
+            "ptf": ["--recipe-args", at_once], "ftp": ["--student-init", "teacher"]}[variant]
 
 
 def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], train) -> dict:
@@ -67,7 +72,7 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], trai
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
         args = ["train", "--task", cell.task, "--sparsity", str(cell.sparsity), "--out", str(folder),
                 "--overwrite", "--augment-cache", str(out / cell.task / "augment"),
-                *variant_flags(cell.variant), *extra]
+                *variant_flags(cell.variant, cell.sparsity), *extra]
         started = time.time()
         code = train(args + (["--teacher", str(teacher)] if teacher else []))
         if code != 0:

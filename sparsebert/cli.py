@@ -57,6 +57,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", type=int, metavar="N",
                    help="distil the student on the training set plus N teacher-labelled variants of "
                         "each example (words replaced by embedding neighbours or dropped; cached)")
+    p.add_argument("--student-init", choices=["pretrained", "teacher"], default="pretrained",
+                   help="what the student starts from: the pre-trained model (the paper's way) or the "
+                        "fine-tuned teacher (fine-tune-then-prune, for comparison)")
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
@@ -227,7 +230,8 @@ def cmd_train(args) -> int:
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
-                              model_name=args.model, augment=args.augment, augment_cache=args.augment_cache)
+                              model_name=args.model, augment=args.augment, augment_cache=args.augment_cache,
+                              student_init=args.student_init)
     metrics = stage.run(opts, teacher_cfg, student_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")

@@ -2,6 +2,8 @@
 once per task and reused, augmented data is made once, and a sweep run again trains only what is
 missing."""
 
+import json
+
 import pytest
 from tiny import tiny_task_checkpoint
 
@@ -25,21 +27,27 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     flags = ["--model", str(tiny_model), "--glue-dir", str(glue_dir), "--limit", "24", "--teacher-epochs", "1",
              "--student-epochs", "1", "--max-seq-length", "32", "--batch-size", "8"]
     out = tmp_path / "sweep"
-    rows = sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train)
-    assert len(rows) == len(calls) == 4
+    rows = sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
+    assert len(rows) == len(calls) == 8
     assert "--teacher" not in calls[0] and all("--teacher" in c for c in calls[1:])  # one teacher per task
     assert sorted(p.name for p in (out / "rte" / "augment").iterdir()) == ["augment-n1-s42"]  # made once
-    assert {(r["variant"], r["sparsity"]) for r in rows} == {("base", 0.5), ("base", 0.8), ("aug1", 0.5), ("aug1", 0.8)}
+    assert {(r["variant"], r["sparsity"]) for r in rows} == {(v, s) for v in ("base", "aug1", "ptf", "ftp") for s in (0.5, 0.8)}
     assert all(r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01) for r in rows)
     assert "train subset of 24" in rows[0]["notes"] and "1 student epochs" in rows[0]["notes"]
     page = (out / "frontier.md").read_text()
     assert page.count("| rte | aug1 |") == 2 and (out / "frontier.png").stat().st_size > 10_000
 
+    # The orders: ftp's student starts from the fine-tuned teacher; ptf's is pruned to the target at once.
+    ftp = json.loads((out / "rte" / "ftp-80" / "student" / "config.json").read_text())
+    assert ftp["_name_or_path"] == str(out / "rte" / "base-50" / "teacher")
+    ptf_recipe = (out / "rte" / "ptf-80" / "student" / "recipe.yaml").read_text()
+    assert "init_sparsity: 0.8" in ptf_recipe
+
     calls.clear()
-    assert sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train) == rows  # all kept
+    assert sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train) == rows  # all kept
     assert calls == []
     (out / "rte" / "aug1-80" / "metrics.json").unlink()  # an interrupted cell
-    sweep(["rte"], [0.5, 0.8], ["base", "aug1"], out, flags, train=train)
+    sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
     assert len(calls) == 1 and str(out / "rte" / "aug1-80") in calls[0]
 
 
