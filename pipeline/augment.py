@@ -8,7 +8,11 @@ only), or kept. The teacher then labels every variant (its predicted label, or i
 regression): the student learns the teacher's function on text it would not otherwise see.
 
 Reproducible: each example's variants come from a generator seeded with (seed, example index),
-and the teacher labels them in fp32, so the same inputs and seed give the same bytes.
+and the teacher labels them in fp32 on the CPU (a GPU's kernels may round differently), so the
+same inputs and seed give the same bytes. At the recipe's default ``hardness: 1`` the student
+learns from the teacher's logits on each variant, not from the label written beside it (which the
+hard-label loss, ``hardness < 1``, and OBS's gradient sampler use); a replacement may well be an
+antonym (good -> bad), which is why the teacher, not the original label, answers for it.
 Written as JSON lines (``sentence1``, ``sentence2``, ``label``, ``source``: the example's index),
 with ``augment.json`` beside it saying what made it (the cache key).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -114,20 +119,26 @@ def teacher_labels(task: glue.GlueTask, teacher: Path, variants: list[dict]) -> 
 
     from sparsebert.inference import torch_logits
 
-    logits = torch_logits(teacher, variants)
+    logits = torch_logits(teacher, variants, device="cpu", progress="teacher labelling")
     if task.is_regression:
         return [round(float(v), 6) for v in logits[:, 0]]
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(teacher).id2label.items()}
     return [id2label[int(i)] for i in logits.argmax(axis=1)]
 
 
+FORMAT = 1  # bump when the way variants are made changes: older files are then made again
+_TEACHER_FILES = ("*.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json", "vocab.txt",
+                  "tokenizer_config.json", "special_tokens_map.json")
+
+
 def cache_key(task: glue.GlueTask, teacher: Path, train_file: Path, cfg: AugmentConfig) -> dict:
-    """What the augmented file depends on: the task, the teacher's weights and the training
-    file (by content), and every setting."""
+    """What the augmented file depends on: the task, every file the teacher is loaded from and
+    the training file (by content), the settings, and this module's format."""
     digest = hashlib.sha256()
-    for path in [*sorted(Path(teacher).glob("*.safetensors")), Path(train_file)]:
-        digest.update(path.read_bytes())
-    return {"task": task.name, "teacher": str(teacher), "inputs_sha256": digest.hexdigest(), **asdict(cfg)}
+    files = sorted(p for pattern in _TEACHER_FILES for p in Path(teacher).glob(pattern))
+    for path in [*files, Path(train_file)]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"format": FORMAT, "task": task.name, "inputs_sha256": digest.hexdigest(), **asdict(cfg)}
 
 
 def augment(task: glue.GlueTask, teacher: Path, train_file: Path, out_dir: Path, cfg: AugmentConfig) -> Path:
@@ -140,17 +151,31 @@ def augment(task: glue.GlueTask, teacher: Path, train_file: Path, out_dir: Path,
     out_dir = Path(out_dir)
     path, meta_path = out_dir / "augmented.jsonl", out_dir / "augment.json"
     key = cache_key(task, teacher, train_file, cfg)
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+    if _cached(path, meta_path, key):
         print(f"[sparsebert] reusing {path} (same teacher, data and settings)", flush=True)
         return path
     examples = read_jsonl(Path(train_file))
+    if not examples:
+        raise UserError(f"{train_file} has no examples to augment")
     variants = make_variants(examples, AutoTokenizer.from_pretrained(teacher), word_embeddings(teacher), cfg)
     for variant, label in zip(variants, teacher_labels(task, Path(teacher), variants)):
         variant["label"] = label
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(variants, path)
+    meta_path.unlink(missing_ok=True)  # the key is written last: it vouches only for a whole file
+    partial = path.with_suffix(".partial")
+    write_jsonl(variants, partial)
+    os.replace(partial, path)
     meta_path.write_text(json.dumps({"key": key, "examples": len(examples), "variants": len(variants)}, indent=2))
     return path
+
+
+def _cached(path: Path, meta_path: Path, key: dict) -> bool:
+    if not (path.is_file() and meta_path.is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    with open(path, encoding="utf-8") as f:
+        lines = sum(1 for _ in f)
+    return meta.get("key") == key and meta.get("variants") == lines
 
 
 def _bar(items, description: str, enabled: bool):

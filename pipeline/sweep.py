@@ -70,9 +70,11 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], trai
     folder = out / cell.task / cell.name
     if not (folder / "metrics.json").is_file():
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
+        flags = variant_flags(cell.variant, cell.sparsity)
+        if "--augment" in flags:  # one augmented set per task and setting, shared by its cells
+            flags += ["--augment-cache", str(out / cell.task / "augment")]
         args = ["train", "--task", cell.task, "--sparsity", str(cell.sparsity), "--out", str(folder),
-                "--overwrite", "--augment-cache", str(out / cell.task / "augment"),
-                *variant_flags(cell.variant, cell.sparsity), *extra]
+                "--overwrite", *flags, *extra]
         started = time.time()
         code = train(args + (["--teacher", str(teacher)] if teacher else []))
         if code != 0:

@@ -88,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder (its embeddings pick the "
                                                     "replacement words, its answers label the variants)")
     p.add_argument("--augment", type=int, required=True, metavar="N", help="variants per training example")
-    p.add_argument("--out", type=Path, required=True, help="folder for data/, augmented.jsonl and augment.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for data/ and augment-n<N>-s<seed>/ (augmented.jsonl, augment.json); "
+                        "`sparsebert train --augment N --augment-cache <out>` reuses it")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
                    help="local folder in the glue_data layout (default $GLUE_DIR; if unset, the hub)")
     p.add_argument("--limit", type=int, help="augment a random subset of this many training examples")
     p.add_argument("--seed", type=int, default=42, help="the same seed gives the same bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
 
     p = sub.add_parser("sweep", help="task x sparsity x variant training grid, resumable, and its frontier page")
     p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
@@ -169,6 +172,9 @@ def _check_training(args) -> None:
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
     if args.augment is not None and args.augment < 1:
         raise UsageError(f"--augment must be at least 1, not {args.augment}")
+    if args.augment_cache is not None and args.augment is None:
+        raise UsageError("--augment-cache needs --augment N")
+    _check_limit(args.limit)
     if args.teacher:
         from sparsebert.pipeline.train import check_teacher_labels
 
@@ -176,6 +182,11 @@ def _check_training(args) -> None:
     args.out = args.out or Path("runs") / glue.get_task(args.task).name
     if args.teacher and args.overwrite and Path(args.out).resolve() in Path(args.teacher).resolve().parents:
         raise UsageError(f"--overwrite would delete the --teacher inside {args.out}; choose another --out")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 example, not {limit}")
 
 
 def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, float]:
@@ -191,6 +202,9 @@ def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, floa
 
     recipe_args = dict(recipe_args)
     declared = recipe_variables(recipe)
+    for name, value in recipe_args.items():  # YAML's true/false given as "false" would be truthy
+        if isinstance(declared.get(name), bool) and not isinstance(value, bool):
+            raise UsageError(f"--recipe-args {name} must be true or false (JSON), not {value!r}")
     for flag, variable, value in [("--sparsity", "final_sparsity", args.sparsity),
                                   ("--student-epochs", "num_epochs", args.student_epochs)]:
         if value is None:
@@ -248,15 +262,18 @@ def cmd_augment(args) -> int:
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
     if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
         raise UsageError(f"GLUE directory not found: {args.glue_dir}")
+    _check_limit(args.limit)
     offline.configure(hub=args.glue_dir is None)
     from sparsebert.pipeline import data as data_stage
     from sparsebert.pipeline.augment import AugmentConfig, augment
     from sparsebert.pipeline.train import check_teacher_labels
+    from sparsebert.runfolder import clear_or_refuse
 
     check_teacher_labels(Path(args.teacher), task)
+    clear_or_refuse(args.out, args.overwrite)
     data = data_stage.prepare(task.name, args.glue_dir, args.out / "data", limit=args.limit, seed=args.seed)
-    path = augment(task, Path(args.teacher), Path(data["splits"]["train"]["path"]), args.out,
-                   AugmentConfig(args.augment, args.seed))
+    path = augment(task, Path(args.teacher), Path(data["splits"]["train"]["path"]),
+                   args.out / f"augment-n{args.augment}-s{args.seed}", AugmentConfig(args.augment, args.seed))
     print(f"[sparsebert] wrote {path} ({args.augment} teacher-labelled variants of each of "
           f"{data['splits']['train']['examples']} training examples)")
     return 0

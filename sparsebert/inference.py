@@ -105,16 +105,23 @@ def load_torch(model_dir: Path, tokenizer_dir: Path | None = None):
 
 
 def torch_logits(model_dir: Path, examples: list[dict], max_length: int = 128, batch_size: int = 64,
-                 tokenizer_dir: Path | None = None) -> np.ndarray:
-    """PyTorch logits of a checkpoint for GLUE examples (batched, each batch padded to its longest row)."""
+                 tokenizer_dir: Path | None = None, device: str | None = None,
+                 progress: str | None = None) -> np.ndarray:
+    """PyTorch logits of a checkpoint for GLUE examples (batched, each batch padded to its longest
+    row), on ``device`` (default: a GPU when present); ``progress`` names a progress bar."""
     import torch
 
     model, tokenizer, names = load_torch(model_dir, tokenizer_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation on a GPU machine
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     outputs = []
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch")
     with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
+        for start in starts:
             inputs = encode(tokenizer, examples[start:start + batch_size], names, max_length, fixed_length=False)
             logits = model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).logits
             outputs.append(logits.float().cpu().numpy())

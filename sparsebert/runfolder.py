@@ -30,6 +30,8 @@ class RunFolderError(UserError):
 def clear_or_refuse(folder: Path, overwrite: bool) -> None:
     """Make ``folder`` ready for a new result: refuse when it holds one, unless ``overwrite``
     asks to delete it."""
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} is a file, not a folder")
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
             raise RunFolderError(f"{folder} already holds a result; pass --overwrite or choose another --out")

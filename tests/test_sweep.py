@@ -42,6 +42,10 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     assert ftp["_name_or_path"] == str(out / "rte" / "base-50" / "teacher")
     ptf_recipe = (out / "rte" / "ptf-80" / "student" / "recipe.yaml").read_text()
     assert "init_sparsity: 0.8" in ptf_recipe
+    # The augmented student trained on the originals and their variants.
+    samples = {v: json.loads((out / "rte" / f"{v}-80" / "student" / "all_results.json").read_text())["train_samples"]
+               for v in ("base", "aug1")}
+    assert samples == {"base": 24, "aug1": 48}
 
     calls.clear()
     assert sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train) == rows  # all kept
