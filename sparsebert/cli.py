@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="base (the recipe's defaults), augN (N teacher-labelled variants per example), "
-                        "obs (second-order pruning), global (one magnitude ranking)")
+                        "obs (second-order pruning), global (one magnitude ranking), ptf "
+                        "(prune-then-fine-tune), ftp (fine-tune-then-prune)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("train_flags", nargs=argparse.REMAINDER,
                    help="after --: flags for every `sparsebert train` of the sweep (e.g. -- --limit 2000)")
