@@ -3,9 +3,9 @@
 - accuracy: the student beats the majority baseline and keeps at least a floor of the
   teacher's metric (metrics.json): the claim itself, not only the plumbing;
 - parity: every engine within its metric and logit thresholds of PyTorch on every dev split
-  (parity-*.json), and every answer of the served model within its score threshold of PyTorch's
-  (parity-served-*.json, when measured), judged against the thresholds given to the gates, not a
-  verdict stored earlier;
+  (parity-*.json), and every answer of the served model, on both engines, within its score
+  threshold of PyTorch's (parity-served-*.json; the student's are required, the teacher's judged
+  when measured), judged against the thresholds given to the gates, not a verdict stored earlier;
 - sparsity: every matrix the student's own recipe prunes reached that recipe's target;
 - speed: sparse-on-DeepSparse over dense ratios at batch 1 (bench/bench.json), which were
   measured side by side in one run, so they hold on any machine where absolute times don't.
