@@ -125,8 +125,8 @@ def served_parity_gates(run: RunFolder, which: str, limits: dict, required: bool
             if r is None:
                 gates.append(Gate(f"served answers {which} {engine} ({split})", False, "not measured"))
                 continue
-            passed = (r["label_mismatches"] == 0 and r["answers"] == r.get("expected", r["answers"])
-                      and r["max_score_difference"] <= limits["max_served_score_difference"])
+            # label_mismatches is None when the server answered another number of rows
+            passed = r["label_mismatches"] == 0 and r["max_score_difference"] <= limits["max_served_score_difference"]
             gates.append(Gate(f"served answers {which} {engine} ({split})", passed,
                               f"{r['answers']} answers over HTTP, {r['label_mismatches']} wrong labels, "
                               f"max |Δ score| {r['max_score_difference']:.1e} "

@@ -355,14 +355,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_gates(args) -> int:
+    return 1 if _judge(args) else 0
+
+
+def _judge(args) -> list[str]:
+    """Print every gate; return the names of those that failed."""
     from sparsebert.deploy import gates, thresholds
 
     results = gates.check(RunFolder(args.run), thresholds.load(args.thresholds))
     for result in results:
         print(f"  {'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
-    failed = [r for r in results if not r.passed]
+    failed = [r.name for r in results if not r.passed]
     print(f"gates: {len(results) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    return failed
 
 
 def cmd_serve(args) -> int:
@@ -392,19 +397,15 @@ def cmd_run(args) -> int:
         code = code or COMMANDS[stage_args.command](stage_args)
     if code:
         return code
-    gates_args = parser.parse_args(["gates", run, *thresholds])
-    code = cmd_gates(gates_args)
-    if code:
+    failed = _judge(parser.parse_args(["gates", run, *thresholds]))
+    if failed:
         print(f"[sparsebert] {args.out}: the student is servable, but the run does not hold its claim "
-              f"(a FAIL line above says which){_why_gates_fail(gates_args)}", file=sys.stderr)
-    return code
+              f"(a FAIL line above says which){_why_gates_fail(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def _why_gates_fail(args) -> str:
+def _why_gates_fail(failed: list[str]) -> str:
     """The likely reason, for the failures a default run meets."""
-    from sparsebert.deploy import gates, thresholds
-
-    failed = [g.name for g in gates.check(RunFolder(args.run), thresholds.load(args.thresholds)) if not g.passed]
     if any(name.startswith("student beats") for name in failed):
         return "; at 95% the default model's student may not beat the majority baseline: README, Results"
     if any(name.startswith("speed") for name in failed):

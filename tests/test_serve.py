@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import yaml
 from sparsebert.deploy.client import ClientError, SparseBertClient
 from sparsebert.deploy.errors import UnprocessableInput
 from sparsebert.deploy.loadtest import INPUTS, percentile, require_loopback, run_load
+from sparsebert.deploy.local import free_port
 from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_SEQUENCES, MAX_TEXT_CHARS, SERVING_FILE,
                                      DeploymentError, InferenceRequest, ServedModel, ServeSettings,
                                      check_sequences, create_app, default_sequence_lengths, prepare,
@@ -61,12 +61,6 @@ def original_digest(deployment) -> str:
 @pytest.fixture(scope="session")
 def label_names(deployment) -> set[str]:
     return set(json.loads((deployment / "config.json").read_text())["id2label"].values())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
