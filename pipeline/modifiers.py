@@ -7,7 +7,8 @@ Why not SparseML's own ``DistillationModifier`` + ``PerLayerDistillationModifier
 - It caches module *outputs* only; the attention probabilities are only ever the output of
   ``attention.self.dropout``, i.e. dropped and rescaled during training. This modifier reads
   that module's *input*, the probabilities themselves.
-- It needs every layer's name spelled out, so one recipe could not serve models of any depth.
+- It needs every layer's name spelled out, so one recipe could not serve models of any depth,
+  nor a student shallower than its teacher.
 - ``DistillationModifier`` uses KL on softmax outputs, which is zero for a one-logit regression
   head (STS-B); and two modifiers run the teacher twice per step.
 
@@ -47,10 +48,26 @@ def sparsebert_distillation_loss(student: Dict[str, List[torch.Tensor]], teacher
     else:
         soft_targets = F.softmax(teacher_logits / temperature, dim=-1)
         logits = -(soft_targets * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
-    hidden = sum(F.mse_loss(s, t) for s, t in zip(student["hidden"], teacher["hidden"]))
-    attention = sum(F.mse_loss(s, t) for s, t in zip(student["attention"], teacher["attention"]))
+    hidden_map, attention_map = layer_map(len(student["attention"]), len(teacher["attention"]))
+    hidden = sum(F.mse_loss(student["hidden"][s], teacher["hidden"][t]) for s, t in hidden_map)
+    attention = sum(F.mse_loss(student["attention"][s], teacher["attention"][t]) for s, t in attention_map)
     total = logits_weight * logits + hidden_weight * hidden + attention_weight * attention
     return {"logits_loss": logits, "hidden_loss": hidden, "attention_loss": attention, "distillation_loss": total}
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Which teacher output each student output learns from, as (student, teacher) index pairs:
+    hidden states (index 0 is the embeddings output) and attention probabilities. One to one when
+    the depths agree; a shallower student (a small dense model of the same width) takes every
+    (teacher / student)-th teacher layer, TinyBERT's uniform mapping, so its last layer learns
+    from the teacher's last."""
+    if student_layers < 1 or student_layers > teacher_layers:
+        raise ValueError(f"student has {student_layers} BERT layers, teacher {teacher_layers}: "
+                         "SparseBertDistillationModifier needs 1 to as many layers as the teacher")
+    teacher_of = [(layer + 1) * teacher_layers // student_layers for layer in range(student_layers)]
+    hidden = [(0, 0)] + [(layer + 1, t) for layer, t in enumerate(teacher_of)]
+    attention = [(layer, t - 1) for layer, t in enumerate(teacher_of)]
+    return hidden, attention
 
 
 @PyTorchModifierYAML()
@@ -140,9 +157,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         self._handles = _hook(module, self._student_cache) + _hook(self._teacher, self._teacher_cache)
         student_layers = len(self._student_cache["_names_hidden"])
         teacher_layers = len(self._teacher_cache["_names_hidden"])
-        if student_layers != teacher_layers or student_layers == 0:
-            raise ValueError(f"student has {student_layers} BERT layers, teacher {teacher_layers}: "
-                             "SparseBertDistillationModifier matches layers one to one")
+        layer_map(student_layers, teacher_layers)  # refuses a student deeper than its teacher
 
     def compute_distillation_loss(self, student_outputs, teacher_outputs, **kwargs):
         terms = sparsebert_distillation_loss(

@@ -18,7 +18,7 @@ from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
 from sparsebert.pipeline import report
-from sparsebert.pipeline.train import TrainConfig, train_student, train_teacher
+from sparsebert.pipeline.train import TrainConfig, first_layers, train_student, train_teacher
 
 
 @dataclass
@@ -34,6 +34,7 @@ class StageOptions:
     augment: int | None = None  # teacher-labelled variants per training example for the student
     augment_cache: Path | None = None  # where augmented data is kept (default: the run's data/)
     student_init: str = "pretrained"  # "teacher": fine-tune-then-prune, the order the paper argues against
+    student_layers: int | None = None  # keep only the first K layers: a small dense student
 
 
 def _sizes(model_dir: Path) -> tuple[int, int]:
@@ -110,9 +111,12 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         student_data, augmentation = augmented_data(task, teacher_dir, data_info, folder, opts.augment,
                                                     student_cfg.seed, opts.augment_cache)
     student_dir = folder.training_dir("student")
-    print(f"[sparsebert] pruning the {'fine-tuned' if opts.student_init == 'teacher' else 'pre-trained'} "
-          f"student while distilling -> {student_dir}", flush=True)
     student_start = str(teacher_dir) if opts.student_init == "teacher" else opts.model
+    if opts.student_layers:
+        student_start = str(first_layers(student_start, opts.student_layers, folder.path / "student-init"))
+    print(f"[sparsebert] training the {'fine-tuned' if opts.student_init == 'teacher' else 'pre-trained'} "
+          f"student{f' (first {opts.student_layers} layers)' if opts.student_layers else ''} with "
+          f"{Path(student_cfg.recipe).name} while distilling -> {student_dir}", flush=True)
     train_student(student_start, teacher_dir, student_data, student_dir, student_cfg)
     student_done = time.time()
 
@@ -142,6 +146,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         "retention": student["dev"][main_dev][metric] / teacher["dev"][main_dev][metric]
         if teacher["dev"][main_dev][metric] else None,
         "augmentation": augmentation,
+        "student_layers": opts.student_layers,
         "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
         "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
                          "total": time.time() - started},

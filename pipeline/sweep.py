@@ -29,7 +29,7 @@ REFERENCES = {
     "plain PyTorch run of the method, no augmentation (MiniLM-L6, SST-2/MRPC/STS-B)": {0.8: 0.956, 0.9: 0.83, 0.95: 0.72},
     "SparseML GMP + distillation, 30 epochs (6-layer BERT, SQuAD)": {0.8: 1.0, 0.9: 0.999, 0.95: 0.962},
 }
-_VARIANT = re.compile(r"^(base|aug(\d+)|obs|global|ptf|ftp)$")
+_VARIANT = re.compile(r"^(base|aug(\d+)|obs|global|ptf|ftp|small)$")
 
 
 class SweepError(UserError):
@@ -42,23 +42,38 @@ class Cell:
     variant: str
     sparsity: float
 
+    depth: int = 6  # encoder layers of the pre-trained model
+
     @property
     def name(self) -> str:
+        if self.variant == "small":  # one cell per depth: 90% and 95% may share it
+            return f"small-l{small_layers(self.sparsity, self.depth)}"
         return f"{self.variant}-{round(self.sparsity * 100)}"
 
 
-def variant_flags(variant: str, sparsity: float = 0.9) -> list[str]:
+def small_layers(sparsity: float, depth: int) -> int:
+    """Layers of the small dense student with about as many non-zero encoder weights as the model
+    pruned to ``sparsity`` (at least one: at 90% and 95% a 6-layer model keeps 0.6 and 0.3 layers'
+    worth, so the small model keeps more weights than the sparse one it is set against)."""
+    return max(1, round((1 - sparsity) * depth))
+
+
+def variant_flags(variant: str, sparsity: float = 0.9, depth: int = 6) -> list[str]:
     """`sparsebert train` flags of a named variant: ``base`` (the recipe's defaults: the
     pre-trained model pruned gradually while distilled), ``augN`` (N teacher-labelled variants per
     example), ``obs`` (second-order pruning), ``global`` (one magnitude ranking over all pruned
     matrices), and the paper's two other orders on the same budget of epochs and the same loss:
     ``ptf`` (prune-then-fine-tune: the pre-trained model pruned to the target at once, then
-    trained) and ``ftp`` (fine-tune-then-prune: the student starts from the fine-tuned teacher)."""
+    trained) and ``ftp`` (fine-tune-then-prune: the student starts from the fine-tuned teacher);
+    ``small``: the paper's other comparison, a dense student of the teacher's width keeping only its
+    first layers (``small_layers``), distilled with the same loss and budget, nothing pruned."""
     match = _VARIANT.match(variant)
     if not match:
-        raise SweepError(f"unknown variant {variant!r}; use base, augN (e.g. aug4), obs, global, ptf or ftp")
+        raise SweepError(f"unknown variant {variant!r}; use base, augN (e.g. aug4), obs, global, ptf, ftp or small")
     if match.group(2):
         return ["--augment", match.group(2)]
+    if variant == "small":
+        return ["--student-layers", str(small_layers(sparsity, depth)), "--recipe", "distill"]
     at_once = json.dumps({"init_sparsity": sparsity, "prune_end_fraction": 0.05, "mask_updates": 1})
     return {"base": [], "obs": ["--recipe", "sparsebert-obs"],
             "global": ["--recipe-args", '{"global_ranking": true}'],
@@ -70,11 +85,12 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], trai
     folder = out / cell.task / cell.name
     if not (folder / "metrics.json").is_file():
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
-        flags = variant_flags(cell.variant, cell.sparsity)
+        flags = variant_flags(cell.variant, cell.sparsity, cell.depth)
         if "--augment" in flags:  # one augmented set per task and setting, shared by its cells
             flags += ["--augment-cache", str(out / cell.task / "augment")]
-        args = ["train", "--task", cell.task, "--sparsity", str(cell.sparsity), "--out", str(folder),
-                "--overwrite", *flags, *extra]
+        if cell.variant != "small":  # distill.yaml prunes nothing
+            flags += ["--sparsity", str(cell.sparsity)]
+        args = ["train", "--task", cell.task, "--out", str(folder), "--overwrite", *flags, *extra]
         started = time.time()
         code = train(args + (["--teacher", str(teacher)] if teacher else []))
         if code != 0:
@@ -85,60 +101,154 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], trai
 
 
 def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, extra: list[str],
-          train=None) -> list[dict]:
-    """Run every missing cell, task by task (teacher first), and return one row per cell."""
+          train=None, page_only: bool = False) -> list[dict]:
+    """Run every missing cell, task by task (teacher first), and return one row per cell; with
+    ``page_only``, train nothing and write the page of the cells finished so far."""
     if train is None:
         from sparsebert.cli import main as train
     for variant in variants:
         variant_flags(variant)  # refuse a bad variant before anything runs
-    rows = []
+    depth = model_depth(extra) if "small" in variants else 6
+    rows, missing = [], []
     for task in [glue.get_task(t).name for t in tasks]:
         teacher = None
         for variant in variants:
             for sparsity in sparsities:
-                metrics = run_cell(Cell(task, variant, sparsity), out, teacher, extra, train)
+                cell = Cell(task, variant, sparsity, depth)
+                if page_only and not (out / task / cell.name / "metrics.json").is_file():
+                    missing.append(cell)
+                    continue
+                metrics = run_cell(cell, out, teacher, extra, train)
                 teacher = teacher or Path(metrics["teacher"]["path"])
-                rows.append(row(metrics, variant, sparsity, extra))
-        write(rows, out)
+                rows.append(row(metrics, variant, sparsity))
+        write(rows, out, missing)
     return rows
 
 
-def row(metrics: dict, variant: str, sparsity: float, extra: list[str]) -> dict:
+def model_depth(extra: list[str]) -> int:
+    """Encoder layers of the pre-trained model the sweep's cells start from (``--model``)."""
+    from transformers import AutoConfig
+
+    from sparsebert import models
+
+    name = extra[extra.index("--model") + 1] if "--model" in extra[:-1] else models.DEFAULT_MODEL
+    return AutoConfig.from_pretrained(models.resolve_model(name)).num_hidden_layers
+
+
+def row(metrics: dict, variant: str, sparsity: float) -> dict:
     task = glue.get_task(metrics["task"])
     split, metric = glue.dev_splits(task)[0], task.main_metric
     teacher, student = metrics["teacher"]["dev"][split][metric], metrics["student"]["dev"][split][metric]
+    nonzero = metrics["student"]["parameters_nonzero_encoder_linears"]
     retention = student / teacher if teacher else 0.0
-    target = TARGET_RETENTION.get(round(sparsity, 2))
-    notes = [f"train subset of {metrics['data']['splits']['train']['examples']:,}" if "--limit" in extra else "",
-             f"{metrics['config']['student']['epochs']:g} student epochs" if "--student-epochs" in extra else ""]
+    target = None if variant == "small" else TARGET_RETENTION.get(round(sparsity, 2))
     return {"task": task.name, "metric": metric, "variant": variant, "sparsity": sparsity,
             "measured_sparsity": metrics["student"]["encoder_linear_sparsity"],
+            "student_layers": metrics.get("student_layers"),
+            "nonzero_encoder_linears": nonzero,
+            # 1 - the student's non-zero encoder-linear weights over the teacher's encoder linears:
+            # the measured sparsity for a pruned student, the weights left out for a small one.
+            "equivalent_sparsity": 1 - nonzero / metrics["teacher"]["parameters_encoder_linears"],
             "baseline": metrics["baseline"][split][metric], "teacher": teacher, "student": student,
             "retention": retention, "target_retention": target,
             "target_met": None if target is None else retention >= target,
             "beats_baseline": metrics["student_beats_baseline"],
             "student_minutes": metrics["wall_seconds"]["student"] / 60,
-            "machine": f"{metrics['machine'].get('device', '')} / {metrics['machine'].get('cpu', '')}".strip(" /"),
-            "notes": ", ".join(n for n in notes if n)}
+            # Read from the cell itself, so cells run with a train subset (--limit) or a shorter
+            # schedule say so beside their figures whichever sweep wrote them.
+            "train_examples": metrics["data"]["splits"]["train"]["examples"],
+            "augmented_examples": (metrics.get("augmentation") or {}).get("student_train_examples"),
+            "student_epochs": metrics["config"]["student"]["epochs"],
+            "machine": machine(metrics["machine"])}
+
+
+def machine(described: dict) -> str:
+    """Where a cell trained: the GPU when there was one, else the CPU and its core count."""
+    if described.get("device"):
+        return described["device"]
+    return f"{described.get('cpu', 'CPU')} ({described.get('physical_cores', '?')} cores)"
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| task | variant | sparsity (measured) | metric | baseline | teacher | student | kept | target | "
-             "beats baseline | student min | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "beats baseline | train examples | epochs | student min | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = ("-" if r["target_retention"] is None else
                   f"{r['target_retention']:.0%} " + ("met" if r["target_met"] else
                                                      f"(short by {(r['target_retention'] - r['retention']) * 100:.1f} pts)"))
-        lines.append(f"| {r['task']} | {r['variant']} | {r['measured_sparsity']:.2%} | {r['metric']} | "
+        sparsity = (f"dense, {r['student_layers']} layer(s): {r['equivalent_sparsity']:.2%} of the weights left out"
+                    if r["variant"] == "small" else f"{r['measured_sparsity']:.2%}")
+        lines.append(f"| {r['task']} | {r['variant']} | {sparsity} | {r['metric']} | "
                      f"{r['baseline']:.2f} | {r['teacher']:.2f} | {r['student']:.2f} | {r['retention']:.1%} | "
-                     f"{target} | {'yes' if r['beats_baseline'] else 'no'} | {r['student_minutes']:.1f} | "
-                     f"{r['notes']} |")
-    machines = sorted({r["machine"] for r in rows})
-    lines += ["", f"Final model's dev metric (main metric), sparsity read from the saved weights. "
-                  f"Machine(s): {'; '.join(machines)}.", "", "Reference retentions drawn on the plot:"]
+                     f"{target} | {'yes' if r['beats_baseline'] else 'no'} | {examples(r)} | "
+                     f"{r['student_epochs']:g} | {r['student_minutes']:.1f} | {r['machine']} |")
+    lines += ["", "Final model's dev metric (main metric), sparsity read from the saved weights; kept: the "
+                  "student's share of the teacher's metric. Train examples: the teacher's (a subset where smaller "
+                  "than the task's train set), + the teacher-labelled variants the student also saw.",
+              "", "Reference retentions drawn on the plot:"]
     lines += [f"- {name}: " + ", ".join(f"{s:.0%} -> {k:.1%}" for s, k in points.items())
               for name, points in REFERENCES.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + mean_retention(rows) + claims(rows)) + "\n"
+
+
+def mean_retention(rows: list[dict]) -> list[str]:
+    """The issue's targets are on the mean retention over the tasks, per variant and sparsity."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["target_retention"] is not None:
+            groups.setdefault((r["variant"], r["sparsity"]), []).append(r)
+    if not groups:
+        return []
+    lines = ["", "## Mean retention over the tasks", "", "| variant | sparsity | tasks | mean kept | target | "
+             "tasks not beating their baseline |", "|---|---|---|---|---|---|"]
+    for (variant, sparsity), cells in groups.items():
+        mean = sum(r["retention"] for r in cells) / len(cells)
+        target = cells[0]["target_retention"]
+        verdict = "met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts"
+        losers = ", ".join(r["task"] for r in cells if not r["beats_baseline"]) or "none"
+        lines.append(f"| {variant} | {sparsity:.0%} | {', '.join(r['task'] for r in cells)} | {mean:.1%} | "
+                     f"{target:.0%} {verdict} | {losers} |")
+    return lines
+
+
+def examples(r: dict) -> str:
+    extra = (r.get("augmented_examples") or r["train_examples"]) - r["train_examples"]
+    return f"{r['train_examples']:,}" + (f" + {extra:,}" if extra else "")
+
+
+def claims(rows: list[dict]) -> list[str]:
+    """The paper's two claims, where the sweep holds the cells to test them: the order of pruning
+    and fine-tuning (base against ptf and ftp), and sparse against small dense (base against
+    small, with the non-zero encoder weights of each)."""
+    cell = {(r["task"], r["variant"], r["sparsity"]): r for r in rows}
+    keys = sorted({(r["task"], r["sparsity"]) for r in rows if r["variant"] == "base"})
+    lines = []
+    order = [k for k in keys if any((*k[:1], v, k[1]) in cell for v in ("ptf", "ftp"))]
+    if order:
+        lines += ["", "## Claim 1: prune the pre-trained model while distilling (base) vs the other orders", "",
+                  "Same loss, teacher and epochs. ptf: prune-then-fine-tune (pruned to the target at once, "
+                  "then trained); ftp: fine-tune-then-prune (the student starts from the fine-tuned teacher).", "",
+                  "| task | sparsity | metric | base (paper) | ptf | ftp | best |", "|---|---|---|---|---|---|---|"]
+        for task, sparsity in order:
+            found = {v: cell.get((task, v, sparsity)) for v in ("base", "ptf", "ftp")}
+            best = max((r["student"], v) for v, r in found.items() if r)[1]
+            lines.append(f"| {task} | {sparsity:.0%} | {found['base']['metric']} | " + " | ".join(
+                f"{r['student']:.2f}" if r else "-" for r in found.values()) + f" | {best} |")
+    small = [k for k in keys if (k[0], "small", k[1]) in cell]
+    if small:
+        lines += ["", "## Claim 2: sparse vs small dense at about the same non-zero encoder weights", "",
+                  "Both distilled from the same teacher with the same loss and epochs; small keeps the first "
+                  "layers of the pre-trained model, dense.", "",
+                  "| task | sparsity | metric | sparse student | its non-zero encoder weights | small dense student | "
+                  "its layers and weights | better |", "|---|---|---|---|---|---|---|---|"]
+        for task, sparsity in small:
+            sparse, dense = cell[(task, "base", sparsity)], cell[(task, "small", sparsity)]
+            better = "sparse" if sparse["student"] > dense["student"] else "small dense"
+            lines.append(f"| {task} | {sparsity:.0%} | {sparse['metric']} | {sparse['student']:.2f} | "
+                         f"{sparse['nonzero_encoder_linears']:,} | {dense['student']:.2f} | "
+                         f"{dense['student_layers']} layer(s), {dense['nonzero_encoder_linears']:,} | {better} |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -153,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
         cells = [r for r in rows if r["task"] == task]
         teacher, baseline = cells[0]["teacher"], cells[0]["baseline"]
         for variant in dict.fromkeys(r["variant"] for r in cells):
-            points = sorted((r["measured_sparsity"], r["student"]) for r in cells if r["variant"] == variant)
+            points = sorted((r["equivalent_sparsity"], r["student"]) for r in cells if r["variant"] == variant)
             ax.plot([p[0] * 100 for p in points], [p[1] for p in points], "o-", label=f"student ({variant})")
         ax.axhline(teacher, color="k", linestyle="--", label="dense teacher")
         ax.axhline(baseline, color="grey", linestyle=":", label="majority / constant baseline")
@@ -161,7 +271,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot([s * 100 for s in points], [k * teacher for k in points.values()], marker, color="tab:red",
                     alpha=0.6, label=f"reference x teacher: {name[:28]}...")
         ax.set_title(f"{task} ({cells[0]['metric']})")
-        ax.set_xlabel("encoder-linear sparsity (%)")
+        ax.set_xlabel("encoder-linear sparsity (%; small: weights left out)")
         ax.set_ylabel(cells[0]["metric"])
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -169,8 +279,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[dict], out: Path) -> None:
+def write(rows: list[dict], out: Path, missing: list[Cell] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
-    (out / "frontier.md").write_text("# Accuracy frontier\n\n![frontier](frontier.png)\n\n" + markdown(rows))
-    plot(rows, out / "frontier.png")
+    not_run = ["", "Not run yet: " + ", ".join(f"{c.task} {c.name}" for c in missing) + "."] if missing else []
+    (out / "frontier.md").write_text("# Accuracy frontier\n\n![frontier](frontier.png)\n\n" + markdown(rows)
+                                     + "\n".join(not_run) + "\n")
+    if rows:
+        plot(rows, out / "frontier.png")

@@ -121,6 +121,22 @@ def check_teacher_labels(teacher: Path, task: glue.GlueTask) -> None:
                         "logits would be distilled into the wrong labels; fine-tune it with `sparsebert train`")
 
 
+def first_layers(model: str, layers: int, output_dir: Path) -> Path:
+    """A copy of ``model`` (folder or hub name) that keeps only its embeddings and first ``layers``
+    encoder layers: the small dense student of the sparse-vs-small comparison, as wide as the
+    teacher. Its task head, if any, is left out and trained anew."""
+    from transformers import AutoModel, AutoTokenizer
+
+    base = AutoModel.from_pretrained(model)
+    if not 1 <= layers <= base.config.num_hidden_layers:
+        raise ValueError(f"cannot keep {layers} of {base.config.num_hidden_layers} layers")
+    base.encoder.layer = base.encoder.layer[:layers]
+    base.config.num_hidden_layers = layers
+    base.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(model).save_pretrained(output_dir)
+    return output_dir
+
+
 def train_teacher(model: str, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
     """Fine-tune the dense model on the task (no recipe: nothing is pruned)."""
     run_sparseml(sparseml_arguments(model, data, output_dir, cfg))

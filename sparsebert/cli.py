@@ -60,6 +60,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-init", choices=["pretrained", "teacher"], default="pretrained",
                    help="what the student starts from: the pre-trained model (the paper's way) or the "
                         "fine-tuned teacher (fine-tune-then-prune, for comparison)")
+    p.add_argument("--student-layers", type=int, metavar="K",
+                   help="keep only the student's first K encoder layers (a small dense model of the same "
+                        "width; with --recipe distill, the paper's sparse-vs-small comparison)")
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
@@ -103,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=["base"],
                    help="base (the recipe's defaults), augN (N teacher-labelled variants per example), "
                         "obs (second-order pruning), global (one magnitude ranking), ptf "
-                        "(prune-then-fine-tune), ftp (fine-tune-then-prune)")
+                        "(prune-then-fine-tune), ftp (fine-tune-then-prune), small (a dense student of "
+                        "the first layers, as many non-zero weights as the sparsity leaves)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--page-only", action="store_true",
+                   help="train nothing: write the page of the cells finished so far, listing the rest")
     p.add_argument("train_flags", nargs=argparse.REMAINDER,
                    help="after --: flags for every `sparsebert train` of the sweep (e.g. -- --limit 2000)")
 
@@ -173,6 +179,8 @@ def _check_training(args) -> None:
         raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
     if args.augment is not None and args.augment < 1:
         raise UsageError(f"--augment must be at least 1, not {args.augment}")
+    if args.student_layers is not None and args.student_layers < 1:
+        raise UsageError(f"--student-layers must be at least 1, not {args.student_layers}")
     if args.augment_cache is not None and args.augment is None:
         raise UsageError("--augment-cache needs --augment N")
     _check_limit(args.limit)
@@ -235,6 +243,12 @@ def cmd_train(args) -> int:
     from sparsebert.runfolder import clear_or_refuse
 
     model = models.resolve_model(args.model)
+    if args.student_layers:  # refused before the teacher's minutes are spent
+        from transformers import AutoConfig
+
+        depth = AutoConfig.from_pretrained(model).num_hidden_layers
+        if args.student_layers > depth:
+            raise UsageError(f"--student-layers {args.student_layers}: {args.model} has only {depth} layers")
     recipe = recipe_path(args.recipe)
     recipe_args, epochs = _student_schedule(recipe, parse_recipe_args(args.recipe_args), args)
     clear_or_refuse(args.out, args.overwrite)
@@ -246,7 +260,7 @@ def cmd_train(args) -> int:
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
                               model_name=args.model, augment=args.augment, augment_cache=args.augment_cache,
-                              student_init=args.student_init)
+                              student_init=args.student_init, student_layers=args.student_layers)
     metrics = stage.run(opts, teacher_cfg, student_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
@@ -289,7 +303,7 @@ def cmd_sweep(args) -> int:
     if not all(0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
     flags = [f for f in args.train_flags if f != "--"]
-    sweep(args.tasks, args.sparsities, args.variants, args.out, flags)
+    sweep(args.tasks, args.sparsities, args.variants, args.out, flags, page_only=args.page_only)
     print(f"[sparsebert] wrote {args.out}/frontier.md, frontier.png, frontier.json")
     return 0
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sparseml.pytorch.optim import ScheduledModifierManager
 
-from sparsebert.pipeline.modifiers import SparseBertDistillationModifier
+from sparsebert.pipeline.modifiers import SparseBertDistillationModifier, layer_map, sparsebert_distillation_loss
 from sparsebert.pipeline.report import is_pruned, pruned_patterns
 from sparsebert.recipe import recipe_path
 from tiny import batch, tiny_bert
@@ -75,9 +75,38 @@ def test_hardness_zero_keeps_only_the_task_loss():
     assert total.item() == pytest.approx(task_loss.item(), rel=1e-5)
 
 
-def test_mismatched_depth_is_refused():
-    with pytest.raises(ValueError, match="matches layers one to one"):
-        make_modifier(tiny_bert(0, layers=2), tiny_bert(1, layers=3))
+def test_student_deeper_than_teacher_is_refused():
+    with pytest.raises(ValueError, match="needs 1 to as many layers as the teacher"):
+        make_modifier(tiny_bert(0, layers=3), tiny_bert(1, layers=2))
+
+
+def test_layer_map_is_one_to_one_or_uniform():
+    assert layer_map(3, 3) == ([(0, 0), (1, 1), (2, 2), (3, 3)], [(0, 0), (1, 1), (2, 2)])
+    # A 2-layer student of a 6-layer teacher learns from the teacher's layers 3 and 6.
+    assert layer_map(2, 6) == ([(0, 0), (1, 3), (2, 6)], [(0, 2), (1, 5)])
+    assert layer_map(1, 6) == ([(0, 0), (1, 6)], [(0, 5)])
+
+
+def test_shallow_student_learns_from_the_mapped_teacher_layers():
+    """A 1-layer student of a 2-layer teacher: zero feature loss exactly when its embeddings,
+    its layer and its attention equal the teacher's embeddings, last layer and last attention."""
+    teacher = tiny_bert(1, layers=2).eval()
+    student = copy.deepcopy(teacher)
+    student.bert.encoder.layer = student.bert.encoder.layer[1:]  # keeps the teacher's last layer...
+    student.config.num_hidden_layers = 1
+    modifier = make_modifier(student, teacher)
+    distill_step(modifier, student, batch())
+    # ...but that layer now reads the embeddings rather than layer 1's output, so it differs.
+    assert modifier._logged_loss_terms["hidden_loss"].item() > 0
+    assert len(modifier._student_cache["hidden"]) == 2 and len(modifier._teacher_cache["hidden"]) == 3
+    same = {"hidden": [modifier._teacher_cache["hidden"][0], modifier._teacher_cache["hidden"][2]],
+            "attention": [modifier._teacher_cache["attention"][1]]}
+    logits = torch.zeros(2, 2)
+    terms = sparsebert_distillation_loss(same, modifier._teacher_cache, logits, logits, 1.0, 1.0, 1.0, 1.0)
+    assert terms["hidden_loss"].item() == 0 and terms["attention_loss"].item() == 0
+    shifted = {"hidden": modifier._teacher_cache["hidden"][:2], "attention": modifier._teacher_cache["attention"][:1]}
+    terms = sparsebert_distillation_loss(shifted, modifier._teacher_cache, logits, logits, 1.0, 1.0, 1.0, 1.0)
+    assert terms["hidden_loss"].item() > 0 and terms["attention_loss"].item() > 0
 
 
 @pytest.mark.parametrize("kwargs", [{"hardness": 1.5}, {"temperature": 0.0}, {"hidden_weight": -1.0}])

@@ -12,7 +12,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     names = [type(m).__name__ for m in check_recipe(path, {})]
-    assert {"GMPruningModifier", "OBSPruningModifier"} & set(names) and "SparseBertDistillationModifier" in names
+    assert "SparseBertDistillationModifier" in names
+    # distill.yaml (the small dense students of the sparse-vs-small comparison) prunes nothing.
+    assert bool({"GMPruningModifier", "OBSPruningModifier"} & set(names)) == (path.name != "distill.yaml")
 
 
 def test_schedule_and_ranking_are_recipe_variables():

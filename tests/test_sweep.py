@@ -33,9 +33,10 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     assert sorted(p.name for p in (out / "rte" / "augment").iterdir()) == ["augment-n1-s42"]  # made once
     assert {(r["variant"], r["sparsity"]) for r in rows} == {(v, s) for v in ("base", "aug1", "ptf", "ftp") for s in (0.5, 0.8)}
     assert all(r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01) for r in rows)
-    assert "train subset of 24" in rows[0]["notes"] and "1 student epochs" in rows[0]["notes"]
+    assert rows[0]["train_examples"] == 24 and rows[0]["student_epochs"] == 1  # the page shows the short schedule
     page = (out / "frontier.md").read_text()
     assert page.count("| rte | aug1 |") == 2 and (out / "frontier.png").stat().st_size > 10_000
+    assert "## Claim 1" in page and "| rte | 50% |" in page and "| rte | 80% |" in page
 
     # The orders: ftp's student starts from the fine-tuned teacher; ptf's is pruned to the target at once.
     ftp = json.loads((out / "rte" / "ftp-80" / "student" / "config.json").read_text())
@@ -51,13 +52,37 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     assert sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train) == rows  # all kept
     assert calls == []
     (out / "rte" / "aug1-80" / "metrics.json").unlink()  # an interrupted cell
+    assert len(sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train, page_only=True)) == 7
+    assert calls == [] and "Not run yet: rte aug1-80." in (out / "frontier.md").read_text()
     sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
     assert len(calls) == 1 and str(out / "rte" / "aug1-80") in calls[0]
+
+
+def test_small_dense_student_against_sparse(tiny_model, glue_dir, tmp_path):
+    """The sparse-vs-small claim: at 80% the 2-layer tiny model's small counterpart keeps one layer,
+    dense, distilled from the same teacher; the page sets the two side by side."""
+    flags = ["--model", str(tiny_model), "--glue-dir", str(glue_dir), "--limit", "24", "--teacher-epochs", "1",
+             "--student-epochs", "1", "--max-seq-length", "32", "--batch-size", "8"]
+    out = tmp_path / "sweep"
+    rows = sweep(["rte"], [0.8], ["base", "small"], out, flags)
+    small = json.loads((out / "rte" / "small-l1" / "metrics.json").read_text())
+    assert json.loads((out / "rte" / "small-l1" / "student" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert "GMPruningModifier" not in (out / "rte" / "small-l1" / "student" / "recipe.yaml").read_text()
+    assert small["student"]["encoder_linear_sparsity"] == 0.0  # dense: nothing pruned
+    assert small["student"]["kept_weights_moved"] > 0.5  # and it trained
+    sparse, dense = rows
+    teacher_linears = small["teacher"]["parameters_encoder_linears"]
+    assert dense["nonzero_encoder_linears"] == teacher_linears // 2 and dense["equivalent_sparsity"] == 0.5
+    assert sparse["nonzero_encoder_linears"] == pytest.approx(0.2 * teacher_linears, rel=0.01)
+    page = (out / "frontier.md").read_text()
+    assert "## Claim 2" in page and f"1 layer(s), {teacher_linears // 2:,}" in page
 
 
 def test_variants_are_train_flags():
     assert variant_flags("base") == [] and variant_flags("aug8") == ["--augment", "8"]
     assert variant_flags("obs") == ["--recipe", "sparsebert-obs"]
+    assert variant_flags("small", 0.9, 6) == ["--student-layers", "1", "--recipe", "distill"]
+    assert variant_flags("small", 2 / 3, 6) == ["--student-layers", "2", "--recipe", "distill"]
     with pytest.raises(SweepError, match="unknown variant"):
         variant_flags("aug")
 
