@@ -172,7 +172,7 @@ def summary(metrics: dict) -> str:
     kind = "constant" if task.is_regression else "majority"
     verdict = (f"  the student beats the {kind} baseline" if metrics["student_beats_baseline"] else
                f"  WARNING: the student does NOT beat the {kind} baseline at this sparsity; "
-               "try --sparsity 0.9 or more --student-epochs")
+               "try a lower --sparsity, more --student-epochs or --augment N")
     return "\n".join([
         f"task {metrics['task']} ({first_dev}; final model, main metric {metric}):",
         f"  majority baseline {_scores(b, shown)}  (always {b['label']!r})" if "label" in b else

@@ -175,6 +175,22 @@ def mend_recipe_serialization(module) -> None:
     module.BaseModifier.props = props_as_yaml
 
 
+def mend_quantization_scheme(module) -> None:
+    """``QuantizationScheme.get_qconfig``/``get_wrapper_qconfig`` tag the ``QConfig`` they make with
+    ``qconfig.quantization_scheme = self``, but torch's ``QConfig`` (a namedtuple) has
+    ``__slots__`` now, so ``QuantizationModifier`` stopped at once with ``AttributeError: 'QConfig'
+    object has no attribute 'quantization_scheme'``: no model could be trained for INT8. The
+    QConfig is made as a subclass without ``__slots__``, the same tuple to torch, which takes the tag."""
+    qconfig_class = module.torch_quantization.QConfig
+
+    class TaggableQConfig(qconfig_class):
+        pass  # no __slots__: instances get a __dict__ for SparseML's tag
+
+    make_qconfig = module._get_qconfig
+    module._get_qconfig = lambda activation_args, weight_args: TaggableQConfig(
+        *make_qconfig(activation_args, weight_args))
+
+
 def register_modifiers(module) -> None:
     """SparseML has no plug-in mechanism for recipe modifiers: importing the project's module
     registers ``!SparseBertDistillationModifier`` with its YAML loader."""
@@ -218,6 +234,7 @@ AFTER_IMPORT = {
     "sparseml.optim.modifier": mend_recipe_serialization,
     "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
     "sparseml.pytorch.sparsification": register_modifiers,
+    "sparseml.pytorch.sparsification.quantization.quantization_scheme": mend_quantization_scheme,
     "sparseml.transformers.text_classification": mend_text_classification,
     "sparseml.transformers.sparsification.trainer": mend_trainer,
 }

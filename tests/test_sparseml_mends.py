@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from sparsebert.pipeline.curve import scheduled_optimizer, stepping_optimizer
 from sparsebert.recipe import recipe_path
-from tiny import dataset, tiny_bert
+from tiny import batch, dataset, tiny_bert
 
 PEAK_LR = 1e-3
 
@@ -208,3 +208,36 @@ def test_second_order_pruning_samples_the_trainers_gradients(tmp_path):
     moved = trainer.model.bert.encoder.layer[0].attention.self.query.weight[kept] != \
         before["bert.encoder.layer.0.attention.self.query.weight"][kept]
     assert moved.float().mean().item() > 0.5
+
+
+QAT_RECIPE = """version: 1.1.0
+quantization_modifiers:
+  - !QuantizationModifier
+    start_epoch: 0.0
+    scheme:
+      input_activations: {num_bits: 8, symmetric: false}
+      weights: {num_bits: 8, symmetric: true}
+    ignore: [LayerNorm, Embedding, BertEmbeddings, Tanh, GELUActivation, Dropout, classifier]
+"""
+
+
+def test_quantization_modifier_makes_the_linears_fake_quantized(tmp_path):
+    """SparseML's QuantizationModifier stopped at once: torch's QConfig has __slots__ and SparseML
+    tags it with an attribute (AttributeError). Mended, the encoder linears train fake-quantized."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from torch.ao.quantization import FakeQuantize, QuantWrapper
+
+    (tmp_path / "qat.yaml").write_text(QAT_RECIPE)
+    model, inputs = tiny_bert(0), batch()
+    model.eval()
+    fp32 = model(**inputs).logits.detach()
+    ScheduledModifierManager.from_yaml(str(tmp_path / "qat.yaml")).initialize(model, epoch=0.0)
+    linears = [layer.output.dense for layer in model.bert.encoder.layer]
+    assert all(isinstance(linear, QuantWrapper) for linear in linears)
+    assert any(isinstance(m, FakeQuantize) for m in linears[0].modules())
+    model.train()
+    model(**inputs).loss.backward()  # observers calibrate on a training pass
+    assert linears[0].module.weight.grad.abs().sum() > 0
+    model.eval()
+    int8 = model(**inputs).logits.detach()
+    assert 0 < (int8 - fp32).abs().max() < 0.1  # rounded to 8 bits: close to, not equal to, FP32
