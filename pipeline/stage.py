@@ -128,8 +128,9 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length, patterns, pretrained)
     if not opts.teacher:
         teacher["curve"] = write_curve(teacher_dir, f"{task.name}: dense teacher")
-    student["curve"] = write_curve(student_dir, f"{task.name}: student pruned to "
-                                                f"{student['encoder_linear_sparsity']:.0%} while distilled")
+    student["curve"] = write_curve(student_dir, f"{task.name}: student of {opts.student_layers} layer(s), dense, "
+                                                "distilled" if opts.student_layers else
+                                   f"{task.name}: student pruned to {student['encoder_linear_sparsity']:.0%} while distilled")
     baseline = report.majority_baseline(
         task, data_stage.read_jsonl(Path(data_info["splits"]["train"]["path"])), dev_sets)
     main_dev, metric = glue.dev_splits(task)[0], task.main_metric
@@ -170,9 +171,10 @@ def summary(metrics: dict) -> str:
         curve_line = (f"  student training loss {s['curve']['first_loss']:.4f} (first log) -> "
                       f"{s['curve']['last_loss']:.4f} (last); {s['curve']['path']} and curve.png")
     kind = "constant" if task.is_regression else "majority"
+    smaller = "more --student-layers" if metrics.get("student_layers") else "a lower --sparsity"
     verdict = (f"  the student beats the {kind} baseline" if metrics["student_beats_baseline"] else
-               f"  WARNING: the student does NOT beat the {kind} baseline at this sparsity; "
-               "try a lower --sparsity, more --student-epochs or --augment N")
+               f"  WARNING: the student does NOT beat the {kind} baseline; "
+               f"try {smaller}, more --student-epochs or --augment N")
     return "\n".join([
         f"task {metrics['task']} ({first_dev}; final model, main metric {metric}):",
         f"  majority baseline {_scores(b, shown)}  (always {b['label']!r})" if "label" in b else

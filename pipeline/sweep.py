@@ -52,9 +52,10 @@ class Cell:
 
 
 def small_layers(sparsity: float, depth: int) -> int:
-    """Layers of the small dense student with about as many non-zero encoder weights as the model
-    pruned to ``sparsity`` (at least one: at 90% and 95% a 6-layer model keeps 0.6 and 0.3 layers'
-    worth, so the small model keeps more weights than the sparse one it is set against)."""
+    """Layers of the small dense student nearest in non-zero encoder weights to the model pruned
+    to ``sparsity`` (Python's round: halves go to the even number), at least one: at 90% and 95% a
+    6-layer model keeps 0.6 and 0.3 layers' worth, so the one-layer student keeps 1.7x and 3.3x
+    the sparse one's weights (the page says so beside each comparison)."""
     return max(1, round((1 - sparsity) * depth))
 
 
@@ -108,6 +109,10 @@ def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: P
         from sparsebert.cli import main as train
     for variant in variants:
         variant_flags(variant)  # refuse a bad variant before anything runs
+    fixed = {"--sparsity", "--out", "--task", "--overwrite"} | ({"--recipe", "--student-layers"} if "small" in variants else set())
+    given = sorted(fixed & {flag.split("=", 1)[0] for flag in extra})
+    if given:
+        raise SweepError(f"{', '.join(given)} cannot be a flag for every cell of this sweep: the grid sets it per cell")
     depth = model_depth(extra) if "small" in variants else 6
     rows, missing = [], []
     for task in [glue.get_task(t).name for t in tasks]:
@@ -131,7 +136,12 @@ def model_depth(extra: list[str]) -> int:
 
     from sparsebert import models
 
-    name = extra[extra.index("--model") + 1] if "--model" in extra[:-1] else models.DEFAULT_MODEL
+    name = models.DEFAULT_MODEL
+    for i, flag in enumerate(extra):
+        if flag == "--model" and i + 1 < len(extra):
+            name = extra[i + 1]
+        elif flag.startswith("--model="):
+            name = flag.split("=", 1)[1]
     return AutoConfig.from_pretrained(models.resolve_model(name)).num_hidden_layers
 
 
@@ -164,7 +174,7 @@ def row(metrics: dict, variant: str, sparsity: float) -> dict:
 
 def machine(described: dict) -> str:
     """Where a cell trained: the GPU when there was one, else the CPU and its core count."""
-    if described.get("device"):
+    if described.get("device") not in (None, "", "cpu"):
         return described["device"]
     return f"{described.get('cpu', 'CPU')} ({described.get('physical_cores', '?')} cores)"
 
@@ -217,6 +227,16 @@ def examples(r: dict) -> str:
     return f"{r['train_examples']:,}" + (f" + {extra:,}" if extra else "")
 
 
+def verdict(sparse: float, small: float, weight_ratio: float) -> str:
+    """Who wins, and whether the win says anything: a small model that wins while keeping more
+    weights does not refute the claim; one that loses with more weights supports it."""
+    if sparse == small:
+        return "tie"
+    if sparse > small:
+        return "sparse" + (" (with fewer weights)" if weight_ratio > 1.05 else "")
+    return "small dense" + (" (with more weights: inconclusive)" if weight_ratio > 1.05 else "")
+
+
 def claims(rows: list[dict]) -> list[str]:
     """The paper's two claims, where the sweep holds the cells to test them: the order of pruning
     and fine-tuning (base against ptf and ftp), and sparse against small dense (base against
@@ -232,22 +252,26 @@ def claims(rows: list[dict]) -> list[str]:
                   "| task | sparsity | metric | base (paper) | ptf | ftp | best |", "|---|---|---|---|---|---|---|"]
         for task, sparsity in order:
             found = {v: cell.get((task, v, sparsity)) for v in ("base", "ptf", "ftp")}
-            best = max((r["student"], v) for v, r in found.items() if r)[1]
+            scores = {v: r["student"] for v, r in found.items() if r}
+            best = ", ".join(v for v, score in scores.items() if score == max(scores.values()))
             lines.append(f"| {task} | {sparsity:.0%} | {found['base']['metric']} | " + " | ".join(
                 f"{r['student']:.2f}" if r else "-" for r in found.values()) + f" | {best} |")
     small = [k for k in keys if (k[0], "small", k[1]) in cell]
     if small:
-        lines += ["", "## Claim 2: sparse vs small dense at about the same non-zero encoder weights", "",
+        lines += ["", "## Claim 2: sparse vs small dense, by non-zero encoder weights", "",
                   "Both distilled from the same teacher with the same loss and epochs; small keeps the first "
-                  "layers of the pre-trained model, dense.", "",
+                  "layers of the pre-trained model, dense (at least one layer, so it may keep more weights than "
+                  "the sparse student: the ratio column says how many more).", "",
                   "| task | sparsity | metric | sparse student | its non-zero encoder weights | small dense student | "
-                  "its layers and weights | better |", "|---|---|---|---|---|---|---|---|"]
+                  "its layers and weights | small / sparse weights | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for task, sparsity in small:
             sparse, dense = cell[(task, "base", sparsity)], cell[(task, "small", sparsity)]
-            better = "sparse" if sparse["student"] > dense["student"] else "small dense"
+            ratio = dense["nonzero_encoder_linears"] / max(sparse["nonzero_encoder_linears"], 1)
             lines.append(f"| {task} | {sparsity:.0%} | {sparse['metric']} | {sparse['student']:.2f} | "
                          f"{sparse['nonzero_encoder_linears']:,} | {dense['student']:.2f} | "
-                         f"{dense['student_layers']} layer(s), {dense['nonzero_encoder_linears']:,} | {better} |")
+                         f"{dense['student_layers']} layer(s), {dense['nonzero_encoder_linears']:,} | {ratio:.2f}x | "
+                         f"{verdict(sparse['student'], dense['student'], ratio)} |")
     return lines
 
 
@@ -282,7 +306,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def write(rows: list[dict], out: Path, missing: list[Cell] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
-    not_run = ["", "Not run yet: " + ", ".join(f"{c.task} {c.name}" for c in missing) + "."] if missing else []
+    names = dict.fromkeys(f"{c.task} {c.name}" for c in missing)  # a shared small cell once
+    not_run = ["", "Not run yet: " + ", ".join(names) + "."] if missing else []
     (out / "frontier.md").write_text("# Accuracy frontier\n\n![frontier](frontier.png)\n\n" + markdown(rows)
                                      + "\n".join(not_run) + "\n")
     if rows:

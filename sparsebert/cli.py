@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base (the recipe's defaults), augN (N teacher-labelled variants per example), "
                         "obs (second-order pruning), global (one magnitude ranking), ptf "
                         "(prune-then-fine-tune), ftp (fine-tune-then-prune), small (a dense student of "
-                        "the first layers, as many non-zero weights as the sparsity leaves)")
+                        "the first layers, nearest in non-zero weights to the sparsity, at least one layer)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("--page-only", action="store_true",
                    help="train nothing: write the page of the cells finished so far, listing the rest")
@@ -181,6 +181,9 @@ def _check_training(args) -> None:
         raise UsageError(f"--augment must be at least 1, not {args.augment}")
     if args.student_layers is not None and args.student_layers < 1:
         raise UsageError(f"--student-layers must be at least 1, not {args.student_layers}")
+    if args.student_layers is not None and args.student_init == "teacher":
+        raise UsageError("--student-layers keeps the first layers of the pre-trained model; it does not go "
+                         "with --student-init teacher")
     if args.augment_cache is not None and args.augment is None:
         raise UsageError("--augment-cache needs --augment N")
     _check_limit(args.limit)
@@ -303,8 +306,8 @@ def cmd_sweep(args) -> int:
     if not all(0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
     flags = [f for f in args.train_flags if f != "--"]
-    sweep(args.tasks, args.sparsities, args.variants, args.out, flags, page_only=args.page_only)
-    print(f"[sparsebert] wrote {args.out}/frontier.md, frontier.png, frontier.json")
+    rows = sweep(args.tasks, args.sparsities, args.variants, args.out, flags, page_only=args.page_only)
+    print(f"[sparsebert] wrote {args.out}/frontier.md{', frontier.png' if rows else ''}, frontier.json")
     return 0
 
 

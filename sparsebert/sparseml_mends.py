@@ -181,14 +181,22 @@ def mend_quantization_scheme(module) -> None:
     ``__slots__`` now, so ``QuantizationModifier`` stopped at once with ``AttributeError: 'QConfig'
     object has no attribute 'quantization_scheme'``: no model could be trained for INT8. The
     QConfig is made as a subclass without ``__slots__``, the same tuple to torch, which takes the tag."""
-    qconfig_class = module.torch_quantization.QConfig
-
-    class TaggableQConfig(qconfig_class):
-        pass  # no __slots__: instances get a __dict__ for SparseML's tag
-
+    global TaggableQConfig
+    # No __slots__: instances get a __dict__ for SparseML's tag. Made here, where torch is already
+    # imported, and kept as this module's attribute so a quantized model can be pickled.
+    TaggableQConfig = type("TaggableQConfig", (module.torch_quantization.QConfig,), {"__module__": __name__})
     make_qconfig = module._get_qconfig
     module._get_qconfig = lambda activation_args, weight_args: TaggableQConfig(
         *make_qconfig(activation_args, weight_args))
+
+
+def __getattr__(name: str):
+    """``TaggableQConfig`` for pickle in a process that has not imported SparseML's quantization."""
+    if name == "TaggableQConfig":
+        import sparseml.pytorch.sparsification.quantization.quantization_scheme  # noqa: F401  (runs the mend)
+
+        return globals()[name]
+    raise AttributeError(name)
 
 
 def register_modifiers(module) -> None:

@@ -4,6 +4,7 @@ them). Without the mends the student's optimizer applied a learning rate of 0 fo
 while the log showed a schedule, and an STS-B model was served on a 0-1 scale."""
 
 import json
+import pickle
 from pathlib import Path
 
 import datasets
@@ -235,6 +236,8 @@ def test_quantization_modifier_makes_the_linears_fake_quantized(tmp_path):
     linears = [layer.output.dense for layer in model.bert.encoder.layer]
     assert all(isinstance(linear, QuantWrapper) for linear in linears)
     assert any(isinstance(m, FakeQuantize) for m in linears[0].modules())
+    assert linears[0].qconfig.quantization_scheme is not None  # the tag SparseML could not set
+    pickle.loads(pickle.dumps(linears[0].qconfig))
     model.train()
     model(**inputs).loss.backward()  # observers calibrate on a training pass
     assert linears[0].module.weight.grad.abs().sum() > 0

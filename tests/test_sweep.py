@@ -70,12 +70,20 @@ def test_small_dense_student_against_sparse(tiny_model, glue_dir, tmp_path):
     assert "GMPruningModifier" not in (out / "rte" / "small-l1" / "student" / "recipe.yaml").read_text()
     assert small["student"]["encoder_linear_sparsity"] == 0.0  # dense: nothing pruned
     assert small["student"]["kept_weights_moved"] > 0.5  # and it trained
-    sparse, dense = rows
+    sparse, dense = (next(r for r in rows if r["variant"] == v) for v in ("base", "small"))
+    # The small student starts from the pre-trained model's first layer, and learns from the base cell's teacher.
+    from safetensors.numpy import load_file
+    start, pretrained = (load_file(str(f / "model.safetensors")) for f in (out / "rte" / "small-l1" / "student-init", tiny_model))
+    first = [k for k in start if ".layer.0." in k]
+    assert first and all((start[k] == pretrained[next(p for p in pretrained if p.endswith(k))]).all() for k in first)
+    assert small["teacher"]["path"] == str(out / "rte" / "base-80" / "teacher")
     teacher_linears = small["teacher"]["parameters_encoder_linears"]
     assert dense["nonzero_encoder_linears"] == teacher_linears // 2 and dense["equivalent_sparsity"] == 0.5
     assert sparse["nonzero_encoder_linears"] == pytest.approx(0.2 * teacher_linears, rel=0.01)
     page = (out / "frontier.md").read_text()
-    assert "## Claim 2" in page and f"1 layer(s), {teacher_linears // 2:,}" in page
+    assert "## Claim 2" in page and f"1 layer(s), {teacher_linears // 2:,} | 2.50x |" in page
+    with pytest.raises(SweepError, match="--recipe cannot be a flag for every cell"):
+        sweep(["rte"], [0.8], ["base", "small"], out, [*flags, "--recipe", "sparsebert"])
 
 
 def test_variants_are_train_flags():

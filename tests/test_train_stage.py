@@ -119,6 +119,9 @@ def test_bad_inputs_fail_before_training(tmp_path, glue_dir, capsys):
     bad_recipe.write_text("version: 1.1.0\nfinal_sparsity: 0.9\nmodifiers:\n  - !MagicModifier\n    start_epoch: 0\n")
     assert "invalid recipe" in _one_line_error(base + ["--task", "rte", "--recipe", str(bad_recipe)], capsys)
     assert "not valid JSON" in _one_line_error(base + ["--task", "rte", "--recipe-args", "{x"], capsys)
+    assert "has only 6 layers" in _one_line_error(base + ["--task", "rte", "--student-layers", "7"], capsys)
+    assert "does not go with --student-init teacher" in _one_line_error(
+        base + ["--task", "rte", "--student-layers", "1", "--student-init", "teacher"], capsys)
     broken = tmp_path / "glue"
     (broken / "RTE").mkdir(parents=True)
     (broken / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
