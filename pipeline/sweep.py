@@ -116,7 +116,7 @@ def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: P
     depth = model_depth(extra) if "small" in variants else 6
     rows, missing = [], []
     for task in [glue.get_task(t).name for t in tasks]:
-        teacher = None
+        teacher = finished_teacher(out / task)
         for variant in variants:
             for sparsity in sparsities:
                 cell = Cell(task, variant, sparsity, depth)
@@ -128,6 +128,16 @@ def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: P
                 rows.append(row(metrics, variant, sparsity))
         write(rows, out, missing)
     return rows
+
+
+def finished_teacher(task_folder: Path) -> Path | None:
+    """The teacher an earlier sweep fine-tuned for this task (so a grid extended with new cells
+    keeps comparing students of one teacher), or None."""
+    for metrics in sorted(task_folder.glob("*/metrics.json")):
+        teacher = Path(json.loads(metrics.read_text())["teacher"]["path"])
+        if (teacher / "config.json").is_file():
+            return teacher
+    return None
 
 
 def model_depth(extra: list[str]) -> int:
@@ -214,8 +224,9 @@ def mean_retention(rows: list[dict]) -> list[str]:
              "tasks not beating their baseline |", "|---|---|---|---|---|---|"]
     for (variant, sparsity), cells in groups.items():
         mean = sum(r["retention"] for r in cells) / len(cells)
-        target = cells[0]["target_retention"]
-        verdict = "met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts"
+        target, tasks = cells[0]["target_retention"], len({r["task"] for r in rows})
+        verdict = ("met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts") if len(cells) == tasks \
+            else f"not judged: {len(cells)} of {tasks} tasks run"
         losers = ", ".join(r["task"] for r in cells if not r["beats_baseline"]) or "none"
         lines.append(f"| {variant} | {sparsity:.0%} | {', '.join(r['task'] for r in cells)} | {mean:.1%} | "
                      f"{target:.0%} {verdict} | {losers} |")
@@ -247,14 +258,17 @@ def claims(rows: list[dict]) -> list[str]:
     order = [k for k in keys if any((*k[:1], v, k[1]) in cell for v in ("ptf", "ftp"))]
     if order:
         lines += ["", "## Claim 1: prune the pre-trained model while distilling (base) vs the other orders", "",
-                  "Same loss, teacher and epochs. ptf: prune-then-fine-tune (pruned to the target at once, "
-                  "then trained); ftp: fine-tune-then-prune (the student starts from the fine-tuned teacher).", "",
-                  "| task | sparsity | metric | base (paper) | ptf | ftp | best |", "|---|---|---|---|---|---|---|"]
+                  "Same loss and epochs; one teacher per task when the cells come from one sweep (the teacher "
+                  "column lists each cell's). ptf: prune-then-fine-tune (pruned to the target at once, then "
+                  "trained); ftp: fine-tune-then-prune (the student starts from the fine-tuned teacher).", "",
+                  "| task | sparsity | metric | teacher(s) | base (paper) | ptf | ftp | best |",
+                  "|---|---|---|---|---|---|---|---|"]
         for task, sparsity in order:
             found = {v: cell.get((task, v, sparsity)) for v in ("base", "ptf", "ftp")}
             scores = {v: r["student"] for v, r in found.items() if r}
             best = ", ".join(v for v, score in scores.items() if score == max(scores.values()))
-            lines.append(f"| {task} | {sparsity:.0%} | {found['base']['metric']} | " + " | ".join(
+            teachers = " / ".join(dict.fromkeys(f"{r['teacher']:.2f}" for r in found.values() if r))
+            lines.append(f"| {task} | {sparsity:.0%} | {found['base']['metric']} | {teachers} | " + " | ".join(
                 f"{r['student']:.2f}" if r else "-" for r in found.values()) + f" | {best} |")
     small = [k for k in keys if (k[0], "small", k[1]) in cell]
     if small:

@@ -56,6 +56,9 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     assert calls == [] and "Not run yet: rte aug1-80." in (out / "frontier.md").read_text()
     sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
     assert len(calls) == 1 and str(out / "rte" / "aug1-80") in calls[0]
+    calls.clear()  # a grid extended with a new sparsity keeps the task's teacher
+    sweep(["rte"], [0.6], ["base"], out, flags, train=train)
+    assert calls[0][calls[0].index("--teacher") + 1] == str(out / "rte" / "base-50" / "teacher")
 
 
 def test_small_dense_student_against_sparse(tiny_model, glue_dir, tmp_path):
