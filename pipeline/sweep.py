@@ -193,7 +193,12 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| task | variant | sparsity (measured) | metric | baseline | teacher | student | kept | target | "
              "beats baseline | train examples | epochs | student min | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    shown = set()
     for r in rows:
+        if r["variant"] == "small":  # one small cell serves several sparsities: shown once
+            if (r["task"], r["student_layers"]) in shown:
+                continue
+            shown.add((r["task"], r["student_layers"]))
         target = ("-" if r["target_retention"] is None else
                   f"{r['target_retention']:.0%} " + ("met" if r["target_met"] else
                                                      f"(short by {(r['target_retention'] - r['retention']) * 100:.1f} pts)"))
@@ -238,12 +243,15 @@ def examples(r: dict) -> str:
     return f"{r['train_examples']:,}" + (f" + {extra:,}" if extra else "")
 
 
-def verdict(sparse: float, small: float, weight_ratio: float) -> str:
+def verdict(sparse: dict, small: dict, weight_ratio: float) -> str:
     """Who wins, and whether the win says anything: a small model that wins while keeping more
-    weights does not refute the claim; one that loses with more weights supports it."""
-    if sparse == small:
+    weights does not refute the claim; one that loses with more weights supports it; nothing
+    is said by students that do not beat the majority baseline."""
+    if not (sparse["beats_baseline"] or small["beats_baseline"]):
+        return "neither beats the baseline: says little"
+    if sparse["student"] == small["student"]:
         return "tie"
-    if sparse > small:
+    if sparse["student"] > small["student"]:
         return "sparse" + (" (with fewer weights)" if weight_ratio > 1.05 else "")
     return "small dense" + (" (with more weights: inconclusive)" if weight_ratio > 1.05 else "")
 
@@ -267,6 +275,8 @@ def claims(rows: list[dict]) -> list[str]:
             found = {v: cell.get((task, v, sparsity)) for v in ("base", "ptf", "ftp")}
             scores = {v: r["student"] for v, r in found.items() if r}
             best = ", ".join(v for v, score in scores.items() if score == max(scores.values()))
+            if not any(r["beats_baseline"] for r in found.values() if r):
+                best += " (no student beats the baseline: says little)"
             teachers = " / ".join(dict.fromkeys(f"{r['teacher']:.2f}" for r in found.values() if r))
             lines.append(f"| {task} | {sparsity:.0%} | {found['base']['metric']} | {teachers} | " + " | ".join(
                 f"{r['student']:.2f}" if r else "-" for r in found.values()) + f" | {best} |")
@@ -285,7 +295,7 @@ def claims(rows: list[dict]) -> list[str]:
             lines.append(f"| {task} | {sparsity:.0%} | {sparse['metric']} | {sparse['student']:.2f} | "
                          f"{sparse['nonzero_encoder_linears']:,} | {dense['student']:.2f} | "
                          f"{dense['student_layers']} layer(s), {dense['nonzero_encoder_linears']:,} | {ratio:.2f}x | "
-                         f"{verdict(sparse['student'], dense['student'], ratio)} |")
+                         f"{verdict(sparse, dense, ratio)} |")
     return lines
 
 
