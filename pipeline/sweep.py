@@ -22,8 +22,10 @@ from pathlib import Path
 from sparsebert import glue
 from sparsebert.errors import UserError
 
-# Targets (issue #9): retention of the teacher's main metric, per sparsity.
+# Targets (issue #9): mean retention of the teacher's main metric over these tasks, per sparsity,
+# each task above its baseline (MRPC's all-"equivalent" guess alone keeps 96% of a teacher's F1).
 TARGET_RETENTION = {0.8: 0.98, 0.9: 0.95, 0.95: 0.90}
+TARGET_TASKS = ("mrpc", "stsb", "sst2")
 # Published and independent reference retentions, per sparsity (mean over tasks).
 REFERENCES = {
     "plain PyTorch run of the method, no augmentation (MiniLM-L6, SST-2/MRPC/STS-B)": {0.8: 0.956, 0.9: 0.83, 0.95: 0.72},
@@ -171,7 +173,7 @@ def row(metrics: dict, variant: str, sparsity: float) -> dict:
             "equivalent_sparsity": 1 - nonzero / metrics["teacher"]["parameters_encoder_linears"],
             "baseline": metrics["baseline"][split][metric], "teacher": teacher, "student": student,
             "retention": retention, "target_retention": target,
-            "target_met": None if target is None else retention >= target,
+            "target_met": None if target is None else retention >= target and metrics["student_beats_baseline"],
             "beats_baseline": metrics["student_beats_baseline"],
             "student_minutes": metrics["wall_seconds"]["student"] / 60,
             # Read from the cell itself, so cells run with a train subset (--limit) or a shorter
@@ -199,9 +201,9 @@ def markdown(rows: list[dict]) -> str:
             if (r["task"], r["student_layers"]) in shown:
                 continue
             shown.add((r["task"], r["student_layers"]))
-        target = ("-" if r["target_retention"] is None else
-                  f"{r['target_retention']:.0%} " + ("met" if r["target_met"] else
-                                                     f"(short by {(r['target_retention'] - r['retention']) * 100:.1f} pts)"))
+        target = ("-" if r["target_retention"] is None else f"{r['target_retention']:.0%} " + (
+            "met" if r["target_met"] else "not met: below the baseline" if not r["beats_baseline"]
+            else f"(short by {(r['target_retention'] - r['retention']) * 100:.1f} pts)"))
         sparsity = (f"dense, {r['student_layers']} layer(s): {r['equivalent_sparsity']:.2%} of the weights left out"
                     if r["variant"] == "small" else f"{r['measured_sparsity']:.2%}")
         lines.append(f"| {r['task']} | {r['variant']} | {sparsity} | {r['metric']} | "
@@ -229,10 +231,13 @@ def mean_retention(rows: list[dict]) -> list[str]:
              "tasks not beating their baseline |", "|---|---|---|---|---|---|"]
     for (variant, sparsity), cells in groups.items():
         mean = sum(r["retention"] for r in cells) / len(cells)
-        target, tasks = cells[0]["target_retention"], len({r["task"] for r in rows})
-        verdict = ("met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts") if len(cells) == tasks \
-            else f"not judged: {len(cells)} of {tasks} tasks run"
+        target, ran = cells[0]["target_retention"], {r["task"] for r in cells}
         losers = ", ".join(r["task"] for r in cells if not r["beats_baseline"]) or "none"
+        verdict = (f"not judged: {len(ran & set(TARGET_TASKS))} of the target's {len(TARGET_TASKS)} tasks run"
+                   if not set(TARGET_TASKS) <= ran else
+                   "met" if mean >= target and losers == "none" else
+                   ("not met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts")
+                   + (f"; {losers} below the baseline" if losers != "none" else ""))
         lines.append(f"| {variant} | {sparsity:.0%} | {', '.join(r['task'] for r in cells)} | {mean:.1%} | "
                      f"{target:.0%} {verdict} | {losers} |")
     return lines

@@ -104,3 +104,22 @@ def test_bad_sweep_input_is_one_line(tmp_path, capsys):
     assert main(["sweep", "--tasks", "rte", "--variants", "huge", "--out", str(tmp_path)]) == 2
     assert "unknown variant" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def _row(task, retention, beats_baseline, sparsity=0.9):
+    return {"task": task, "metric": "m", "variant": "base", "sparsity": sparsity, "measured_sparsity": sparsity,
+            "student_layers": None, "nonzero_encoder_linears": 1, "equivalent_sparsity": sparsity, "baseline": 50.0,
+            "teacher": 80.0, "student": 80.0 * retention, "retention": retention, "target_retention": 0.95,
+            "target_met": retention >= 0.95 and beats_baseline, "beats_baseline": beats_baseline,
+            "student_minutes": 1.0, "train_examples": 10, "augmented_examples": None, "student_epochs": 10,
+            "machine": "cpu"}
+
+
+def test_targets_need_the_three_tasks_each_above_its_baseline():
+    """MRPC's all-"equivalent" guess keeps 96% of a teacher's F1: retention alone would call it met."""
+    from sparsebert.pipeline.sweep import markdown
+
+    guessing = markdown([_row("mrpc", 0.96, False), _row("stsb", 0.97, True), _row("sst2", 0.99, True)])
+    assert "| 95% not met; mrpc below the baseline |" in guessing and "95% not met: below the baseline" in guessing
+    assert "| 95% met |" in markdown([_row("mrpc", 0.96, True), _row("stsb", 0.97, True), _row("sst2", 0.99, True)])
+    assert "not judged: 2 of the target's 3 tasks run" in markdown([_row("mrpc", 0.99, True), _row("sst2", 0.99, True)])
