@@ -1,8 +1,19 @@
-"""Latency benchmark: sparse and dense models side by side on DeepSparse, ONNX Runtime and
-PyTorch, at batch 1 and a larger batch, sequence length 128, in one run, so that the ratios
-(not the absolute times) say what sparsity buys on this machine.
+"""Latency benchmark: dense, sparse and sparse-INT8 models side by side on DeepSparse, ONNX
+Runtime and PyTorch, so that the ratios (not the absolute times) say what sparsity and INT8 buy
+on this machine.
 
-Writes ``bench.json``, ``bench.md`` (a table) and ``bench.png`` (a plot).
+Two kinds of input:
+- fixed: random full rows of the exported length (128 tokens), at batch 1 and a larger batch;
+- real text (``--real-text``): a task's dev texts at batch 1, each its own length, either padded
+  to the exported length (what a fixed-shape server does) or run on the smallest of a few
+  sequence-length buckets that holds it (what the sparsebert server does).
+
+Every measurement of one family (its dense, sparse and INT8 models on every engine) is taken in
+rounds, round-robin, so that a machine that slows down or speeds up during the run (turbo,
+a noisy neighbour) affects each of them alike; measuring model after model put every dense
+figure before every sparse one and skewed the ratios by up to 25% on a 2-core VM.
+
+Writes ``bench.json``, ``bench.md`` (tables) and ``bench.png`` (a plot).
 """
 
 from __future__ import annotations
@@ -15,14 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert.deploy.engines import ENGINES, Runner
+from sparsebert.inference import onnx_input_names
+
+ROUNDS = 3
 
 
 @dataclass
 class Model:
     family: str  # e.g. "all-MiniLM-L6-v2 (rte)" or "BERT-base (random weights)"
-    variant: str  # "dense" or "sparse 95%"
+    variant: str  # "dense", "sparse 95%" or "sparse 95% INT8"
     model_dir: Path
     deployment: Path
+    precision: str = "fp32"  # "int8": PyTorch only emulates it (fake quantization), so it is not timed there
+
+
+def engines_for(model: Model, engines) -> list[str]:
+    return [e for e in engines if not (model.precision == "int8" and e == "pytorch")]
 
 
 def random_inputs(input_names: list[str], batch_size: int, sequence_length: int, vocab_size: int = 30522,
@@ -35,65 +54,190 @@ def random_inputs(input_names: list[str], batch_size: int, sequence_length: int,
     return {name: filled.get(name, np.zeros(shape, dtype=np.int64)) for name in input_names}
 
 
-def time_runner(runner: Runner, seconds: float, min_iterations: int = 3) -> dict:
-    """Items per second and per-batch latency percentiles over about ``seconds`` of calls."""
-    inputs = random_inputs(runner.input_names, runner.batch_size, runner.sequence_length)
-    runner(inputs)  # warm-up (first-call allocation, kernel selection)
-    times = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < min_iterations or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        runner(inputs)
-        times.append(time.perf_counter() - start)
-    times_ms = np.array(times) * 1000
-    return {"items_per_second": runner.batch_size * len(times) / float(np.sum(times)),
-            "p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99)),
-            "iterations": len(times)}
+class Timed:
+    """One measured configuration: a call that runs one unit of work, and its timings."""
+
+    def __init__(self, key: dict, call, items_per_call: int, close=lambda: None):
+        self.key, self.call, self.items_per_call, self.close = key, call, items_per_call, close
+        self.times: list[float] = []
+
+    def run_for(self, seconds: float, min_calls: int = 1) -> None:
+        deadline = time.perf_counter() + seconds
+        calls = 0
+        while calls < min_calls or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            self.call()
+            self.times.append(time.perf_counter() - start)
+            calls += 1
+
+    def result(self) -> dict:
+        times_ms = np.array(self.times) * 1000
+        return {**self.key, "items_per_second": self.items_per_call * len(self.times) / float(np.sum(self.times)),
+                "p50_ms": float(np.percentile(times_ms, 50)), "p99_ms": float(np.percentile(times_ms, 99)),
+                "iterations": len(self.times)}
+
+
+def measure_interleaved(timed: list[Timed], seconds: float, rounds: int = ROUNDS, progress=print) -> list[dict]:
+    """``seconds`` of calls for each, split into ``rounds`` round-robin turns; closes them all."""
+    try:
+        for t in timed:
+            t.call()  # warm-up (first-call allocation, kernel selection)
+        for _ in range(rounds):
+            for t in timed:
+                t.run_for(seconds / rounds, min_calls=1)
+        results = [t.result() for t in timed]
+    finally:
+        for t in timed:
+            t.close()
+    for r in results:
+        progress(f"  {r['family']:32} {r['variant']:16} {r['engine']:12} {r.get('input', ''):10} batch "
+                 f"{r['batch_size']:3}, {r['threads']} thread(s): {r['items_per_second']:8.1f} items/s  "
+                 f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
+    return results
+
+
+def _fixed_timed(model: Model, engine: str, batch_size: int, sequence_length: int, threads) -> Timed:
+    runner = Runner(engine, model.model_dir, model.deployment, batch_size, sequence_length,
+                    None if threads == "all" else threads)
+    inputs = random_inputs(runner.input_names, batch_size, sequence_length)
+    key = {"family": model.family, "variant": model.variant, "precision": model.precision, "engine": engine,
+           "input": "fixed", "batch_size": batch_size, "threads": threads}
+    return Timed(key, lambda: runner(inputs), batch_size, runner.close)
 
 
 def benchmark(models: list[Model], batch_sizes: list[int], sequence_length: int = 128,
-              seconds: float = 5.0, engines=ENGINES, threads: int | None = None,
+              seconds: float = 5.0, engines=ENGINES, threads: list | None = None,
               progress=print) -> dict:
+    """Fixed-length rows: every model of a family on every engine, at each batch size and each
+    thread count (an int, or "all" for each library's default), measured interleaved."""
+    threads = threads or ["all"]
     rows = []
-    for model in models:
-        for engine in engines:
+    for count in threads:
+        for family in dict.fromkeys(m.family for m in models):
             for batch_size in batch_sizes:
-                runner = Runner(engine, model.model_dir, model.deployment, batch_size, sequence_length,
-                                threads)
-                try:
-                    result = time_runner(runner, seconds)
-                finally:
-                    runner.close()
-                rows.append({"family": model.family, "variant": model.variant, "engine": engine,
-                             "batch_size": batch_size, **result})
-                progress(f"  {model.family:32} {model.variant:11} {engine:12} batch {batch_size:3}: "
-                         f"{result['items_per_second']:8.1f} items/s  p50 {result['p50_ms']:8.1f} ms")
-    return {"sequence_length": sequence_length, "seconds_per_measurement": seconds,
-            "threads": threads or "all",
-            "machine": machine(), "rows": rows, "ratios": ratios(rows)}
+                timed = [_fixed_timed(m, e, batch_size, sequence_length, count)
+                         for m in models if m.family == family for e in engines_for(m, engines)]
+                rows += measure_interleaved(timed, seconds, progress=progress)
+    return {"sequence_length": sequence_length, "seconds_per_measurement": seconds, "rounds": ROUNDS,
+            "threads": threads, "machine": machine(), "rows": rows, "ratios": ratios(rows)}
+
+
+# ---------------------------------------------------------------- real text
+
+
+def bucket_of(length: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds ``length`` tokens (the longest truncates)."""
+    return next((b for b in sorted(buckets) if length <= b), max(buckets))
+
+
+def encode_each(tokenizer, examples: list[dict], input_names: list[str], length_of) -> list[dict]:
+    """Each example alone, truncated to the longest bucket and padded to ``length_of(its length)``."""
+    from sparsebert import inference
+
+    longest = length_of(10**9)
+    encoded = []
+    for example in examples:
+        natural = inference.encode(tokenizer, [example], input_names, longest, fixed_length=False)
+        encoded.append(inference.encode(tokenizer, [example], input_names, length_of(natural["input_ids"].shape[1]),
+                                        fixed_length=True))
+    return encoded
+
+
+def _real_text_timed(model: Model, engine: str, requests: list[dict], lengths: list[int], mode: str,
+                     threads) -> Timed:
+    """Batch-1 requests in dev order, each sent to the runner of its own length."""
+    runners = {n: Runner(engine, model.model_dir, model.deployment, 1, n, None if threads == "all" else threads)
+               for n in lengths}
+    position = [0]
+
+    def call():
+        request = requests[position[0] % len(requests)]
+        position[0] += 1
+        runners[request["input_ids"].shape[1]](request)
+
+    def close():
+        for runner in runners.values():
+            runner.close()
+
+    key = {"family": model.family, "variant": model.variant, "precision": model.precision, "engine": engine,
+           "input": mode, "batch_size": 1, "threads": threads}
+    return Timed(key, call, 1, close)
+
+
+def real_text_benchmark(models: list[Model], examples: list[dict], buckets: list[int], seconds: float = 10.0,
+                        engines=("onnxruntime", "deepsparse"), threads: list | None = None,
+                        progress=print) -> dict:
+    """The dev texts at batch 1, padded to the longest bucket (``padded``) or run on the smallest
+    bucket that holds each (``bucketed``), for every model on every engine, interleaved."""
+    from transformers import AutoTokenizer
+
+    threads, buckets = threads or ["all"], sorted(buckets)
+    longest = buckets[-1]
+    tokenizer = AutoTokenizer.from_pretrained(models[0].deployment)
+    names = onnx_input_names(models[0].deployment / "model.onnx")
+    padded = encode_each(tokenizer, examples, names, lambda n: longest)
+    bucketed = encode_each(tokenizer, examples, names, lambda n: bucket_of(n, buckets))
+    tokens = [int(r["attention_mask"].sum()) for r in bucketed]
+    rows = []
+    for count in threads:
+        timed = [t for m in models for e in engines_for(m, engines) for t in (
+            _real_text_timed(m, e, padded, [longest], "padded", count),
+            _real_text_timed(m, e, bucketed, buckets, "bucketed", count))]
+        rows += measure_interleaved(timed, seconds, progress=progress)
+    return {"examples": len(examples), "buckets": buckets, "seconds_per_measurement": seconds, "rounds": ROUNDS,
+            "threads": threads, "tokens": {"mean": float(np.mean(tokens)), "p50": float(np.median(tokens)),
+                                           "max": int(max(tokens))},
+            "bucket_share": {str(b): sum(r["input_ids"].shape[1] == b for r in bucketed) / len(bucketed) for b in buckets},
+            "machine": machine(), "rows": rows, "ratios": real_text_ratios(rows)}
+
+
+def real_text_ratios(rows: list[dict]) -> list[dict]:
+    """Each sparse model over the dense model on ONNX Runtime padding every request (the
+    fixed-shape baseline), per engine and input, per thread count."""
+    out = []
+    for r in rows:
+        if r["variant"] == "dense":
+            continue
+        base = next((b for b in rows if (b["family"], b["variant"], b["engine"], b["input"], b["threads"])
+                     == (r["family"], "dense", "onnxruntime", "padded", r["threads"])), None)
+        if base:
+            out.append({k: r[k] for k in ("family", "variant", "precision", "engine", "input", "threads")}
+                       | {"vs_dense_onnxruntime_padded": r["items_per_second"] / base["items_per_second"]})
+    return out
+
+
+# ---------------------------------------------------------------- ratios and reports
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Speed-ups of each sparse variant over the dense model of its family, per batch size."""
-    def speed(family, variant, engine, batch):
-        return next((r["items_per_second"] for r in rows if (r["family"], r["variant"], r["engine"], r["batch_size"])
-                     == (family, variant, engine, batch)), None)
+    """Speed-ups of each sparse variant over the dense model of its family, per batch size and
+    thread count. An INT8 variant's keys say so (``sparse_int8_...``)."""
+    def speed(family, variant, engine, batch, threads):
+        return next((r["items_per_second"] for r in rows if (r["family"], r["variant"], r["engine"], r["batch_size"],
+                                                             r.get("threads", "all"))
+                     == (family, variant, engine, batch, threads)), None)
 
     out = []
-    for family, variant in dict.fromkeys((r["family"], r["variant"]) for r in rows):
+    variants = dict.fromkeys((r["family"], r["variant"], r.get("precision", "fp32")) for r in rows)
+    for family, variant, precision in variants:
         if variant == "dense":
             continue
-        for batch in sorted({r["batch_size"] for r in rows}):
-            sparse_ds = speed(family, variant, "deepsparse", batch)
-            pairs = {
-                "sparse_deepsparse_vs_dense_onnxruntime": (sparse_ds, speed(family, "dense", "onnxruntime", batch)),
-                "sparse_vs_dense_deepsparse": (sparse_ds, speed(family, "dense", "deepsparse", batch)),
-                "sparse_deepsparse_vs_dense_pytorch": (sparse_ds, speed(family, "dense", "pytorch", batch)),
-                "sparse_vs_dense_onnxruntime": (speed(family, variant, "onnxruntime", batch),
-                                                speed(family, "dense", "onnxruntime", batch)),
-            }
-            out.append({"family": family, "variant": variant, "batch_size": batch,
-                        **{k: a / b for k, (a, b) in pairs.items() if a and b}})
+        prefix = "sparse_int8" if precision == "int8" else "sparse"
+        for threads in dict.fromkeys(r.get("threads", "all") for r in rows):
+            for batch in sorted({r["batch_size"] for r in rows}):
+                sparse_ds = speed(family, variant, "deepsparse", batch, threads)
+                dense = {e: speed(family, "dense", e, batch, threads) for e in ENGINES}
+                pairs = {
+                    f"{prefix}_deepsparse_vs_dense_onnxruntime": (sparse_ds, dense["onnxruntime"]),
+                    f"{prefix}_vs_dense_deepsparse": (sparse_ds, dense["deepsparse"]),
+                    f"{prefix}_deepsparse_vs_dense_pytorch": (sparse_ds, dense["pytorch"]),
+                    f"{prefix}_vs_dense_onnxruntime": (speed(family, variant, "onnxruntime", batch, threads),
+                                                       dense["onnxruntime"]),
+                }
+                measured = {k: a / b for k, (a, b) in pairs.items() if a and b}
+                if measured:
+                    out.append({"family": family, "variant": variant, "precision": precision, "batch_size": batch,
+                                "threads": threads, **measured})
     return out
 
 
@@ -103,56 +247,96 @@ def machine() -> dict:
     return hardware.describe()
 
 
+RATIO_COLUMNS = [("deepsparse_vs_dense_onnxruntime", "sparse DS / dense ORT"),
+                 ("vs_dense_deepsparse", "sparse / dense (DS)"),
+                 ("deepsparse_vs_dense_pytorch", "sparse DS / dense PyTorch"),
+                 ("vs_dense_onnxruntime", "sparse / dense (ORT)")]
+
+
+def _cpu(report: dict) -> str:
+    m = report["machine"]
+    return f"{m.get('cpu') or m.get('processor')} ({m['cpus']} CPUs; {', '.join(m.get('cpu_features', [])) or 'no AVX512'})"
+
+
 def markdown(report: dict) -> str:
-    lines = [f"Sequence length {report['sequence_length']}, {report['machine']['cpus']} CPUs "
-             f"({report['machine'].get('cpu') or report['machine'].get('processor')}), {report.get('threads', 'all')} thread(s) "
-             "per engine; items/s (p50 ms per batch).", "",
-             "| model | variant | batch | " + " | ".join(ENGINES) + " |",
-             "|---|---|---|" + "---|" * len(ENGINES)]
-    keys = dict.fromkeys((r["family"], r["variant"], r["batch_size"]) for r in report["rows"])
-    for family, variant, batch in keys:
+    lines = [f"Fixed rows of {report['sequence_length']} tokens on {_cpu(report)}; threads per engine "
+             f"{report['threads']}; {report.get('rounds', 1)} interleaved rounds; items/s (p50 ms per batch).", "",
+             "| model | variant | threads | batch | " + " | ".join(ENGINES) + " |",
+             "|---|---|---|---|" + "---|" * len(ENGINES)]
+    keys = dict.fromkeys((r["family"], r["variant"], r.get("threads", "all"), r["batch_size"]) for r in report["rows"])
+    for family, variant, threads, batch in keys:
         cells = []
         for engine in ENGINES:
-            r = next((r for r in report["rows"] if (r["family"], r["variant"], r["batch_size"], r["engine"])
-                      == (family, variant, batch, engine)), None)
+            r = next((r for r in report["rows"] if (r["family"], r["variant"], r.get("threads", "all"), r["batch_size"],
+                                                    r["engine"]) == (family, variant, threads, batch, engine)), None)
             cells.append(f"{r['items_per_second']:.1f} ({r['p50_ms']:.1f})" if r else "-")
-        lines.append(f"| {family} | {variant} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | variant | batch | sparse DS / dense ORT | sparse / dense (DS) | sparse DS / dense PyTorch | sparse / dense (ORT) |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {family} | {variant} | {threads} | {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | variant | threads | batch | " + " | ".join(h for _, h in RATIO_COLUMNS) + " |",
+              "|---|---|---|---|" + "---|" * len(RATIO_COLUMNS)]
     for r in report["ratios"]:
-        cells = [f"{r[k]:.2f}x" if k in r else "-" for k in (
-            "sparse_deepsparse_vs_dense_onnxruntime", "sparse_vs_dense_deepsparse",
-            "sparse_deepsparse_vs_dense_pytorch", "sparse_vs_dense_onnxruntime")]
-        lines.append(f"| {r['family']} | {r['variant']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+        prefix = "sparse_int8" if r.get("precision") == "int8" else "sparse"
+        cells = [f"{r[f'{prefix}_{k}']:.2f}x" if f"{prefix}_{k}" in r else "-" for k, _ in RATIO_COLUMNS]
+        lines.append(f"| {r['family']} | {r['variant']} | {r.get('threads', 'all')} | {r['batch_size']} | "
+                     + " | ".join(cells) + " |")
+    if report.get("real_text"):
+        lines += ["", real_text_markdown(report["real_text"])]
     return "\n".join(lines) + "\n"
 
 
+def real_text_markdown(real: dict) -> str:
+    lines = [f"Real text: {real['examples']} dev examples at batch 1, {real['tokens']['mean']:.0f} tokens on average "
+             f"(p50 {real['tokens']['p50']:.0f}, max {real['tokens']['max']}); buckets {real['buckets']} "
+             f"(share {', '.join(f'{b}: {v:.0%}' for b, v in real['bucket_share'].items())}); items/s "
+             "(p50 / p99 ms), and the speed-up over the dense model on ONNX Runtime padding every request.", "",
+             "| model | variant | threads | engine | padded | bucketed | bucketed / dense ORT padded |",
+             "|---|---|---|---|---|---|---|"]
+    rows = real["rows"]
+    for family, variant, threads, engine in dict.fromkeys((r["family"], r["variant"], r["threads"], r["engine"]) for r in rows):
+        cell = {}
+        for mode in ("padded", "bucketed"):
+            r = next(r for r in rows if (r["family"], r["variant"], r["threads"], r["engine"], r["input"])
+                     == (family, variant, threads, engine, mode))
+            cell[mode] = f"{r['items_per_second']:.1f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"
+        ratio = next((x["vs_dense_onnxruntime_padded"] for x in real["ratios"] if (x["family"], x["variant"], x["threads"],
+                      x["engine"], x["input"]) == (family, variant, threads, engine, "bucketed")), None)
+        lines.append(f"| {family} | {variant} | {threads} | {engine} | {cell['padded']} | {cell['bucketed']} | "
+                     f"{f'{ratio:.2f}x' if ratio else '-'} |")
+    return "\n".join(lines)
+
+
 def plot(report: dict, path: Path) -> None:
+    """One panel per family, thread count and batch size (fixed rows), and one per thread count
+    for real text: items/s of each variant on each engine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(r["family"] for r in report["rows"]))
-    batches = sorted({r["batch_size"] for r in report["rows"]})
-    fig, axes = plt.subplots(len(families), len(batches), figsize=(5 * len(batches), 3.6 * len(families)),
-                             squeeze=False)
-    for i, family in enumerate(families):
-        for j, batch in enumerate(batches):
-            ax = axes[i][j]
-            rows = [r for r in report["rows"] if r["family"] == family and r["batch_size"] == batch]
-            variants = list(dict.fromkeys(r["variant"] for r in rows))
-            width = 0.8 / len(variants)
-            for k, variant in enumerate(variants):
-                values = [next((r["items_per_second"] for r in rows if r["variant"] == variant
-                                and r["engine"] == e), 0) for e in ENGINES]
-                ax.bar(np.arange(len(ENGINES)) + k * width, values, width, label=variant)
-            ax.set_xticks(np.arange(len(ENGINES)) + width * (len(variants) - 1) / 2, ENGINES)
-            ax.set_title(f"{family}, batch {batch}", fontsize=10)
-            ax.set_ylabel("items / s (higher is better)")
-            ax.legend(fontsize=8)
-    fig.suptitle(f"seq {report['sequence_length']}, {report['machine']['cpus']} CPUs, "
-                 f"{report.get('threads', 'all')} thread(s) per engine")
+    panels = [(f"{f}, {t} thread(s), batch {b}", [r for r in report["rows"] if (r["family"], r.get("threads", "all"),
+                                                                              r["batch_size"]) == (f, t, b)], "engine")
+              for f, t, b in dict.fromkeys((r["family"], r.get("threads", "all"), r["batch_size"]) for r in report["rows"])]
+    real = report.get("real_text")
+    if real:
+        panels += [(f"real text (dev), {t} thread(s), batch 1", [r for r in real["rows"] if r["threads"] == t], "input")
+                   for t in dict.fromkeys(r["threads"] for r in real["rows"])]
+    columns = min(2, len(panels))
+    rows_n = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(6.5 * columns, 3.8 * rows_n), squeeze=False)
+    for ax, (title, rows, axis) in zip(axes.flat, panels):
+        groups = list(dict.fromkeys(r["engine"] if axis == "engine" else f"{r['engine']}\n{r['input']}" for r in rows))
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        width = 0.8 / len(variants)
+        for k, variant in enumerate(variants):
+            values = [next((r["items_per_second"] for r in rows if r["variant"] == variant and
+                            (r["engine"] if axis == "engine" else f"{r['engine']}\n{r['input']}") == g), 0) for g in groups]
+            ax.bar(np.arange(len(groups)) + k * width, values, width, label=variant)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(variants) - 1) / 2, groups, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("items / s (higher is better)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{_cpu(report)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,6 +24,14 @@ def private_copy(onnx_path: Path) -> Path:
     return copy
 
 
+def exported_length(onnx_path: Path) -> int | None:
+    """The fixed sequence length of the graph's first input (None when it is dynamic)."""
+    import onnx
+
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) > 1 and dims[1].dim_value else None
+
+
 class Runner:
     """Runs batches of exactly ``batch_size`` rows of length ``sequence_length``.
 
@@ -40,20 +48,29 @@ class Runner:
         self.input_names = onnx_input_names(deployment / "model.onnx")
         if engine == "pytorch":
             import torch
-            from transformers import AutoModelForSequenceClassification
+            from sparsebert.inference import load_classifier
 
             self._torch = torch
             if threads:
                 torch.set_num_threads(threads)
-            self._model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+            self._model = load_classifier(model_dir)
         elif engine == "onnxruntime":
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
-            self._session = onnxruntime.InferenceSession(str(deployment / "model.onnx"), options,
-                                                         providers=["CPUExecutionProvider"])
+            path = deployment / "model.onnx"
+            if exported_length(path) != sequence_length:
+                # The graph's sequence length is fixed at export; run another length (a bucket)
+                # on a copy with its inputs reshaped, as DeepSparse does on its own copy.
+                from deepsparse.utils.onnx import override_onnx_input_shapes
+
+                self._copy = path = private_copy(path)
+                shapes = [[batch_size, sequence_length]] * len(self.input_names)
+                with override_onnx_input_shapes(str(path), shapes, inplace=True):  # rewrites the copy
+                    pass
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         else:
             from deepsparse import Engine
 
@@ -76,6 +93,7 @@ class Runner:
     def close(self) -> None:
         if self.engine == "deepsparse":
             del self._engine
+        if getattr(self, "_copy", None):
             shutil.rmtree(self._copy.parent, ignore_errors=True)
 
 

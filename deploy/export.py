@@ -48,6 +48,9 @@ def export(model_dir: Path, target: Path, sequence_length: int = 128) -> Path:
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a model folder (no config.json)")
+    # A QAT checkpoint (--int8) loads with its quantized structure (sparseml_mends:
+    # mend_task_model_loading), and SparseML turns its fake-quantized linears into INT8
+    # MatMulInteger nodes, zeros kept.
     with torchscript_onnx_exporter():
         sparseml_export(source_path=str(model_dir), target_path=str(target), task="text-classification",
                         integration="transformers", sequence_length=sequence_length)
@@ -63,6 +66,38 @@ def pruned_weights(model_dir: Path) -> dict[str, np.ndarray]:
     if not pruned:
         raise ExportError(f"{model_dir}: the recipe's pruned params {patterns} match no weight")
     return pruned
+
+
+def int8_onnx_sparsity(onnx_path: Path, pruned: dict[str, np.ndarray]) -> dict[str, float]:
+    """Zero fraction of every pruned weight in an INT8 graph: the share of its quantized values
+    equal to their zero point (SparseML stores symmetric INT8 weights as uint8 around 128).
+
+    Each MatMulInteger is named after its module (``/bert/encoder/layer.0/.../key/module/...``),
+    which names the checkpoint's weight. Every zero of the checkpoint must still be a zero;
+    rounding may add a few more (weights within half a step of zero), which are counted.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    initializers = {t.name: t for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or "/module/" not in node.name or len(node.input) < 4:
+            continue
+        name = node.name.split("/module/")[0].strip("/").replace("/", ".") + ".weight"
+        if name not in pruned or node.input[1] not in initializers:
+            continue
+        quantized = numpy_helper.to_array(initializers[node.input[1]])
+        zero_point = numpy_helper.to_array(initializers[node.input[3]]) if node.input[3] in initializers else 0
+        zeros = quantized == zero_point
+        if zeros.shape != pruned[name].T.shape or not zeros[pruned[name].T == 0].all():
+            raise ExportError(f"{name}: its zeros in the checkpoint are not all zeros in {onnx_path}")
+        found[name] = float(zeros.mean())
+    missing = sorted(set(pruned) - set(found))
+    if missing:
+        raise ExportError(f"{onnx_path}: no INT8 MatMul found for {missing[:3]} ({len(missing)} in all)")
+    return found
 
 
 def onnx_sparsity(model_dir: Path, onnx_path: Path, pruned: dict[str, np.ndarray] | None = None) -> dict[str, float]:
@@ -133,7 +168,9 @@ def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_
 
 def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
                      max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None) -> dict:
-    """Export, then verify sparsity survived and outputs match; write ``export.json``."""
+    """Export, then verify sparsity survived and outputs match; write ``export.json``. An INT8
+    (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive quantization, and
+    its logits are compared with PyTorch's fake-quantized ones."""
     from transformers import AutoConfig
 
     deployment = export(model_dir, target, sequence_length)
@@ -142,18 +179,23 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
     pruned = pruned_weights(model_dir)
     sizes = {n: w.size for n, w in pruned.items()}
     torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
-    exported = onnx_sparsity(model_dir, deployment / "model.onnx", pruned)
+    quantized = inference.is_quantized(model_dir)
+    exported = (int8_onnx_sparsity if quantized else functools.partial(onnx_sparsity, model_dir))(
+        deployment / "model.onnx", pruned)
     zeros = sum(exported[n] * sizes[n] for n in exported)
     difference = logits_difference(model_dir, deployment, sequence_length)
     report = {
         "source": str(model_dir),
         "deployment": str(deployment),
         "sequence_length": sequence_length,
+        "precision": "int8" if quantized else "fp32",
         "serving": serving,
         "labels": labels,
         "onnx_sparsity": exported,
         "onnx_encoder_linear_sparsity": zeros / sum(sizes.values()) if sizes else 0.0,
-        "sparsity_matches_checkpoint": all(abs(exported[n] - torch_sparsity[n]) < 1e-9 for n in exported),
+        # INT8: the checkpoint's zeros were checked to survive; rounding may only add zeros.
+        "sparsity_matches_checkpoint": all(exported[n] >= torch_sparsity[n] - 1e-9 if quantized
+                                           else abs(exported[n] - torch_sparsity[n]) < 1e-9 for n in exported),
         "max_logit_difference": difference,
         "max_logit_difference_allowed": max_logit_difference,
     }

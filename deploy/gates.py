@@ -10,6 +10,9 @@
 - speed: sparse-on-DeepSparse over dense ratios at batch 1 (bench/bench.json), which were
   measured side by side in one run, so they hold on any machine where absolute times don't.
   A ratio that was not measured fails.
+- INT8 (a run trained with --int8): the INT8 student loses at most a few points against the FP32
+  student, keeps its sparsity, passes its own parity limits, and clears its speed floor on a CPU
+  with native INT8 (AVX512-VNNI or AMX); on other CPUs the speed gate says why it is not judged.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsebert.errors import UserError
-from sparsebert.runfolder import CHECKPOINTS, RunFolder
+from sparsebert.runfolder import INT8, RunFolder
+
+# CPU features with which DeepSparse runs INT8 natively (its docs: emulated on AVX2).
+NATIVE_INT8_FLAGS = {"avx512_vnni", "amx_int8"}
 
 
 class MissingReport(UserError):
@@ -64,15 +70,22 @@ def accuracy_gates(run: RunFolder, floors: dict) -> list[Gate]:
             Gate(f"student retention of the teacher ({split})", retention >= floors["min_retention"],
                  f"{metric} {student:.2f} / teacher {teacher:.2f} = {retention:.1%} (floor {floors['min_retention']:.0%})"),
         ]
+        if INT8 in run.checkpoints:
+            int8, budget = metrics[INT8]["dev"][split][metric], floors["int8_max_points_below_fp32"]
+            gates.append(Gate(f"INT8 student against the FP32 student ({split})", student - int8 <= budget,
+                              f"{metric} {int8:.2f} vs {student:.2f} ({int8 - student:+.2f} points; at most "
+                              f"{budget} below)"))
     return gates
 
 
-def parity_gates(run: RunFolder, limits: dict) -> list[Gate]:
-    """The student's engine parity and served answers on every dev split the run measured (the
-    teacher's too, where measured)."""
+def parity_gates(run: RunFolder, thresholds: dict) -> list[Gate]:
+    """The students' engine parity and served answers on every dev split the run measured (the
+    teacher's too, where measured), each checkpoint against its own limits."""
+    from sparsebert.deploy.thresholds import parity_limits
+
     gates = []
-    for which in CHECKPOINTS:
-        required = which == "student"
+    for which in run.checkpoints:
+        required, limits = which != "teacher", parity_limits(thresholds, which)
         gates += engine_parity_gates(run, which, limits, required)
         gates += served_parity_gates(run, which, limits, required)
     return gates
@@ -134,10 +147,11 @@ def served_parity_gates(run: RunFolder, which: str, limits: dict, required: bool
     return gates
 
 
-def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
+def sparsity_gate(run: RunFolder, tolerance: float = 0.005, which: str = "student") -> Gate:
     """The matrices and their targets come from the recipe SparseML saved beside the student:
     each of its pruning modifiers must match measured matrices, every measured matrix must
-    belong to one, and each must be at its modifier's target."""
+    belong to one, and each must be at its modifier's target. The INT8 student, which holds the
+    student's zeros, is held to the same targets."""
     from sparsebert.pipeline.report import is_pruned
     from sparsebert.recipe import pruning_targets
 
@@ -145,7 +159,7 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
     recipe = run.checkpoint("student") / "recipe.yaml"
     if not recipe.is_file():
         raise MissingReport(f"{recipe} not found; the student's recipe says what it prunes")
-    measured, targets = metrics["student"]["per_matrix_sparsity"], pruning_targets(recipe)
+    measured, targets = metrics[which]["per_matrix_sparsity"], pruning_targets(recipe)
     covered, problems = set(), []
     for patterns, target, ranked_together in targets:
         matched = [n for n in measured if is_pruned(n, patterns)]
@@ -153,7 +167,7 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
             problems.append(f"params {patterns} match no measured matrix")
         covered.update(matched)
         if ranked_together:  # global magnitude: the target holds over the matrices as a whole
-            overall = metrics["student"]["encoder_linear_sparsity"]
+            overall = metrics[which]["encoder_linear_sparsity"]
             if len(targets) > 1:
                 problems.append("a global pruning modifier beside others cannot be gated as a whole")
             elif overall < target - tolerance:
@@ -162,7 +176,7 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005) -> Gate:
         problems += [f"{n} {measured[n]:.2%} < {target:.0%}" for n in matched if measured[n] < target - tolerance]
     problems += [f"{n} is pruned by no modifier" for n in measured if n not in covered]
     least = min(measured.values(), default=0.0)
-    return Gate("student sparsity", bool(measured) and not problems,
+    return Gate(f"{which} sparsity", bool(measured) and not problems,
                 f"{len(measured)} matrices, least sparse {least:.2%}; problems: {problems[:3] or 'none'} "
                 f"(tolerance {tolerance:.1%})")
 
@@ -172,17 +186,31 @@ def speed_gates(run: RunFolder, floors: dict) -> list[Gate]:
     rows = [r for r in report["ratios"] if r["batch_size"] == 1]
     if not rows:
         return [Gate("speed at batch 1", False, "not measured (no batch-1 ratio in bench.json)")]
+    native_int8 = bool(NATIVE_INT8_FLAGS & set(report["machine"].get("cpu_features", [])))
     gates = []
     for ratios in rows:
+        int8_row = ratios.get("precision") == "int8"
         for key, floor in floors.items():
             name = key.removeprefix("min_")
+            if name.startswith("sparse_int8_") != int8_row:
+                continue  # FP32 floors judge the FP32 students, the INT8 floor the INT8 ones
+            label = f"speed {ratios['family']} {ratios['variant']} {name} ({ratios.get('threads', 'all')} thread(s))"
             value = ratios.get(name)
-            gates.append(Gate(f"speed {ratios['family']} {ratios['variant']} {name}", value is not None and value >= floor,
+            if int8_row and not native_int8:
+                gates.append(Gate(label, True, f"{value:.2f}x, not judged: {report['machine']['cpu']} has no "
+                                               "AVX512-VNNI/AMX, where DeepSparse emulates INT8" if value is not None
+                                  else "not judged: no AVX512-VNNI/AMX"))
+                continue
+            gates.append(Gate(label, value is not None and value >= floor,
                               f"{value:.2f}x (floor {floor}x)" if value is not None else "not measured"))
+    if INT8 in run.checkpoints and not any(r.get("precision") == "int8" for r in rows):
+        gates.append(Gate("speed INT8 student", False, "not measured: the run has an INT8 student but "
+                                                         "bench.json has no INT8 row"))
     return gates
 
 
 def check(run: RunFolder | Path, thresholds: dict) -> list[Gate]:
     run = run if isinstance(run, RunFolder) else RunFolder(Path(run))
-    return [*accuracy_gates(run, thresholds["accuracy"]), *parity_gates(run, thresholds["parity"]),
-            sparsity_gate(run), *speed_gates(run, thresholds["speed"])]
+    sparsity = [sparsity_gate(run, which=which) for which in run.checkpoints if which != "teacher"]
+    return [*accuracy_gates(run, thresholds["accuracy"]), *parity_gates(run, thresholds),
+            *sparsity, *speed_gates(run, thresholds["speed"])]

@@ -99,11 +99,11 @@ class _Tally:
                 self.problems.append(error or mismatch)
 
 
-def expected_answers(client: SparseBertClient) -> dict[int, Predictions]:
-    """Each input's answer, sent alone, by index into INPUTS; those the model refuses as the
+def expected_answers(client: SparseBertClient, inputs: list = INPUTS) -> dict[int, Predictions]:
+    """Each input's answer, sent alone, by index into ``inputs``; those the model refuses as the
     wrong kind (422) are left out, any other error stops the test."""
     expected = {}
-    for index, item in enumerate(INPUTS):
+    for index, item in enumerate(inputs):
         try:
             expected[index] = client.classify(item)
         except ClientError as error:
@@ -114,14 +114,14 @@ def expected_answers(client: SparseBertClient) -> dict[int, Predictions]:
     return expected
 
 
-def _client_loop(client: SparseBertClient, expected: dict[int, Predictions], deadline: float,
+def _client_loop(client: SparseBertClient, inputs: list, expected: dict[int, Predictions], deadline: float,
                  tally: _Tally, tolerance: float) -> None:
     indices = sorted(expected)
     while time.monotonic() < deadline and (slot := tally.claim()) is not None:
         index = indices[slot % len(indices)]
         start = time.perf_counter()
         try:
-            got = client.classify(INPUTS[index])
+            got = client.classify(inputs[index])
         except ClientError as error:
             tally.record((time.perf_counter() - start) * 1000, error=str(error))
             continue
@@ -131,16 +131,18 @@ def _client_loop(client: SparseBertClient, expected: dict[int, Predictions], dea
 
 
 def run_load(url: str, model: str, clients: int = 4, seconds: float = 10.0, max_requests: int = 10_000,
-             tolerance: float = 1e-5, timeout: float = 30.0) -> dict:
-    """Run the load test and return its report; raise LoadTestFailed on any error or mismatch."""
+             tolerance: float = 1e-5, timeout: float = 30.0, inputs: list = INPUTS,
+             expected: dict[int, Predictions] | None = None) -> dict:
+    """Run the load test and return its report; raise LoadTestFailed on any error or mismatch.
+    ``inputs`` are request bodies' ``sequences``; ``expected`` their answers, when already known."""
     require_loopback(url)
     if clients < 1 or seconds <= 0 or max_requests < 1:
         raise UserError("clients and max_requests must be at least 1, and seconds positive")
     client = SparseBertClient(url, model, timeout)
-    expected = expected_answers(client)  # one request each, nothing concurrent
+    expected = expected or expected_answers(client, inputs)  # one request each, nothing concurrent
     tally = _Tally(max_requests)
     start = time.monotonic()
-    threads = [threading.Thread(target=_client_loop, args=(client, expected, start + seconds, tally, tolerance),
+    threads = [threading.Thread(target=_client_loop, args=(client, inputs, expected, start + seconds, tally, tolerance),
                                 daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()

@@ -23,11 +23,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(deployment: Path, engine: str, workdir: Path, name: str = "parity"):
-    """A client of ``deployment`` served on ``engine`` (its default buckets: the exported length)."""
+def local_server(deployment: Path, engine: str, workdir: Path, name: str = "parity",
+                 sequence_lengths: tuple[int, ...] | None = None, threads: int | None = None):
+    """A client of ``deployment`` served on ``engine`` (default buckets: the server's, up to the
+    exported length)."""
     import uvicorn
 
-    settings = ServeSettings(name=name, engine=engine, port=free_port())
+    settings = ServeSettings(name=name, engine=engine, port=free_port(), sequence_lengths=sequence_lengths,
+                             threads=threads)
     model = ServedModel(prepare(Path(deployment), Path(workdir), settings))
     model.load()
     server = uvicorn.Server(uvicorn.Config(create_app(model), host=settings.host, port=settings.port,

@@ -114,10 +114,29 @@ def ask_server(client, examples: list[dict], request_size: int) -> tuple[list[st
     return labels, scores
 
 
+def reference_logits(reference: str, model_dir: Path, deployment: Path, examples: list[dict],
+                     sequence_length: int) -> np.ndarray:
+    """What the served answers are held to: the PyTorch checkpoint, or ONNX Runtime on the
+    deployment's own graph (an INT8 graph, which PyTorch only emulates)."""
+    if reference == "pytorch":
+        return inference.torch_logits(model_dir, examples, sequence_length, tokenizer_dir=deployment)
+    from transformers import AutoTokenizer
+
+    names = inference.onnx_input_names(deployment / "model.onnx")
+    inputs = inference.encode(AutoTokenizer.from_pretrained(deployment), examples, names, sequence_length,
+                              fixed_length=True)
+    runner = Runner(reference, model_dir, deployment, 16, sequence_length)
+    try:
+        return run_batched(runner, inputs)
+    finally:
+        runner.close()
+
+
 def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dict[str, list[dict]],
                   thresholds: dict, sequence_length: int, engines=SERVED_ENGINES, request_size: int = 16,
-                  progress=print) -> dict:
-    """Start the server on each engine, send it every dev row, compare with PyTorch's answers."""
+                  progress=print, reference: str = "pytorch") -> dict:
+    """Start the server on each engine, send it every dev row, compare with the answers of
+    ``reference`` (the PyTorch checkpoint, or ONNX Runtime run directly on the same graph)."""
     from transformers import AutoConfig
 
     from sparsebert.deploy.local import local_server
@@ -126,7 +145,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
     tolerance = thresholds["max_served_score_difference"]
     expected = {}
     for split, examples in dev_sets.items():
-        logits = inference.torch_logits(model_dir, examples, sequence_length, tokenizer_dir=deployment)
+        logits = reference_logits(reference, model_dir, deployment, examples, sequence_length)
         expected[split] = (inference.answers(logits, config), probability_margins(logits))
     results = {}
     for engine in engines:
@@ -144,7 +163,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
                          f"{compared['max_score_difference']:.1e}")
     return {"task": task.name, "main_metric": task.main_metric, "sequence_length": sequence_length,
             "model": str(model_dir), "deployment": str(deployment), "request_size": request_size,
-            "splits": results, "tolerance": tolerance,
+            "reference": reference, "splits": results, "tolerance": tolerance,
             "passed": all(r["passed"] for split in results.values() for r in split.values())}
 
 
@@ -170,14 +189,16 @@ def table(report: dict) -> str:
 
 def served_table(report: dict) -> str:
     metric = report["main_metric"]
-    lines = [f"{report['task']}: the server's answers over HTTP vs the PyTorch checkpoint's "
+    reference = {"pytorch": "the PyTorch checkpoint's", "onnxruntime": "ONNX Runtime's on the same graph"}[
+        report.get("reference", "pytorch")]
+    lines = [f"{report['task']}: the server's answers over HTTP vs {reference} "
              f"(seq {report['sequence_length']}, {report['request_size']} rows per request):",
              f"  {'split':16} {'engine':12} {'answers':>8} {'wrong labels':>13} {'max |Δ score|':>14} "
-             f"{'served ' + metric:>14} {'PyTorch':>8}"]
+             f"{'served ' + metric:>14} {'reference':>9}"]
     for split, engines in report["splits"].items():
         for engine, r in engines.items():
             lines.append(f"  {split:16} {engine:12} {r['answers']:8d} {str(r['label_mismatches']):>13} "
-                         f"{r['max_score_difference']:14.1e} {r['metric']:14.2f} {r['pytorch_metric']:8.2f}")
+                         f"{r['max_score_difference']:14.1e} {r['metric']:14.2f} {r['pytorch_metric']:9.2f}")
     lines.append(f"  served parity {'PASSED' if report['passed'] else 'FAILED'} "
                  f"(scores within {report['tolerance']:.0e}, labels equal but for ties)")
     return "\n".join(lines)

@@ -82,6 +82,8 @@ class ServeSettings:
     sequence_lengths: Optional[tuple[int, ...]] = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    # Cores the engine runs on (DeepSparse cores, ONNX Runtime intra-op threads); None: all.
+    threads: Optional[int] = None
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -94,6 +96,8 @@ class ServeSettings:
             self.sequence_lengths = tuple(sorted(set(self.sequence_lengths)))
             if not self.sequence_lengths or self.sequence_lengths[0] < 8:
                 raise DeploymentError(f"sequence lengths must be at least 8 tokens: {self.sequence_lengths}")
+        if self.threads is not None and self.threads < 1:
+            raise DeploymentError(f"threads must be at least 1, not {self.threads}")
         if not 0 < self.port < 65536:
             raise DeploymentError(f"port {self.port} is not a TCP port")
 
@@ -164,7 +168,10 @@ def server_config(model_copy: Path, settings: ServeSettings) -> dict:
         # Per-request latency lines on stdout otherwise; nothing here leaves the machine.
         "logging_config": {"enable": False},
     }
-    return {"system_logging": {"enable": False}, "endpoints": [endpoint]}
+    config = {"system_logging": {"enable": False}, "endpoints": [endpoint]}
+    if settings.threads:
+        config["num_cores"] = settings.threads  # deepsparse.server hands it to every pipeline
+    return config
 
 
 def write_server_config(workdir: Path, model_copy: Path, settings: ServeSettings) -> Path:
@@ -347,7 +354,9 @@ def load_pipeline(config_path: Path):
     config = ServerConfig(**yaml.safe_load(Path(config_path).read_text()))
     if len(config.endpoints) != 1:
         raise DeploymentError(f"{config_path} must have exactly one endpoint")
-    return Pipeline.from_config(config.endpoints[0].to_pipeline_config())
+    pipeline_config = config.endpoints[0].to_pipeline_config()
+    pipeline_config.num_cores = config.num_cores  # what deepsparse.server sets from its context
+    return Pipeline.from_config(pipeline_config)
 
 
 def unwrap_single_texts(sequences):
@@ -485,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "64 and 128, up to the length in the deployment's serving.json)")
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--threads", type=int, help="cores the engine runs on (default: all); on small VMs "
+                                               "1 avoids spin-wait stalls")
     p.add_argument("--workdir", type=Path,
                    help="where the model copy and server.yaml go (default <deployment>/../serving/<name>)")
     p.add_argument("--config-only", action="store_true",
@@ -500,7 +511,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("give either a deployment folder or --config")
     try:
         lengths = tuple(args.sequence_lengths) if args.sequence_lengths else None
-        settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port)
+        settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port, args.threads)
         config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,6 +18,17 @@ def default_path() -> Path:
     return Path(str(importlib.resources.files("sparsebert.deploy") / "thresholds.yaml"))
 
 
+def parity_limits(thresholds: dict, which: str) -> dict:
+    """The engine-parity limits of a checkpoint (max_metric_difference, max_logit_difference):
+    the INT8 student's own ``int8_`` ones, or the FP32 ones."""
+    from sparsebert.runfolder import INT8
+
+    parity = thresholds["parity"]
+    prefix = "int8_" if which == INT8 else ""
+    return {**parity, "max_metric_difference": parity[f"{prefix}max_metric_difference"],
+            "max_logit_difference": parity[f"{prefix}max_logit_difference"]}
+
+
 def load(path: Path | None = None) -> dict:
     """The defaults, overlaid with ``path``; unknown sections or keys are refused."""
     defaults = yaml.safe_load(default_path().read_text())

@@ -34,7 +34,10 @@ def is_pruned(name: str, patterns: list[str]) -> bool:
 
 
 def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    """The saved tensors of a checkpoint, read from disk (what a user would ship)."""
+    """The saved weights of a checkpoint, read from disk (what a user would ship), under their
+    plain names: a QAT checkpoint's ``...dense.module.weight`` is ``...dense.weight`` here, and
+    its quantization state (scales, zero points, observers) is left out, so that sparsity and
+    parameter counts mean the same for every checkpoint."""
     from safetensors.numpy import load_file
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -42,11 +45,21 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
         weights = {}
         for f in files:
             weights.update(load_file(str(f)))
-        return weights
-    import torch
+    else:
+        import torch
 
-    state = torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
-    return {k: v.float().numpy() for k, v in state.items()}
+        state = torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
+        weights = {k: v.float().numpy() for k, v in state.items()}
+    return {_plain_name(k): v for k, v in weights.items() if not _is_quantization_state(k)}
+
+
+def _is_quantization_state(name: str) -> bool:
+    return "activation_post_process" in name or "weight_fake_quant" in name
+
+
+def _plain_name(name: str) -> str:
+    """``...dense.module.weight`` (a linear wrapped for fake quantization) -> ``...dense.weight``."""
+    return re.sub(r"\.module\.(weight|bias)$", r".\1", name)
 
 
 def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:

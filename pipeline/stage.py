@@ -3,6 +3,7 @@
     <run>/data/        train.json, dev.json (label names kept), data.json
     <run>/teacher/     fine-tuned dense model (SparseML/HF checkpoint), curve.{json,png}
     <run>/student/     pruned, distilled model + recipe.yaml, curve.{json,png}
+    <run>/student-int8/ (--int8) the student after quantization-aware training, zeros held
     <run>/metrics.json dense and sparse dev metrics beside the majority baseline, measured
                        sparsity, parameters, FLOPs
 """
@@ -18,7 +19,8 @@ from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
 from sparsebert.pipeline import report
-from sparsebert.pipeline.train import TrainConfig, first_layers, train_student, train_teacher
+from sparsebert.pipeline.train import TrainConfig, first_layers, train_int8, train_student, train_teacher
+from sparsebert.runfolder import INT8
 
 
 @dataclass
@@ -90,7 +92,10 @@ def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, fold
                                               "variants_file": str(path), "student_train_examples": len(rows)}
 
 
-def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) -> dict:
+def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
+        int8_cfg: TrainConfig | None = None) -> dict:
+    """Teacher, student and (with ``int8_cfg``) the INT8 student in one run folder; returns and
+    writes metrics.json."""
     started = time.time()
     task = glue.get_task(opts.task)
     folder = RunFolder(opts.out)
@@ -119,6 +124,12 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
           f"{Path(student_cfg.recipe).name} while distilling -> {student_dir}", flush=True)
     train_student(student_start, teacher_dir, student_data, student_dir, student_cfg)
     student_done = time.time()
+    if int8_cfg:
+        int8_dir = folder.training_dir(INT8)
+        print(f"[sparsebert] quantization-aware training of the student with {Path(int8_cfg.recipe).name} "
+              f"while distilling -> {int8_dir}", flush=True)
+        train_int8(student_dir, teacher_dir, student_data, int8_dir, int8_cfg)
+    int8_done = time.time()
 
     patterns = report.pruned_patterns(student_dir)
     # A local pre-trained folder (the embedded default included) shows how far training moved
@@ -131,6 +142,13 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
     student["curve"] = write_curve(student_dir, f"{task.name}: student of {opts.student_layers} layer(s), dense, "
                                                 "distilled" if opts.student_layers else
                                    f"{task.name}: student pruned to {student['encoder_linear_sparsity']:.0%} while distilled")
+    int8 = None
+    if int8_cfg:
+        # Weights moved are counted from the FP32 student it started from.
+        int8 = describe(task, folder.training_dir(INT8), dev_sets, int8_cfg.max_seq_length, patterns,
+                        report.load_weights(student_dir))
+        int8["curve"] = write_curve(folder.training_dir(INT8), f"{task.name}: quantization-aware training "
+                                                               "of the sparse student (INT8)")
     baseline = report.majority_baseline(
         task, data_stage.read_jsonl(Path(data_info["splits"]["train"]["path"])), dev_sets)
     main_dev, metric = glue.dev_splits(task)[0], task.main_metric
@@ -148,8 +166,12 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
         if teacher["dev"][main_dev][metric] else None,
         "augmentation": augmentation,
         "student_layers": opts.student_layers,
-        "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg)},
+        **({INT8: int8, "int8_cost_points": student["dev"][main_dev][metric] - int8["dev"][main_dev][metric]}
+           if int8 else {}),
+        "config": {"teacher": asdict(teacher_cfg), "student": asdict(student_cfg),
+                   **({INT8: asdict(int8_cfg)} if int8_cfg else {})},
         "wall_seconds": {"teacher": teacher_done - started, "student": student_done - teacher_done,
+                         **({INT8: int8_done - student_done} if int8_cfg else {}),
                          "total": time.time() - started},
         "machine": hardware.describe(),
     }
@@ -159,6 +181,14 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig) 
 
 def _scores(dev: dict, metrics: tuple) -> str:
     return ", ".join(f"{m} {dev[m]:6.2f}" for m in metrics if m in dev)
+
+
+def _int8_line(metrics: dict, split: str, metric: str) -> str:
+    q = metrics.get(INT8)
+    if not q:
+        return ""
+    return (f"  INT8 student      {metric} {q['dev'][split][metric]:6.2f}  ({-metrics['int8_cost_points']:+.2f} points "
+            f"against the FP32 student), encoder-linear sparsity {q['encoder_linear_sparsity'] * 100:.2f}%")
 
 
 def summary(metrics: dict) -> str:
@@ -189,6 +219,7 @@ def summary(metrics: dict) -> str:
         f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "
         f"(least sparse matrix {s['min_matrix_sparsity'] * 100:.2f}%), "
         f"non-zero parameters {s['parameters_nonzero_total']:,} of {s['parameters_total']:,}",
+        _int8_line(metrics, first_dev, metric),
         f"  encoder FLOPs/sequence {s['flops']['dense_encoder_flops'] / 1e9:.2f} G dense -> "
         f"{s['flops']['sparse_encoder_flops'] / 1e9:.2f} G sparse "
         f"({s['flops']['encoder_flops_reduction']:.1f}x fewer)",

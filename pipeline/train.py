@@ -148,3 +148,13 @@ def train_student(model: str, teacher: Path, data: dict, output_dir: Path, cfg: 
     cfg.recipe = cfg.recipe or str(recipe_path("sparsebert"))
     run_sparseml(sparseml_arguments(model, data, output_dir, cfg, teacher=str(teacher)))
     return output_dir
+
+
+def train_int8(student: Path, teacher: Path, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
+    """Quantization-aware training of the pruned student (its zeros held), distilled from the
+    same teacher: the INT8 student. FP32 only: fake quantization emulates the INT8 engines, and
+    bf16 autocast would round the linears' inputs before the emulation does."""
+    cfg.recipe = cfg.recipe or str(recipe_path("sparsebert-int8"))
+    cfg.precision = "fp32"
+    run_sparseml(sparseml_arguments(str(student), data, output_dir, cfg, teacher=str(teacher)))
+    return output_dir

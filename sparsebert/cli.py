@@ -6,7 +6,8 @@
     sparsebert export runs/rte                        # ONNX deployment/ folders
     sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
-    sparsebert bench  runs/rte                        # latency, sparse vs dense
+    sparsebert bench  runs/rte                        # latency, sparse (and INT8) vs dense, fixed rows and real text
+    sparsebert loadtest runs/rte                      # the served models over HTTP at 1, 4 and 16 clients
     sparsebert gates  runs/rte                        # CI thresholds on the reports
     sparsebert run    --task rte --out runs/rte      # all of the above, in turn
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from sparsebert import offline
 from sparsebert.errors import UserError
-from sparsebert.runfolder import CHECKPOINTS, RunFolder
+from sparsebert.runfolder import CHECKPOINTS, INT8, RunFolder
 
 
 class UsageError(UserError):
@@ -63,6 +64,13 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-layers", type=int, metavar="K",
                    help="keep only the student's first K encoder layers (a small dense model of the same "
                         "width; with --recipe distill, the paper's sparse-vs-small comparison)")
+    p.add_argument("--int8", action="store_true",
+                   help="also train an INT8 student: quantization-aware training of the sparse student "
+                        "(zeros held) with recipes/sparsebert-int8.yaml, distilled from the same teacher; "
+                        "written to <out>/student-int8 and exported, checked and benchmarked beside it")
+    p.add_argument("--int8-epochs", type=float,
+                   help="epochs of quantization-aware training (default: the INT8 recipe's num_epochs, 2)")
+    p.add_argument("--int8-lr", type=float, default=2e-5, help="learning rate of quantization-aware training")
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
@@ -72,6 +80,20 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder written by `sparsebert train`")
+
+
+def _thread_count(text: str):
+    if text == "all":
+        return "all"
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a thread count is a positive integer or 'all', not {text!r}")
+    return int(text)
+
+
+def _threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_thread_count, nargs="+", default=[1, "all"],
+                   help="threads per engine, one benchmark pass each (torch, ONNX Runtime, DeepSparse cores; "
+                        "'all': each library's default, all cores; default: 1 and all)")
 
 
 def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
@@ -114,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_flags", nargs=argparse.REMAINDER,
                    help="after --: flags for every `sparsebert train` of the sweep (e.g. -- --limit 2000)")
 
-    p = sub.add_parser("export", help="ONNX deployment folders for the student and the teacher")
+    p = sub.add_parser("export", help="ONNX deployment folders for the student and the teacher (and the "
+                                      "INT8 student, as an INT8 graph)")
     _run_argument(p)
     p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml (the self-check's "
+                                                   "logit tolerance)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("parity", help="dev metrics on PyTorch, ONNX Runtime and DeepSparse side by side; "
@@ -137,11 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also a random BERT-base-sized model, dense and pruned to each SPARSITY "
                         "(default 0.9 0.95), built once into --bert-base-cache")
     p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
-    p.add_argument("--threads", type=int,
-                   help="threads per engine (torch, ONNX Runtime, DeepSparse cores; default: each "
-                        "library's own, all cores). On small VMs 1 avoids spin-wait stalls")
+    _threads_argument(p)
     p.add_argument("--engines", nargs="+", default=["pytorch", "onnxruntime", "deepsparse"],
                    choices=["pytorch", "onnxruntime", "deepsparse"])
+    p.add_argument("--real-text", type=int, default=400, metavar="N",
+                   help="also time the first N dev texts at batch 1, each at its own length: padded to the "
+                        "exported length, and on the smallest --buckets length that holds it (0: skip)")
+    p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
+                   help="sequence-length buckets of the real-text timing (capped at the exported length)")
+
+    p = sub.add_parser("loadtest", help="serve each of the run's models in turn and drive it over HTTP with the "
+                                        "task's dev texts at several concurrencies (bench/loadtest.*)")
+    _run_argument(p)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, one pass each")
+    p.add_argument("--seconds", type=float, default=10.0, help="time per pass")
+    p.add_argument("--examples", type=int, default=200, help="how many dev texts the clients cycle through")
+    p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
+                   help="sequence-length buckets of the sparse servers (capped at the exported length)")
+    p.add_argument("--threads", type=int, help="cores each server's engine runs on (default: all)")
 
     p = sub.add_parser("gates", help="fail when parity breaks or the sparse speed-up is below its floor")
     _run_argument(p)
@@ -155,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5543)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--name", help="model name in /v2/models/<name>/infer (default: the task)")
+    p.add_argument("--threads", type=int, help="cores the engine runs on (default: all)")
 
     p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
     _training_arguments(p)
-    p.add_argument("--threads", type=int, help="threads per engine in the benchmark (default all cores)")
+    _threads_argument(p)
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
     return parser
 
@@ -170,7 +209,7 @@ def _check_training(args) -> None:
     glue.get_task(args.task)
     if args.sparsity is not None and not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    for name in ("teacher_epochs", "student_epochs", "teacher_lr", "student_lr"):
+    for name in ("teacher_epochs", "student_epochs", "teacher_lr", "student_lr", "int8_epochs", "int8_lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
@@ -184,6 +223,8 @@ def _check_training(args) -> None:
     if args.student_layers is not None and args.student_init == "teacher":
         raise UsageError("--student-layers keeps the first layers of the pre-trained model; it does not go "
                          "with --student-init teacher")
+    if args.int8_epochs is not None and not args.int8:
+        raise UsageError("--int8-epochs needs --int8")
     if args.augment_cache is not None and args.augment is None:
         raise UsageError("--augment-cache needs --augment N")
     _check_limit(args.limit)
@@ -202,7 +243,13 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, float]:
-    """One source of truth for the student's sparsity and length of training.
+    """The student's recipe variables and epochs (see _schedule)."""
+    return _schedule(recipe, recipe_args, [("--sparsity", "final_sparsity", args.sparsity),
+                                           ("--student-epochs", "num_epochs", args.student_epochs)])
+
+
+def _schedule(recipe: Path, recipe_args: dict, flags: list[tuple]) -> tuple[dict, float]:
+    """One source of truth for a recipe's sparsity and length of training.
 
     ``--sparsity`` and ``--student-epochs`` are the recipe variables ``final_sparsity`` and
     ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
@@ -217,8 +264,7 @@ def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, floa
     for name, value in recipe_args.items():  # YAML's true/false given as "false" would be truthy
         if isinstance(declared.get(name), bool) and not isinstance(value, bool):
             raise UsageError(f"--recipe-args {name} must be true or false (JSON), not {value!r}")
-    for flag, variable, value in [("--sparsity", "final_sparsity", args.sparsity),
-                                  ("--student-epochs", "num_epochs", args.student_epochs)]:
+    for flag, variable, value in flags:
         if value is None:
             continue
         if variable not in declared:
@@ -260,11 +306,17 @@ def cmd_train(args) -> int:
     teacher_cfg = TrainConfig(epochs=args.teacher_epochs, learning_rate=args.teacher_lr, **common)
     student_cfg = TrainConfig(epochs=epochs, learning_rate=args.student_lr,
                               recipe=str(recipe), recipe_args=recipe_args, **common)
+    int8_cfg = None
+    if args.int8:
+        int8_recipe = recipe_path("sparsebert-int8")
+        int8_args, int8_epochs = _schedule(int8_recipe, {}, [("--int8-epochs", "num_epochs", args.int8_epochs)])
+        int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=args.int8_lr, recipe=str(int8_recipe),
+                               recipe_args=int8_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
                               teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
                               model_name=args.model, augment=args.augment, augment_cache=args.augment_cache,
                               student_init=args.student_init, student_layers=args.student_layers)
-    metrics = stage.run(opts, teacher_cfg, student_cfg)
+    metrics = stage.run(opts, teacher_cfg, student_cfg, int8_cfg)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
     return 0
@@ -312,17 +364,20 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from sparsebert.deploy import thresholds
     from sparsebert.deploy.export import export_and_check
     from sparsebert.runfolder import clear_or_refuse
 
     run = RunFolder(args.run)
-    for which in CHECKPOINTS:
+    limits = thresholds.load(args.thresholds)
+    for which in run.checkpoints:
         target = run.export_dir(which)
         clear_or_refuse(target, args.overwrite)
         for stale in (run.parity_path(which), run.parity_path(which, served=True)):
             stale.unlink(missing_ok=True)  # measured on the export just replaced
-        report = export_and_check(run.checkpoint(which), target, args.max_seq_length, task=run.task)
-        print(f"[sparsebert] {which}: {report['deployment']}/model.onnx, encoder-linear sparsity "
+        tolerance = thresholds.parity_limits(limits, which)["max_logit_difference"]
+        report = export_and_check(run.checkpoint(which), target, args.max_seq_length, tolerance, task=run.task)
+        print(f"[sparsebert] {which} ({report['precision']}): {report['deployment']}/model.onnx, encoder-linear sparsity "
               f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
               f"max |logit ONNX - PyTorch| {report['max_logit_difference']:.1e}")
     return 0
@@ -332,11 +387,14 @@ def cmd_parity(args) -> int:
     from sparsebert.deploy import parity, thresholds
 
     run, which = RunFolder(args.run), args.checkpoint
-    limits = thresholds.load(args.thresholds)["parity"]
+    limits = thresholds.parity_limits(thresholds.load(args.thresholds), which)
     deployment, length = run.deployment(which), run.exported_length(which)
     dev_sets = {split: run.examples(split) for split in run.dev_splits}
     if args.served:
-        report = parity.served_parity(run.task, run.checkpoint(which), deployment, dev_sets, limits, length)
+        # PyTorch can only emulate INT8: the INT8 server is held to ONNX Runtime on its own graph.
+        reference = "onnxruntime" if which == INT8 else "pytorch"
+        report = parity.served_parity(run.task, run.checkpoint(which), deployment, dev_sets, limits, length,
+                                      reference=reference)
         text = parity.served_table(report)
     else:
         report = parity.parity(run.task, run.checkpoint(which), deployment, dev_sets, limits,
@@ -357,6 +415,12 @@ def cmd_bench(args) -> int:
     length = run.exported_length("student")
     models = [bench.Model(family, "dense", run.checkpoint("teacher"), run.deployment("teacher")),
               bench.Model(family, f"sparse {sparsity:.0%}", run.checkpoint("student"), run.deployment("student"))]
+    if INT8 in run.checkpoints:
+        models.append(bench.Model(family, f"sparse {sparsity:.0%} INT8", run.checkpoint(INT8), run.deployment(INT8),
+                                  precision="int8"))
+    if args.real_text < 0 or any(b < 8 for b in args.buckets):
+        raise UsageError("--real-text must be 0 or more examples, and every bucket at least 8 tokens")
+    own = list(models)  # the run's models; real text is timed on these only
     if args.bert_base is not None:
         sparsities = args.bert_base or [0.9, 0.95]
         if not all(0 < s < 1 for s in sparsities):
@@ -365,9 +429,30 @@ def cmd_bench(args) -> int:
         models += bench.bert_base_models(cache, sparsities, length)
     report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
                              engines=args.engines, threads=args.threads)
+    if args.real_text:
+        examples = run.examples(run.dev_splits[0])[:args.real_text]
+        buckets = sorted({min(b, length) for b in args.buckets})
+        report["real_text"] = bench.real_text_benchmark(own, examples, buckets, seconds=2 * args.seconds,
+                                                        threads=args.threads)
     bench.write(report, run.bench_dir)
     print(bench.markdown(report))
     print(f"[sparsebert] wrote {run.bench_dir}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    from sparsebert.deploy import served_load
+
+    if min(args.clients) < 1 or args.seconds <= 0 or args.examples < 1 or min(args.buckets) < 8:
+        raise UsageError("--clients and --examples must be at least 1, --seconds positive, buckets at least 8 tokens")
+    run = RunFolder(args.run)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    report = served_load.sweep(run, tuple(args.clients), args.seconds, args.examples, tuple(args.buckets),
+                               args.threads)
+    served_load.write(report, run.bench_dir)
+    print(served_load.markdown(report))
+    print(f"[sparsebert] wrote {run.bench_dir}/loadtest.json, loadtest.md, loadtest.png")
     return 0
 
 
@@ -393,7 +478,8 @@ def cmd_serve(args) -> int:
     run = RunFolder(args.run)
     name = args.name or run.task.name
     return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
-                       "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size)])
+                       "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
+                       *(["--threads", str(args.threads)] if args.threads else [])])
 
 
 def cmd_run(args) -> int:
@@ -403,10 +489,12 @@ def cmd_run(args) -> int:
     run = str(args.out)
     overwrite = ["--overwrite"] if args.overwrite else []
     thresholds = ["--thresholds", str(args.thresholds)] if args.thresholds else []
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    threads = ["--threads", *map(str, args.threads)]
     # Exported (so parity-checked, benchmarked and served) at the length the models were trained with.
-    stages = [["export", run, "--max-seq-length", str(args.max_seq_length), *overwrite], ["parity", run, *thresholds],
-              ["parity", run, "--served", *thresholds],
+    int8 = [["parity", run, "--checkpoint", INT8, *thresholds],
+            ["parity", run, "--checkpoint", INT8, "--served", *thresholds]] if args.int8 else []
+    stages = [["export", run, "--max-seq-length", str(args.max_seq_length), *overwrite, *thresholds],
+              ["parity", run, *thresholds], ["parity", run, "--served", *thresholds], *int8,
               ["bench", run, *threads]]
     parser = build_parser()
     for stage_argv in stages:
@@ -432,7 +520,7 @@ def _why_gates_fail(failed: list[str]) -> str:
 
 
 COMMANDS = {"train": cmd_train, "augment": cmd_augment, "sweep": cmd_sweep, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
-            "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run}
+            "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run, "loadtest": cmd_loadtest}
 
 
 def main(argv: list[str] | None = None) -> int:

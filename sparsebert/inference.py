@@ -94,12 +94,86 @@ def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
     return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
 
 
+# Saved state that only a quantization-aware (QAT) checkpoint has: fake-quantize observers.
+_QAT_STATE = (".zero_point", ".observer_enabled")
+
+
+def checkpoint_keys(model_dir: Path) -> list[str]:
+    """The names of a checkpoint's saved tensors, read without loading them."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        keys = []
+        for f in files:
+            with safe_open(str(f), framework="np") as handle:
+                keys += list(handle.keys())
+        return keys
+    import torch
+
+    return list(torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu").keys())
+
+
+def is_quantized(model_dir: Path) -> bool:
+    return any(key.endswith(_QAT_STATE) for key in checkpoint_keys(model_dir))
+
+
+def load_classifier(model_dir: Path):
+    """The checkpoint's model in eval mode, whatever training made it.
+
+    A QAT checkpoint (``sparsebert train --int8``) saves its linears wrapped for fake
+    quantization (``...dense.module.weight`` and observer state). Hugging Face's loader would
+    skip those names and leave the linears at random values without failing, and SparseML 1.8's
+    text-classification loader neither applies the checkpoint's recipe nor looks for QAT state
+    in safetensors files; so the recipe's structure is applied here first, then every saved
+    tensor is loaded strictly: a missing or unexpected one is an error, never a guess. The
+    observers are switched off so that evaluating never moves a scale.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if not is_quantized(model_dir):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    import math
+
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from torch.ao.quantization import disable_observer
+    from transformers import AutoConfig
+
+    recipe = Path(model_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        raise InferenceError(f"{model_dir} holds a quantized (QAT) checkpoint but no recipe.yaml to "
+                             "rebuild its structure from")
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_dir))
+    ScheduledModifierManager.from_yaml(str(recipe)).apply_structure(model, epoch=math.inf)
+    state = _saved_state(model_dir)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InferenceError(f"{model_dir}: its weights do not fit the structure its recipe.yaml builds "
+                             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    model.apply(disable_observer)
+    return model.eval()
+
+
+def _saved_state(model_dir: Path) -> dict:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    import torch
+
+    return torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
+
+
 def load_torch(model_dir: Path, tokenizer_dir: Path | None = None):
     """(model in eval mode, tokenizer, input names) of a checkpoint folder; the tokenizer from
     ``tokenizer_dir`` when given (a deployment's, which is what its server tokenizes with)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = load_classifier(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     return model, tokenizer, torch_input_names(model, tokenizer)
 

@@ -2,6 +2,7 @@
 
     <run>/data/                       train.json, the dev split(s), data.json
     <run>/teacher/, <run>/student/    checkpoints (a reused --teacher lives elsewhere: metrics.json says where)
+    <run>/student-int8/               the student after quantization-aware training (--int8), if asked for
     <run>/metrics.json                dev metrics, baseline, measured sparsity
     <run>/export/<which>/             export.json and deployment/ (model.onnx, serving.json, ...)
     <run>/parity-<which>.json         PyTorch vs ONNX Runtime vs DeepSparse, every dev split
@@ -20,7 +21,8 @@ from pathlib import Path
 from sparsebert import glue
 from sparsebert.errors import UserError
 
-CHECKPOINTS = ("student", "teacher")
+CHECKPOINTS = ("student", "teacher", "student-int8")
+INT8 = "student-int8"
 
 
 class RunFolderError(UserError):
@@ -88,6 +90,12 @@ class RunFolder:
         else where metrics.json says it is (a reused ``--teacher``)."""
         own = self.training_dir(which)
         return own if (own / "config.json").is_file() else Path(self.metrics[which]["path"])
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The checkpoints this run trained: the student and the teacher, and the INT8 student
+        when it was asked for."""
+        return [which for which in CHECKPOINTS if which != INT8 or INT8 in self.metrics]
 
     @property
     def dev_splits(self) -> list[str]:

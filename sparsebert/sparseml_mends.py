@@ -8,6 +8,7 @@ scripts and the stock ``deepsparse.server``). Each mend names what it mends and 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # ---------------------------------------------------------------- SparseML
 
@@ -190,6 +191,27 @@ def mend_quantization_scheme(module) -> None:
         *make_qconfig(activation_args, weight_args))
 
 
+def mend_task_model_loading(module) -> None:
+    """``sparseml.export`` (and its console script) load a text-classification checkpoint with
+    ``SparseAutoModel.text_classification_from_pretrained``, which never applies the recipe saved
+    beside it and looks for QAT state only in ``pytorch_model.bin``: a quantization-aware
+    checkpoint in safetensors loaded as a plain BERT, its quantized linears left at random values,
+    without an error (the exported "INT8" model was a dense FP32 one, 0% sparse). Such a
+    checkpoint is now loaded by ``sparsebert.inference.load_classifier``, which rebuilds the
+    recipe's structure, loads every tensor strictly and refuses one it cannot place."""
+    load_task_model = module.load_task_model
+
+    def load_quantized_too(task, model_path, config, recipe=None, trust_remote_code=False, **kwargs):
+        from sparsebert import inference
+
+        if task in module.TaskNames.text_classification.value and recipe is None and \
+                (Path(str(model_path)) / "config.json").is_file() and inference.is_quantized(Path(str(model_path))):
+            return inference.load_classifier(Path(str(model_path)))
+        return load_task_model(task, model_path, config, recipe=recipe, trust_remote_code=trust_remote_code, **kwargs)
+
+    module.load_task_model = load_quantized_too
+
+
 def __getattr__(name: str):
     """``TaggableQConfig`` for pickle in a process that has not imported SparseML's quantization."""
     if name == "TaggableQConfig":
@@ -244,5 +266,6 @@ AFTER_IMPORT = {
     "sparseml.pytorch.sparsification": register_modifiers,
     "sparseml.pytorch.sparsification.quantization.quantization_scheme": mend_quantization_scheme,
     "sparseml.transformers.text_classification": mend_text_classification,
+    "sparseml.transformers.utils.load_task_model": mend_task_model_loading,
     "sparseml.transformers.sparsification.trainer": mend_trainer,
 }

@@ -61,26 +61,54 @@ def test_thresholds_file_rejects_unknown_keys(tmp_path):
         thresholds.load(bad)
 
 
-def test_ratios_are_sparse_over_dense():
-    rows = [{"family": "m", "variant": v, "engine": e, "batch_size": 1, "items_per_second": s}
-            for v, e, s in [("dense", "onnxruntime", 10.0), ("dense", "deepsparse", 12.0), ("dense", "pytorch", 5.0),
-                            ("sparse 90%", "deepsparse", 40.0), ("sparse 90%", "onnxruntime", 11.0)]]
-    (r,) = bench.ratios(rows)
-    assert (r["family"], r["variant"], r["batch_size"]) == ("m", "sparse 90%", 1)
-    assert r["sparse_deepsparse_vs_dense_onnxruntime"] == pytest.approx(4.0)
-    assert r["sparse_vs_dense_deepsparse"] == pytest.approx(40 / 12)
-    assert r["sparse_deepsparse_vs_dense_pytorch"] == pytest.approx(8.0)
-    assert r["sparse_vs_dense_onnxruntime"] == pytest.approx(1.1)
+def test_ratios_are_sparse_over_dense_per_thread_count():
+    speeds = [("dense", "onnxruntime", 10.0), ("dense", "deepsparse", 12.0), ("dense", "pytorch", 5.0),
+              ("sparse 90%", "deepsparse", 40.0), ("sparse 90%", "onnxruntime", 11.0)]
+    rows = [{"family": "m", "variant": v, "engine": e, "batch_size": 1, "threads": t, "items_per_second": s * t}
+            for v, e, s in speeds for t in (1, 2)]
+    rows += [{"family": "m", "variant": "sparse 90% INT8", "precision": "int8", "engine": "deepsparse", "batch_size": 1,
+              "threads": 1, "items_per_second": 80.0}]
+    one, two, int8 = bench.ratios(rows)
+    assert (one["family"], one["variant"], one["batch_size"], one["threads"]) == ("m", "sparse 90%", 1, 1)
+    assert one["sparse_deepsparse_vs_dense_onnxruntime"] == pytest.approx(4.0)
+    assert one["sparse_vs_dense_deepsparse"] == pytest.approx(40 / 12)
+    assert one["sparse_deepsparse_vs_dense_pytorch"] == pytest.approx(8.0)
+    assert one["sparse_vs_dense_onnxruntime"] == pytest.approx(1.1)
+    assert two["threads"] == 2 and two["sparse_deepsparse_vs_dense_onnxruntime"] == pytest.approx(4.0)
+    assert int8["precision"] == "int8" and int8["sparse_int8_deepsparse_vs_dense_onnxruntime"] == pytest.approx(8.0)
+    assert "sparse_deepsparse_vs_dense_onnxruntime" not in int8
+
+
+def test_measurements_are_interleaved_round_robin():
+    """Model after model put every dense figure before every sparse one on a drifting machine;
+    each configuration now gets a turn in every round."""
+    calls = []
+    timed = [bench.Timed({"family": "m", "variant": v, "engine": "e", "batch_size": 1, "threads": 1},
+                         lambda v=v: calls.append(v), 1) for v in ("dense", "sparse")]
+    bench.measure_interleaved(timed, seconds=0.0, rounds=3, progress=lambda line: None)
+    assert calls == ["dense", "sparse"] + ["dense", "sparse"] * 3  # warm-up, then three rounds
+
+
+def test_bucket_of_picks_the_smallest_that_holds():
+    assert [bench.bucket_of(n, [128, 32, 64]) for n in (5, 32, 33, 64, 65, 500)] == [32, 32, 64, 64, 128, 128]
 
 
 def test_bench_measures_and_plots(exported_run):
-    assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.5"]) == 0
+    assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.5", "--threads", "1", "all",
+                 "--real-text", "12", "--buckets", "32", "128"]) == 0
     report = json.loads((exported_run / "bench" / "bench.json").read_text())
     assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse"}
+    assert {r["threads"] for r in report["rows"]} == {1, "all"}
     assert all(r["items_per_second"] > 0 and r["iterations"] >= 3 for r in report["rows"])
     assert "sparse_deepsparse_vs_dense_onnxruntime" in report["ratios"][0]
+    real = report["real_text"]
+    assert real["examples"] == 12 and real["buckets"] == [32, 128]
+    assert {(r["input"], r["engine"]) for r in real["rows"]} == {
+        (i, e) for i in ("padded", "bucketed") for e in ("onnxruntime", "deepsparse")}
+    assert sum(real["bucket_share"].values()) == pytest.approx(1.0)
     assert (exported_run / "bench" / "bench.png").stat().st_size > 10_000
-    assert "| sparse DS / dense ORT |" in (exported_run / "bench" / "bench.md").read_text()
+    text = (exported_run / "bench" / "bench.md").read_text()
+    assert "| sparse DS / dense ORT |" in text and "Real text: 12 dev examples" in text
 
 
 # Copies of a run keep its reports and the student's recipe.yaml, not the weights or the data.
@@ -115,7 +143,8 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
         m["student"]["dev"]["dev"]["accuracy"], m["teacher"]["dev"]["dev"]["accuracy"] = baseline + 10, (baseline + 10) / 0.95
 
     def fast(r):
-        r["ratios"][0]["sparse_deepsparse_vs_dense_onnxruntime"], r["ratios"][0]["sparse_vs_dense_deepsparse"] = 3.0, 2.0
+        for ratios in r["ratios"]:
+            ratios["sparse_deepsparse_vs_dense_onnxruntime"], ratios["sparse_vs_dense_deepsparse"] = 3.0, 2.0
 
     _edit(run / "metrics.json", learned)
     _edit(run / "bench" / "bench.json", fast)
@@ -124,7 +153,8 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
     _edit(run / "bench" / "bench.json", lambda r: r["ratios"][0].update(sparse_deepsparse_vs_dense_onnxruntime=1.2))
     assert main(["gates", str(run)]) == 1
     names = _gates(run)
-    assert names["speed all-MiniLM-L6-v2 (rte) sparse 90% sparse_deepsparse_vs_dense_onnxruntime"] is False
+    threads = json.loads((run / "bench" / "bench.json").read_text())["ratios"][0]["threads"]
+    assert names[f"speed all-MiniLM-L6-v2 (rte) sparse 90% sparse_deepsparse_vs_dense_onnxruntime ({threads} thread(s))"] is False
     assert names["parity student deepsparse (dev)"] is True
     _edit(run / "bench" / "bench.json", fast)
 

@@ -244,3 +244,32 @@ def test_quantization_modifier_makes_the_linears_fake_quantized(tmp_path):
     model.eval()
     int8 = model(**inputs).logits.detach()
     assert 0 < (int8 - fp32).abs().max() < 0.1  # rounded to 8 bits: close to, not equal to, FP32
+
+
+def _tiny_qat_checkpoint(folder):
+    """A tiny BERT classifier after a QAT step, saved as training saves one: safetensors with the
+    wrapped names (``...dense.module.weight``) and the recipe beside it."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text(QAT_RECIPE)
+    model, inputs = tiny_bert(0), batch()
+    ScheduledModifierManager.from_yaml(str(folder / "recipe.yaml")).initialize(model, epoch=0.0)
+    model.train()
+    model(**inputs).loss.backward()  # observers calibrate
+    model.save_pretrained(folder)
+    return folder, model.eval(), inputs
+
+
+def test_sparseml_export_loads_a_qat_checkpoint_with_its_structure(tmp_path):
+    """SparseML's export loader ignored the recipe and missed QAT state in safetensors: the
+    quantized linears came back as plain Linears at random values, silently."""
+    from sparseml.transformers.utils.load_task_model import load_task_model
+    from torch.ao.quantization import QuantWrapper
+    from transformers import AutoConfig
+
+    folder, trained, inputs = _tiny_qat_checkpoint(tmp_path / "qat")
+    model = load_task_model("text-classification", str(folder), AutoConfig.from_pretrained(folder))
+    assert isinstance(model.bert.encoder.layer[0].output.dense, QuantWrapper)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, trained(**inputs).logits, atol=1e-6)

@@ -1,0 +1,196 @@
+"""The INT8 student (`sparsebert train --int8`): quantization-aware training that holds the
+student's zeros and moves its weights, checkpoint readers that rebuild the quantized structure
+or refuse, the INT8 ONNX export (zeros kept, integer MatMuls, engines close to PyTorch), parity
+and the INT8 gates."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from sparsebert.cli import main
+from sparsebert.deploy import gates, thresholds
+from sparsebert.inference import InferenceError, is_quantized, load_classifier
+from sparsebert.pipeline.report import load_weights, pruned_patterns, is_pruned
+from sparsebert.runfolder import INT8
+
+
+@pytest.fixture(scope="module")
+def int8_run(glue_dir, tmp_path_factory):
+    """48 RTE examples: teacher, a 90% student, one epoch of QAT; then the export."""
+    run = tmp_path_factory.mktemp("int8") / "rte"
+    assert main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(run), "--limit", "48",
+                 "--teacher-epochs", "1", "--student-epochs", "2", "--batch-size", "16", "--max-seq-length", "64",
+                 "--sparsity", "0.9", "--int8", "--int8-epochs", "1", "--int8-lr", "1e-4"]) == 0
+    assert main(["export", str(run), "--max-seq-length", "64"]) == 0
+    return run
+
+
+def test_qat_holds_the_zeros_and_moves_the_kept_weights(int8_run):
+    metrics = json.loads((int8_run / "metrics.json").read_text())
+    assert is_quantized(int8_run / INT8) and not is_quantized(int8_run / "student")
+    student, int8 = load_weights(int8_run / "student"), load_weights(int8_run / INT8)
+    assert set(int8) == set(student)  # plain names, no quantization state
+    patterns = pruned_patterns(int8_run / "student")
+    pruned = [n for n in student if is_pruned(n, patterns)]
+    assert len(pruned) == 36
+    for name in pruned:
+        assert np.array_equal(int8[name] == 0, student[name] == 0), name  # the same zeros, held
+    assert metrics[INT8]["encoder_linear_sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert metrics[INT8]["kept_weights_moved"] > 0.5  # moved from the FP32 student it started from
+    assert metrics[INT8]["curve"]["applied_learning_rate_max"] > 0
+    assert metrics["int8_cost_points"] == pytest.approx(
+        metrics["student"]["dev"]["dev"]["accuracy"] - metrics[INT8]["dev"]["dev"]["accuracy"])
+
+
+def test_reader_rebuilds_the_quantized_linears(int8_run):
+    from torch.ao.quantization import QuantWrapper
+
+    model = load_classifier(int8_run / INT8)
+    linear = model.bert.encoder.layer[0].output.dense
+    assert isinstance(linear, QuantWrapper)
+    assert int(linear.module.weight_fake_quant.observer_enabled[0]) == 0  # evaluating never moves a scale
+    saved = load_weights(int8_run / INT8)["bert.encoder.layer.0.output.dense.weight"]
+    assert np.array_equal(linear.module.weight.detach().numpy(), saved)  # loaded, not re-initialised
+
+
+def test_reader_refuses_a_quantized_checkpoint_it_cannot_rebuild(int8_run, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(int8_run / INT8, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    del state["bert.encoder.layer.0.output.dense.module.weight"]
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InferenceError, match="missing"):
+        load_classifier(broken)
+    (broken / "recipe.yaml").unlink()
+    with pytest.raises(InferenceError, match="no recipe.yaml"):
+        load_classifier(broken)
+
+
+def test_int8_export_is_integer_sparse_and_close_to_pytorch(int8_run):
+    from sparsebert.deploy.engines import Runner
+    from sparsebert.deploy.bench import random_inputs
+
+    report = json.loads((int8_run / "export" / INT8 / "export.json").read_text())
+    assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]
+    assert report["onnx_encoder_linear_sparsity"] >= 0.9 - 1e-6
+    deployment = int8_run / "export" / INT8 / "deployment"
+    ops = [n.op_type for n in onnx.load(str(deployment / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") >= 36  # every pruned linear runs on integers
+    fp32 = json.loads((int8_run / "export" / "student" / "export.json").read_text())
+    assert fp32["precision"] == "fp32" and "MatMulInteger" not in [
+        n.op_type for n in onnx.load(str(int8_run / "export" / "student" / "deployment" / "model.onnx")).graph.node]
+    logits = {}
+    for engine in ("pytorch", "onnxruntime", "deepsparse"):
+        runner = Runner(engine, int8_run / INT8, deployment, 4, 64, 1)
+        logits[engine] = runner(random_inputs(runner.input_names, 4, 64))
+        runner.close()
+    for engine in ("onnxruntime", "deepsparse"):
+        assert np.abs(logits[engine] - logits["pytorch"]).max() < 0.5
+
+
+def test_int8_sparsity_readback_notices_a_lost_zero(int8_run, tmp_path):
+    from sparsebert.deploy.export import ExportError, int8_onnx_sparsity, pruned_weights
+
+    model = onnx.load(str(int8_run / "export" / INT8 / "deployment" / "model.onnx"))
+    init = next(t for t in model.graph.initializer if t.name.endswith("layer.0/output/dense/module/MatMul.weight_quantized"))
+    values = numpy_helper.to_array(init).copy()
+    zero_point = values.flat[np.argmax(np.bincount(values.ravel()))]  # the most frequent value: the zeros
+    values[values == zero_point] = zero_point + 1  # every zero lost
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ExportError, match="not all zeros"):
+        int8_onnx_sparsity(path, pruned_weights(int8_run / "student"))
+
+
+def test_int8_parity_and_gates(int8_run, tmp_path):
+    assert main(["parity", str(int8_run), "--checkpoint", INT8]) == 0
+    report = json.loads((int8_run / f"parity-{INT8}.json").read_text())
+    limits = thresholds.parity_limits(thresholds.load(), INT8)
+    assert report["thresholds"]["max_logit_difference"] == limits["max_logit_difference"] == 0.5
+
+    run = tmp_path / "run"
+    shutil.copytree(int8_run, run, ignore=shutil.ignore_patterns("export", "*.safetensors", "*.pt"))
+    answer = {"answers": 48, "label_mismatches": 0, "ties_flipped": 0, "max_score_difference": 0.0}
+    served = {"splits": {"dev": {e: answer for e in ("deepsparse", "onnxruntime")}}}
+    for which in ("student", INT8):  # the gates only read these; other tests measure them
+        (run / f"parity-served-{which}.json").write_text(json.dumps(served))
+    shutil.copyfile(run / f"parity-{INT8}.json", run / "parity-student.json")
+    metrics = json.loads((run / "metrics.json").read_text())
+    student = metrics["student"]["dev"]["dev"]["accuracy"]
+    metrics[INT8]["dev"]["dev"]["accuracy"] = student - 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rows = [{"family": "m", "variant": v, "precision": p, "batch_size": 1, "threads": 1,
+             f"{'sparse_int8' if p == 'int8' else 'sparse'}_deepsparse_vs_dense_onnxruntime": 2.5,
+             f"{'sparse_int8' if p == 'int8' else 'sparse'}_vs_dense_deepsparse": 2.0}
+            for v, p in (("sparse 90%", "fp32"), ("sparse 90% INT8", "int8"))]
+    bench = {"machine": {"cpu": "test CPU", "cpu_features": ["avx2", "avx512_vnni"]}, "ratios": rows}
+    (run / "bench").mkdir(exist_ok=True)
+    (run / "bench" / "bench.json").write_text(json.dumps(bench))
+
+    def judged():
+        return {g.name: g for g in gates.check(run, thresholds.load())}
+
+    found = judged()
+    assert found["INT8 student against the FP32 student (dev)"].passed
+    assert found[f"{INT8} sparsity"].passed
+    assert not found["speed m sparse 90% INT8 sparse_int8_deepsparse_vs_dense_onnxruntime (1 thread(s))"].passed
+    metrics[INT8]["dev"]["dev"]["accuracy"] = student - 1.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    bench["machine"]["cpu_features"] = ["avx2"]  # DeepSparse emulates INT8 here: not judged, and said so
+    (run / "bench" / "bench.json").write_text(json.dumps(bench))
+    found = judged()
+    assert not found["INT8 student against the FP32 student (dev)"].passed
+    speed = found["speed m sparse 90% INT8 sparse_int8_deepsparse_vs_dense_onnxruntime (1 thread(s))"]
+    assert speed.passed and "not judged" in speed.detail
+    bench["ratios"] = rows[:1]  # the INT8 row left out
+    (run / "bench" / "bench.json").write_text(json.dumps(bench))
+    assert not judged()["speed INT8 student"].passed
+
+
+def test_bucketed_onnxruntime_runner_matches_the_full_length(int8_run):
+    """A short text on a 32-token copy of the 64-token graph answers as it does padded to 64."""
+    from transformers import AutoTokenizer
+
+    from sparsebert import inference
+    from sparsebert.deploy.engines import Runner
+
+    deployment = int8_run / "export" / "student" / "deployment"
+    tokenizer = AutoTokenizer.from_pretrained(deployment)
+    names = inference.onnx_input_names(deployment / "model.onnx")
+    example = [{"sentence1": "A man is playing a guitar.", "sentence2": "A man plays music."}]
+    outputs = {}
+    for length in (32, 64):
+        runner = Runner("onnxruntime", int8_run / "student", deployment, 1, length)
+        outputs[length] = runner(inference.encode(tokenizer, example, names, length, fixed_length=True))
+        runner.close()
+    assert np.abs(outputs[32] - outputs[64]).max() < 1e-4
+
+
+def test_int8_server_answers_as_onnxruntime_does(int8_run):
+    assert main(["parity", str(int8_run), "--checkpoint", INT8, "--served"]) == 0
+    report = json.loads((int8_run / f"parity-served-{INT8}.json").read_text())
+    assert report["reference"] == "onnxruntime"
+    for engine in ("deepsparse", "onnxruntime"):
+        result = report["splits"]["dev"][engine]
+        assert result["answers"] == 48 and result["label_mismatches"] == 0
+
+
+def test_loadtest_drives_every_served_model_over_http(int8_run):
+    assert main(["loadtest", str(int8_run), "--clients", "1", "2", "--seconds", "1", "--examples", "6"]) == 0
+    report = json.loads((int8_run / "bench" / "loadtest.json").read_text())
+    rows = report["rows"]
+    assert [(r["variant"], r["clients"]) for r in rows] == [
+        (v, c) for v in ("dense", "sparse 90%", "sparse 90% INT8") for c in (1, 2)]
+    assert all(r["requests"] > 0 and r["errors"] == 0 and r["mismatches"] == 0 for r in rows)
+    dense = [r for r in rows if r["variant"] == "dense"]
+    assert all(r["engine"] == "onnxruntime" and r["sequence_lengths"] == [64] for r in dense)
+    assert all(r["vs_dense_onnxruntime_padded"] == 1.0 for r in dense)
+    assert rows[2]["sequence_lengths"] == [32, 64]  # the sparse servers bucket
+    assert "| dense | onnxruntime | [64] | 1 |" in (int8_run / "bench" / "loadtest.md").read_text()
