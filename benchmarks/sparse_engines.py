@@ -50,17 +50,19 @@ def measure(weights: list, tokens: int, threads: int, seconds: float) -> dict:
     torch.set_num_threads(threads)
     inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
     csr = [w.to_sparse_csr() for w in weights]
-    inputs_t = [x.t().contiguous() for x in inputs]
+    with torch.inference_mode():  # the same products, or the timing means nothing
+        for w, c, x in zip(weights, csr, inputs):
+            assert torch.allclose(torch.sparse.mm(c, x.t()).t(), torch.nn.functional.linear(x, w), atol=1e-4)
 
     def dense():
         with torch.inference_mode():
             for w, x in zip(weights, inputs):
                 torch.nn.functional.linear(x, w)
 
-    def sparse_csr():
+    def sparse_csr():  # the same layout in and out as linear: x (tokens, in) -> (tokens, out)
         with torch.inference_mode():
-            for w, xt in zip(csr, inputs_t):
-                torch.sparse.mm(w, xt)
+            for w, x in zip(csr, inputs):
+                torch.sparse.mm(w, x.t()).t().contiguous()
 
     # Interleaved in rounds, so drift of the machine hits both alike.
     timings = {"dense": [], "csr": []}

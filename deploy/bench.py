@@ -41,7 +41,9 @@ class Model:
 
 
 def engines_for(model: Model, engines) -> list[str]:
-    return [e for e in engines if not (model.precision == "int8" and e == "pytorch")]
+    """INT8 runs on the ONNX engines only; pytorch-csr runs sparse models (a dense one is PyTorch)."""
+    return [e for e in engines if not (model.precision == "int8" and e.startswith("pytorch"))
+            and not (model.variant == "dense" and e == "pytorch-csr")]
 
 
 def random_inputs(input_names: list[str], batch_size: int, sequence_length: int, vocab_size: int = 30522,
@@ -55,16 +57,20 @@ def random_inputs(input_names: list[str], batch_size: int, sequence_length: int,
 
 
 class Timed:
-    """One measured configuration: a call that runs one unit of work, and its timings."""
+    """One measured configuration: a call that runs one unit of work, and its timings.
+    ``calls_per_pass``: each turn makes whole passes (every real-text request once), so that
+    every configuration times the same mix of lengths; ``warm`` readies every runner."""
 
-    def __init__(self, key: dict, call, items_per_call: int, close=lambda: None):
+    def __init__(self, key: dict, call, items_per_call: int, close=lambda: None, calls_per_pass: int = 1,
+                 warm=None):
         self.key, self.call, self.items_per_call, self.close = key, call, items_per_call, close
+        self.calls_per_pass, self.warm = calls_per_pass, warm or call
         self.times: list[float] = []
 
     def run_for(self, seconds: float, min_calls: int = 1) -> None:
         deadline = time.perf_counter() + seconds
         calls = 0
-        while calls < min_calls or time.perf_counter() < deadline:
+        while calls < min_calls or calls % self.calls_per_pass or time.perf_counter() < deadline:
             start = time.perf_counter()
             self.call()
             self.times.append(time.perf_counter() - start)
@@ -81,7 +87,7 @@ def measure_interleaved(timed: list[Timed], seconds: float, rounds: int = ROUNDS
     """``seconds`` of calls for each, split into ``rounds`` round-robin turns; closes them all."""
     try:
         for t in timed:
-            t.call()  # warm-up (first-call allocation, kernel selection)
+            t.warm()  # warm-up (first-call allocation, kernel selection)
         for _ in range(rounds):
             for t in timed:
                 t.run_for(seconds / rounds, min_calls=1)
@@ -155,13 +161,19 @@ def _real_text_timed(model: Model, engine: str, requests: list[dict], lengths: l
         position[0] += 1
         runners[request["input_ids"].shape[1]](request)
 
+    def warm():  # every bucket's runner that serves a request, once, outside the timed turns
+        for length, runner in runners.items():
+            request = next((r for r in requests if r["input_ids"].shape[1] == length), None)
+            if request is not None:
+                runner(request)
+
     def close():
         for runner in runners.values():
             runner.close()
 
     key = {"family": model.family, "variant": model.variant, "precision": model.precision, "engine": engine,
            "input": mode, "batch_size": 1, "threads": threads}
-    return Timed(key, call, 1, close)
+    return Timed(key, call, 1, close, calls_per_pass=len(requests), warm=warm)
 
 
 def real_text_benchmark(models: list[Model], examples: list[dict], buckets: list[int], seconds: float = 10.0,
@@ -233,6 +245,9 @@ def ratios(rows: list[dict]) -> list[dict]:
                     f"{prefix}_deepsparse_vs_dense_pytorch": (sparse_ds, dense["pytorch"]),
                     f"{prefix}_vs_dense_onnxruntime": (speed(family, variant, "onnxruntime", batch, threads),
                                                        dense["onnxruntime"]),
+                    # the licence-clean sparse engine against the dense baseline
+                    f"{prefix}_pytorch_csr_vs_dense_onnxruntime": (speed(family, variant, "pytorch-csr", batch, threads),
+                                                                   dense["onnxruntime"]),
                 }
                 measured = {k: a / b for k, (a, b) in pairs.items() if a and b}
                 if measured:
@@ -250,7 +265,8 @@ def machine() -> dict:
 RATIO_COLUMNS = [("deepsparse_vs_dense_onnxruntime", "sparse DS / dense ORT"),
                  ("vs_dense_deepsparse", "sparse / dense (DS)"),
                  ("deepsparse_vs_dense_pytorch", "sparse DS / dense PyTorch"),
-                 ("vs_dense_onnxruntime", "sparse / dense (ORT)")]
+                 ("vs_dense_onnxruntime", "sparse / dense (ORT)"),
+                 ("pytorch_csr_vs_dense_onnxruntime", "sparse PyTorch-CSR / dense ORT")]
 
 
 def _cpu(report: dict) -> str:

@@ -1,6 +1,8 @@
-"""The three ways to run a deployment: PyTorch (the checkpoint), ONNX Runtime and DeepSparse
-(the ONNX file). Each takes the same fixed-shape int64 inputs, named as the ONNX graph names
-them (``input_names``), and returns raw logits, so parity and latency compare like with like."""
+"""The ways to run a deployment: PyTorch (the checkpoint), ONNX Runtime and DeepSparse (the ONNX
+file), and PyTorch with the pruned linears as CSR matrices (``pytorch-csr``: the licence-clean
+sparse engine; DeepSparse's licence is for evaluation only). Each takes the same fixed-shape
+int64 inputs, named as the ONNX graph names them (``input_names``), and returns raw logits, so
+parity and latency compare like with like."""
 
 from __future__ import annotations
 
@@ -12,7 +14,38 @@ import numpy as np
 
 from sparsebert.inference import onnx_input_names
 
-ENGINES = ("pytorch", "onnxruntime", "deepsparse")
+ENGINES = ("pytorch", "onnxruntime", "deepsparse", "pytorch-csr")
+# A linear at least this sparse runs as a CSR matrix on the pytorch-csr engine.
+CSR_MIN_SPARSITY = 0.5
+
+
+def with_csr_linears(model):
+    """``model`` with every linear of at least CSR_MIN_SPARSITY zeros computing ``y = x W^T + b``
+    from ``W`` stored as CSR (in place): torch's sparse kernels skip the zeros, which its dense
+    GEMM (and ONNX Runtime, which densifies sparse initializers at load) multiply."""
+    import torch
+
+    class CSRLinear(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            self.weight = linear.weight.detach().to_sparse_csr()
+            self.bias = None if linear.bias is None else linear.bias.detach()
+
+        def forward(self, x):
+            out = torch.sparse.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    import warnings
+
+    with warnings.catch_warnings():  # torch calls its CSR support beta at every conversion
+        warnings.simplefilter("ignore", UserWarning)
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear) and float((child.weight == 0).float().mean()) >= CSR_MIN_SPARSITY:
+                    setattr(module, name, CSRLinear(child))
+    return model
 
 
 def private_copy(onnx_path: Path) -> Path:
@@ -46,14 +79,20 @@ class Runner:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
         self.engine, self.batch_size, self.sequence_length = engine, batch_size, sequence_length
         self.input_names = onnx_input_names(deployment / "model.onnx")
-        if engine == "pytorch":
+        if engine in ("pytorch", "pytorch-csr"):
             import torch
-            from sparsebert.inference import load_classifier
+
+            from sparsebert.hardware import physical_cores
+            from sparsebert.inference import is_quantized, load_classifier
 
             self._torch = torch
-            if threads:
-                torch.set_num_threads(threads)
+            # torch's thread count is process-wide: set it every time, or an earlier runner's stays.
+            torch.set_num_threads(threads or physical_cores())
             self._model = load_classifier(model_dir)
+            if engine == "pytorch-csr":
+                if is_quantized(model_dir):
+                    raise ValueError(f"{model_dir} is an INT8 (QAT) checkpoint; pytorch-csr runs FP32 ones")
+                with_csr_linears(self._model)
         elif engine == "onnxruntime":
             import onnxruntime
 
@@ -82,7 +121,7 @@ class Runner:
                 raise ValueError(f"DeepSparse reads inputs {self._engine.input_names}, the ONNX file {self.input_names}")
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if self.engine == "pytorch":
+        if self.engine in ("pytorch", "pytorch-csr"):
             with self._torch.inference_mode():
                 tensors = {n: self._torch.from_numpy(inputs[n]) for n in self.input_names}
                 return self._model(**tensors).logits.float().numpy()

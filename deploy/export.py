@@ -89,7 +89,9 @@ def int8_onnx_sparsity(onnx_path: Path, pruned: dict[str, np.ndarray]) -> dict[s
         if name not in pruned or node.input[1] not in initializers:
             continue
         quantized = numpy_helper.to_array(initializers[node.input[1]])
-        zero_point = numpy_helper.to_array(initializers[node.input[3]]) if node.input[3] in initializers else 0
+        if node.input[3] not in initializers:
+            raise ExportError(f"{onnx_path}: the weight zero point of {node.name} is not an initializer")
+        zero_point = numpy_helper.to_array(initializers[node.input[3]])
         zeros = quantized == zero_point
         if zeros.shape != pruned[name].T.shape or not zeros[pruned[name].T == 0].all():
             raise ExportError(f"{name}: its zeros in the checkpoint are not all zeros in {onnx_path}")

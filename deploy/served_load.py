@@ -57,12 +57,14 @@ def sweep(run: RunFolder, clients: tuple[int, ...] = CLIENTS, seconds: float = 1
     from sparsebert.deploy.local import local_server
 
     inputs = requests(run, examples)
+    plan = [(served, run.deployment(served.checkpoint), run.exported_length(served.checkpoint))
+            for served in servers(run)]  # every deployment found before any is served
     rows = []
-    for served in servers(run):
-        length = run.exported_length(served.checkpoint)
-        lengths = (length,) if served.padded else tuple(sorted({min(b, length) for b in buckets}))
+    for served, deployment, length in plan:
+        # The longest bucket is always the exported length: no server truncates where another does not.
+        lengths = (length,) if served.padded else tuple(sorted({min(b, length) for b in buckets} | {length}))
         with tempfile.TemporaryDirectory(prefix="sparsebert-load-") as workdir, \
-                local_server(run.deployment(served.checkpoint), served.engine, Path(workdir), name="load",
+                local_server(deployment, served.engine, Path(workdir), name="load",
                              sequence_lengths=lengths, threads=threads) as client:
             expected = expected_answers(client, inputs)
             for count in clients:
@@ -89,7 +91,7 @@ def markdown(report: dict) -> str:
     lines = [f"{report['task']} dev texts, one per request ({report['examples']} texts, each sent alone first to "
              f"learn its answer), {report['seconds_per_measurement']:g} s per row, engine threads "
              f"{report.get('engine_threads', 'all')}; {m['cpu']} ({m['cpus']} CPUs). "
-             "Server and clients share the machine.", "",
+             "Server and clients share the machine; the server runs one request at a time (batch 1).", "",
              "| model | engine | buckets | clients | requests/s | p50 ms | p99 ms | errors | vs dense ORT padded |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

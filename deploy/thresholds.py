@@ -19,14 +19,14 @@ def default_path() -> Path:
 
 
 def parity_limits(thresholds: dict, which: str) -> dict:
-    """The engine-parity limits of a checkpoint (max_metric_difference, max_logit_difference):
-    the INT8 student's own ``int8_`` ones, or the FP32 ones."""
+    """The parity limits of a checkpoint (max_metric_difference, max_logit_difference,
+    max_served_score_difference): the INT8 student's own ``int8_`` ones, or the FP32 ones."""
     from sparsebert.runfolder import INT8
 
     parity = thresholds["parity"]
     prefix = "int8_" if which == INT8 else ""
-    return {**parity, "max_metric_difference": parity[f"{prefix}max_metric_difference"],
-            "max_logit_difference": parity[f"{prefix}max_logit_difference"]}
+    keys = ("max_metric_difference", "max_logit_difference", "max_served_score_difference")
+    return {**parity, **{key: parity[prefix + key] for key in keys}}
 
 
 def load(path: Path | None = None) -> dict:

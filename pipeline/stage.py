@@ -205,7 +205,7 @@ def summary(metrics: dict) -> str:
     verdict = (f"  the student beats the {kind} baseline" if metrics["student_beats_baseline"] else
                f"  WARNING: the student does NOT beat the {kind} baseline; "
                f"try {smaller}, more --student-epochs or --augment N")
-    return "\n".join([
+    return "\n".join(line for line in [
         f"task {metrics['task']} ({first_dev}; final model, main metric {metric}):",
         f"  majority baseline {_scores(b, shown)}  (always {b['label']!r})" if "label" in b else
         f"  constant baseline {_scores(b, shown)}",
@@ -224,4 +224,4 @@ def summary(metrics: dict) -> str:
         f"{s['flops']['sparse_encoder_flops'] / 1e9:.2f} G sparse "
         f"({s['flops']['encoder_flops_reduction']:.1f}x fewer)",
         f"  wall time {metrics['wall_seconds']['total'] / 60:.1f} min",
-    ])
+    ] if line)

@@ -6,7 +6,8 @@ It costs one small import and acts only when the Neural Magic stack is imported:
 - after each SparseML/DeepSparse module named in ``sparsebert.sparseml_mends.AFTER_IMPORT``
   loads, its mend runs: the optimizer wrapper that kept the learning rate at 0, STS-B's label
   crash, the offline metric load, the resumed finished schedule, the recipe's steps per epoch
-  under gradient accumulation, recipe lists saved as YAML, OBS pruning's gradient sampler, DeepSparse's sigmoid over a
+  under gradient accumulation, recipe lists saved as YAML, OBS pruning's gradient sampler, the QAT
+  QConfig's slots and the export loader that dropped a QAT checkpoint's structure, DeepSparse's sigmoid over a
   regression model's output (STS-B served as 0-1 instead of 0-5, in our server and the stock
   ``deepsparse.server`` alike), and the registration of the project's recipe modifiers (so
   SparseML's own console scripts read ``recipes/sparsebert.yaml``).

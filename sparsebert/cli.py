@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.9 0.95), built once into --bert-base-cache")
     p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
     _threads_argument(p)
-    p.add_argument("--engines", nargs="+", default=["pytorch", "onnxruntime", "deepsparse"],
-                   choices=["pytorch", "onnxruntime", "deepsparse"])
-    p.add_argument("--real-text", type=int, default=400, metavar="N",
+    p.add_argument("--engines", nargs="+", default=["pytorch", "onnxruntime", "deepsparse", "pytorch-csr"],
+                   choices=["pytorch", "onnxruntime", "deepsparse", "pytorch-csr"],
+                   help="pytorch-csr: PyTorch with the pruned linears as CSR matrices (licence-clean sparse)")
+    p.add_argument("--real-text", type=int, default=200, metavar="N",
                    help="also time the first N dev texts at batch 1, each at its own length: padded to the "
                         "exported length, and on the smallest --buckets length that holds it (0: skip)")
     p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
@@ -288,7 +289,7 @@ def cmd_train(args) -> int:
     from sparsebert.pipeline import stage
     from sparsebert.hardware import resolve_precision
     from sparsebert.pipeline.train import TrainConfig
-    from sparsebert.recipe import parse_recipe_args, recipe_path
+    from sparsebert.recipe import parse_recipe_args, recipe_path, recipe_variables
     from sparsebert.runfolder import clear_or_refuse
 
     model = models.resolve_model(args.model)
@@ -309,7 +310,9 @@ def cmd_train(args) -> int:
     int8_cfg = None
     if args.int8:
         int8_recipe = recipe_path("sparsebert-int8")
-        int8_args, int8_epochs = _schedule(int8_recipe, {}, [("--int8-epochs", "num_epochs", args.int8_epochs)])
+        # The same distillation as the student's: its loss variables carry over (num_epochs does not).
+        shared = {k: v for k, v in recipe_args.items() if k in recipe_variables(int8_recipe) and k != "num_epochs"}
+        int8_args, int8_epochs = _schedule(int8_recipe, shared, [("--int8-epochs", "num_epochs", args.int8_epochs)])
         int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=args.int8_lr, recipe=str(int8_recipe),
                                recipe_args=int8_args, **common)
     opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
@@ -431,9 +434,12 @@ def cmd_bench(args) -> int:
                              engines=args.engines, threads=args.threads)
     if args.real_text:
         examples = run.examples(run.dev_splits[0])[:args.real_text]
-        buckets = sorted({min(b, length) for b in args.buckets})
+        # The longest bucket is the exported length: "padded" pads to it, and nothing is truncated
+        # that the fixed-shape baseline keeps.
+        buckets = sorted({min(b, length) for b in args.buckets} | {length})
+        engines = [e for e in args.engines if e in ("onnxruntime", "deepsparse")]
         report["real_text"] = bench.real_text_benchmark(own, examples, buckets, seconds=2 * args.seconds,
-                                                        threads=args.threads)
+                                                        engines=engines, threads=args.threads)
     bench.write(report, run.bench_dir)
     print(bench.markdown(report))
     print(f"[sparsebert] wrote {run.bench_dir}/bench.json, bench.md, bench.png")

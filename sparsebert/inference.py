@@ -115,7 +115,9 @@ def checkpoint_keys(model_dir: Path) -> list[str]:
 
 
 def is_quantized(model_dir: Path) -> bool:
-    return any(key.endswith(_QAT_STATE) for key in checkpoint_keys(model_dir))
+    """Saved by quantization-aware training: observer state, or linears wrapped for it."""
+    return any(key.endswith(_QAT_STATE) or key.endswith((".module.weight", ".module.bias"))
+               for key in checkpoint_keys(model_dir))
 
 
 def load_classifier(model_dir: Path):
@@ -132,7 +134,11 @@ def load_classifier(model_dir: Path):
     from transformers import AutoModelForSequenceClassification
 
     if not is_quantized(model_dir):
-        return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
+        if info["missing_keys"]:
+            raise InferenceError(f"{model_dir}: weights missing from the checkpoint {info['missing_keys'][:3]} "
+                                 "would start at random values")
+        return model.eval()
     import math
 
     from sparseml.pytorch.optim import ScheduledModifierManager

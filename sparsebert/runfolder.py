@@ -112,6 +112,8 @@ class RunFolder:
         return read_jsonl(path)
 
     def deployment(self, which: str) -> Path:
+        if which not in self.checkpoints:
+            raise RunFolderError(f"{self.path} has no INT8 student; train it with `sparsebert train --int8`")
         folder = self.export_dir(which) / "deployment"
         if not (folder / "model.onnx").is_file():
             raise RunFolderError(f"{folder}/model.onnx not found; run `sparsebert export {self.path}` first")

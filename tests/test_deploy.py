@@ -4,6 +4,7 @@ benchmark's ratios and the CI gates."""
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -39,9 +40,9 @@ def test_parity_report_across_engines(exported_run):
     assert main(["parity", str(exported_run)]) == 0
     report = json.loads((exported_run / "parity-student.json").read_text())
     (split,) = report["splits"].values()
-    assert set(split["metrics"]) == {"pytorch", "onnxruntime", "deepsparse"}
+    assert set(split["metrics"]) == {"pytorch", "onnxruntime", "deepsparse", "pytorch-csr"}
     assert split["examples"] == 48
-    for engine in ("onnxruntime", "deepsparse"):
+    for engine in ("onnxruntime", "deepsparse", "pytorch-csr"):
         assert split["against_pytorch"][engine]["max_logit_difference"] < 1e-3
     assert report["passed"] and report["sequence_length"] == 128
 
@@ -89,6 +90,40 @@ def test_measurements_are_interleaved_round_robin():
     assert calls == ["dense", "sparse"] + ["dense", "sparse"] * 3  # warm-up, then three rounds
 
 
+def test_real_text_pads_to_the_longest_bucket_or_picks_the_smallest(exported_run, monkeypatch):
+    """Padded requests all run at the exported length; bucketed ones each on the smallest bucket
+    that holds the text; each configuration times whole passes over the same texts."""
+    from sparsebert.runfolder import RunFolder
+
+    runners = []
+
+    class Recording:
+        def __init__(self, engine, model_dir, deployment, batch_size, sequence_length, threads=None):
+            self.length, self.tokens = sequence_length, []
+            runners.append(self)
+
+        def __call__(self, inputs):
+            assert inputs["input_ids"].shape == (1, self.length)
+            self.tokens.append(int(inputs["attention_mask"].sum()))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "Runner", Recording)
+    run = RunFolder(exported_run)
+    examples = run.examples("dev")[:20]
+    model = bench.Model("m", "sparse", run.checkpoint("student"), run.deployment("student"))
+    report = bench.real_text_benchmark([model], examples, [64, 128], seconds=0.0, engines=["onnxruntime"],
+                                       progress=lambda line: None)
+    padded, *bucketed = runners  # created in that order: the padded runner, then one per bucket
+    assert padded.length == 128 and [r.length for r in bucketed] == [64, 128]
+    assert bucketed[0].tokens and bucketed[1].tokens  # RTE's pairs fall on both sides of 64 tokens
+    assert all(n <= 64 for n in bucketed[0].tokens) and all(n > 64 for n in bucketed[1].tokens)
+    assert sorted(padded.tokens[1:]) == sorted(bucketed[0].tokens[1:] + bucketed[1].tokens[1:])  # the same texts
+    rows = {r["input"]: r for r in report["rows"]}
+    assert rows["padded"]["iterations"] == rows["bucketed"]["iterations"] == 3 * len(examples)  # whole passes
+
+
 def test_bucket_of_picks_the_smallest_that_holds():
     assert [bench.bucket_of(n, [128, 32, 64]) for n in (5, 32, 33, 64, 65, 500)] == [32, 32, 64, 64, 128, 128]
 
@@ -97,7 +132,8 @@ def test_bench_measures_and_plots(exported_run):
     assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.5", "--threads", "1", "all",
                  "--real-text", "12", "--buckets", "32", "128"]) == 0
     report = json.loads((exported_run / "bench" / "bench.json").read_text())
-    assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse"}
+    assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse", "pytorch-csr"}
+    assert {r["variant"] for r in report["rows"] if r["engine"] == "pytorch-csr"} == {"sparse 90%"}
     assert {r["threads"] for r in report["rows"]} == {1, "all"}
     assert all(r["items_per_second"] > 0 and r["iterations"] >= 3 for r in report["rows"])
     assert "sparse_deepsparse_vs_dense_onnxruntime" in report["ratios"][0]
@@ -105,7 +141,6 @@ def test_bench_measures_and_plots(exported_run):
     assert real["examples"] == 12 and real["buckets"] == [32, 128]
     assert {(r["input"], r["engine"]) for r in real["rows"]} == {
         (i, e) for i in ("padded", "bucketed") for e in ("onnxruntime", "deepsparse")}
-    assert sum(real["bucket_share"].values()) == pytest.approx(1.0)
     assert (exported_run / "bench" / "bench.png").stat().st_size > 10_000
     text = (exported_run / "bench" / "bench.md").read_text()
     assert "| sparse DS / dense ORT |" in text and "Real text: 12 dev examples" in text
@@ -233,3 +268,31 @@ def test_onnx_initializers_hold_the_zeros(exported_run):
     sparse = [a for a in map(numpy_helper.to_array, model.graph.initializer)
               if a.ndim == 2 and a.size >= 384 * 384 and (a == 0).mean() > 0.85]
     assert len(sparse) == 36  # the six pruned linears of each of the six layers, zeros stored
+
+
+def test_pytorch_runners_set_their_own_thread_count(exported_run):
+    """torch's thread count is process-wide: an all-cores runner after a 1-thread one must not run on 1."""
+    import torch
+
+    from sparsebert.deploy.engines import Runner
+    from sparsebert.hardware import physical_cores
+
+    deployment = exported_run / "export" / "student" / "deployment"
+    Runner("pytorch", exported_run / "student", deployment, 1, 128, threads=1)
+    assert torch.get_num_threads() == 1
+    Runner("pytorch-csr", exported_run / "student", deployment, 1, 128)
+    assert torch.get_num_threads() == physical_cores()
+
+
+def test_csr_engine_runs_the_pruned_linears_sparse(exported_run):
+    import torch
+
+    from sparsebert.deploy.bench import random_inputs
+    from sparsebert.deploy.engines import Runner
+
+    deployment = exported_run / "export" / "student" / "deployment"
+    dense, csr = (Runner(e, exported_run / "student", deployment, 2, 128, threads=1) for e in ("pytorch", "pytorch-csr"))
+    layouts = {m.weight.layout for m in csr._model.modules() if hasattr(m, "weight") and m.weight.dim() == 2}
+    assert torch.sparse_csr in layouts  # the 36 pruned linears; embeddings, pooler, classifier stay dense
+    inputs = random_inputs(dense.input_names, 2, 128)
+    np.testing.assert_allclose(csr(inputs), dense(inputs), atol=1e-4)

@@ -13,8 +13,13 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 def test_shipped_recipes_load(path):
     names = [type(m).__name__ for m in check_recipe(path, {})]
     assert "SparseBertDistillationModifier" in names
-    # distill.yaml (the small dense students of the sparse-vs-small comparison) prunes nothing.
-    assert bool({"GMPruningModifier", "OBSPruningModifier"} & set(names)) == (path.name != "distill.yaml")
+    # distill.yaml (the small dense students of the sparse-vs-small comparison) prunes nothing;
+    # sparsebert-int8.yaml holds a pruned student's zeros and quantizes it.
+    pruning = set(names) & {"GMPruningModifier", "OBSPruningModifier", "ConstantPruningModifier"}
+    expected = {"distill.yaml": set(), "sparsebert-int8.yaml": {"ConstantPruningModifier"},
+                "sparsebert-obs.yaml": {"OBSPruningModifier"}}.get(path.name, {"GMPruningModifier"})
+    assert pruning == expected
+    assert ("QuantizationModifier" in names) == (path.name == "sparsebert-int8.yaml")
 
 
 def test_schedule_and_ranking_are_recipe_variables():
