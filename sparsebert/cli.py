@@ -409,6 +409,10 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    # Runners take turns: PyTorch's OpenMP threads would otherwise spin on after each call and take
+    # the cores from the next runner (measured: dense ONNX Runtime at 2 threads fell from 115 to
+    # 97 items/s beside a 2-thread PyTorch runner). Set before torch loads OpenMP.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sparsebert.deploy import bench
 
     run = RunFolder(args.run)

@@ -113,7 +113,7 @@ def test_int8_parity_and_gates(int8_run, tmp_path):
     assert main(["parity", str(int8_run), "--checkpoint", INT8]) == 0
     report = json.loads((int8_run / f"parity-{INT8}.json").read_text())
     limits = thresholds.parity_limits(thresholds.load(), INT8)
-    assert report["thresholds"]["max_logit_difference"] == limits["max_logit_difference"] == 0.1
+    assert report["thresholds"]["max_logit_difference"] == limits["max_logit_difference"] == 0.5
     assert limits["max_served_score_difference"] == 0.01
     assert thresholds.parity_limits(thresholds.load(), "student")["max_served_score_difference"] == 1e-3
 
