@@ -117,41 +117,54 @@ def ask_server(client, examples: list[dict], request_size: int) -> tuple[list[st
 
 def reference_logits(reference: str, model_dir: Path, deployment: Path, examples: list[dict],
                      sequence_length: int) -> np.ndarray:
-    """What the served answers are held to: the PyTorch checkpoint, or ONNX Runtime on the
-    deployment's own graph (an INT8 graph, which PyTorch only emulates)."""
+    """What the served answers are held to: the PyTorch checkpoint, or an engine run directly on
+    the deployment's own graph, each row on the bucket the server runs it on (an INT8 graph,
+    which PyTorch only emulates and whose engines round apart from each other)."""
     if reference == "pytorch":
         return inference.torch_logits(model_dir, examples, sequence_length, tokenizer_dir=deployment)
     from transformers import AutoTokenizer
 
+    from sparsebert.deploy.bench import bucket_of, encode_each
+    from sparsebert.deploy.serve import default_sequence_lengths
+
+    buckets = list(default_sequence_lengths(sequence_length))
     names = inference.onnx_input_names(deployment / "model.onnx")
-    inputs = inference.encode(AutoTokenizer.from_pretrained(deployment), examples, names, sequence_length,
-                              fixed_length=True)
-    runner = Runner(reference, model_dir, deployment, 16, sequence_length)
+    rows = encode_each(AutoTokenizer.from_pretrained(deployment), examples, names, lambda n: bucket_of(n, buckets))
+    runners = {n: Runner(reference, model_dir, deployment, 1, n) for n in buckets}
     try:
-        return run_batched(runner, inputs)
+        return np.concatenate([runners[row["input_ids"].shape[1]](row) for row in rows])
     finally:
-        runner.close()
+        for runner in runners.values():
+            runner.close()
 
 
 def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dict[str, list[dict]],
                   thresholds: dict, sequence_length: int, engines=SERVED_ENGINES, request_size: int = 16,
                   progress=print, reference: str = "pytorch") -> dict:
     """Start the server on each engine, send it every dev row, compare with the answers of
-    ``reference`` (the PyTorch checkpoint, or ONNX Runtime run directly on the same graph)."""
+    ``reference``: the PyTorch checkpoint, or ("engine") the served engine itself run directly
+    on the same graph and buckets."""
     from transformers import AutoConfig
 
     from sparsebert.deploy.local import local_server
 
     config = AutoConfig.from_pretrained(deployment)
     tolerance = thresholds["max_served_score_difference"]
-    expected = {}
-    for split, examples in dev_sets.items():
-        logits = reference_logits(reference, model_dir, deployment, examples, sequence_length)
-        expected[split] = (inference.answers(logits, config), probability_margins(logits))
+
+    def expected_for(engine: str) -> dict:
+        out = {}
+        for split, examples in dev_sets.items():
+            logits = reference_logits(engine if reference == "engine" else reference, model_dir, deployment,
+                                      examples, sequence_length)
+            out[split] = (inference.answers(logits, config), probability_margins(logits))
+        return out
+
+    shared = expected_for("pytorch") if reference == "pytorch" else None
     results = {}
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="sparsebert-served-") as workdir, \
                 local_server(deployment, engine, Path(workdir)) as client:
+            expected = shared or expected_for(engine)
             for split, examples in dev_sets.items():
                 answers = ask_server(client, examples, request_size)
                 compared = compare_answers(expected[split][0], answers, expected[split][1], tolerance)
@@ -190,7 +203,7 @@ def table(report: dict) -> str:
 
 def served_table(report: dict) -> str:
     metric = report["main_metric"]
-    reference = {"pytorch": "the PyTorch checkpoint's", "onnxruntime": "ONNX Runtime's on the same graph"}[
+    reference = {"pytorch": "the PyTorch checkpoint's", "engine": "the same engine's, run directly on the same graph"}[
         report.get("reference", "pytorch")]
     lines = [f"{report['task']}: the server's answers over HTTP vs {reference} "
              f"(seq {report['sequence_length']}, {report['request_size']} rows per request):",
