@@ -14,8 +14,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-CURVE_KEYS = ("applied_learning_rate", "sparsity", "logits_loss", "hidden_loss", "attention_loss",
-              "distillation_loss")
+# The distillation terms (sparsebert.pipeline.modifiers), their gradient norms where measured,
+# and the logits term less the teacher's entropy (0 when the answers agree).
+LOSS_TERMS = ("logits_loss", "hidden_loss", "attention_loss")
+GRAD_NORMS = tuple(term.replace("_loss", "_grad_norm") for term in LOSS_TERMS)
+CURVE_KEYS = ("applied_learning_rate", "sparsity", *LOSS_TERMS, "logits_kl", "distillation_loss", *GRAD_NORMS)
 
 
 def optimizer_layers(optimizer):
@@ -94,8 +97,10 @@ def write(model_dir: Path, title: str) -> list[dict]:
     if not curve:
         return curve
     steps = [e["step"] for e in curve]
-    fig, (losses, schedule) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "logits_loss", "hidden_loss", "attention_loss"):
+    with_grads = any(key in e for e in curve for key in GRAD_NORMS)
+    fig, panels = plt.subplots(1, 3 if with_grads else 2, figsize=(16 if with_grads else 11, 4))
+    losses, schedule = panels[0], panels[1]
+    for key in ("loss", *LOSS_TERMS, "logits_kl"):
         if key in curve[0]:
             losses.plot(steps, [e[key] for e in curve], label="total" if key == "loss" else key.removesuffix("_loss"))
     losses.set(xlabel="step", ylabel="training loss (mean over the logging window)", yscale="log")
@@ -108,6 +113,12 @@ def write(model_dir: Path, title: str) -> list[dict]:
         sparsity.set(ylabel="sparsity of the pruned matrices (%)", ylim=(0, 100))
         sparsity.legend(loc="center right")
     schedule.legend(loc="upper right")
+    if with_grads:
+        for key in GRAD_NORMS:
+            points = [(e["step"], e[key]) for e in curve if key in e]
+            panels[2].plot(*zip(*points), label=key.removesuffix("_grad_norm"))
+        panels[2].set(xlabel="step", ylabel="gradient norm of each weighted term", yscale="symlog")
+        panels[2].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(Path(model_dir) / "curve.png", dpi=90)

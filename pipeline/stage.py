@@ -179,6 +179,21 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     return metrics
 
 
+# BERT-base's six encoder linears per layer, 12 layers: 12 x (4 x 768^2 + 2 x 768 x 3072).
+BERT_BASE_ENCODER_LINEARS = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+
+
+def weights_left_line(student: dict) -> str:
+    """How many encoder-linear weights the student keeps, set against BERT-base's: the paper's
+    95% of BERT-base leaves 4.25 M, so a smaller model at the same sparsity is far sparser in
+    what it has left to learn with."""
+    kept = student["parameters_nonzero_encoder_linears"]
+    like = 1 - kept / BERT_BASE_ENCODER_LINEARS
+    return (f"  non-zero encoder-linear weights {kept / 1e6:.2f} M of {student['parameters_encoder_linears'] / 1e6:.2f} M; "
+            f"BERT-base at 95% (the paper's regime) keeps {0.05 * BERT_BASE_ENCODER_LINEARS / 1e6:.2f} M, "
+            f"so this is as few as BERT-base pruned to {like:.1%}")
+
+
 def _scores(dev: dict, metrics: tuple) -> str:
     return ", ".join(f"{m} {dev[m]:6.2f}" for m in metrics if m in dev)
 
@@ -219,6 +234,7 @@ def summary(metrics: dict) -> str:
         f"  encoder-linear sparsity {s['encoder_linear_sparsity'] * 100:.2f}% "
         f"(least sparse matrix {s['min_matrix_sparsity'] * 100:.2f}%), "
         f"non-zero parameters {s['parameters_nonzero_total']:,} of {s['parameters_total']:,}",
+        weights_left_line(s) if "parameters_nonzero_encoder_linears" in s else "",
         _int8_line(metrics, first_dev, metric),
         f"  encoder FLOPs/sequence {s['flops']['dense_encoder_flops'] / 1e9:.2f} G dense -> "
         f"{s['flops']['sparse_encoder_flops'] / 1e9:.2f} G sparse "

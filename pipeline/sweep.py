@@ -157,6 +157,13 @@ def model_depth(extra: list[str]) -> int:
     return AutoConfig.from_pretrained(models.resolve_model(name)).num_hidden_layers
 
 
+def margin_share(student: float, teacher: float, baseline: float) -> float | None:
+    """The share of the teacher's margin over the baseline that the student keeps: what it
+    learned (on MRPC's F1 the constant guess alone 'keeps' 96% of the teacher); None when the
+    teacher is no better than the baseline."""
+    return (student - baseline) / (teacher - baseline) if teacher > baseline else None
+
+
 def row(metrics: dict, variant: str, sparsity: float) -> dict:
     task = glue.get_task(metrics["task"])
     split, metric = glue.dev_splits(task)[0], task.main_metric
@@ -173,6 +180,7 @@ def row(metrics: dict, variant: str, sparsity: float) -> dict:
             "equivalent_sparsity": 1 - nonzero / metrics["teacher"]["parameters_encoder_linears"],
             "baseline": metrics["baseline"][split][metric], "teacher": teacher, "student": student,
             "retention": retention, "target_retention": target,
+            "margin_kept": margin_share(student, teacher, metrics["baseline"][split][metric]),
             "target_met": None if target is None else retention >= target and metrics["student_beats_baseline"],
             "beats_baseline": metrics["student_beats_baseline"],
             "student_minutes": metrics["wall_seconds"]["student"] / 60,
@@ -184,6 +192,10 @@ def row(metrics: dict, variant: str, sparsity: float) -> dict:
             "machine": machine(metrics["machine"])}
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def machine(described: dict) -> str:
     """Where a cell trained: the GPU when there was one, else the CPU and its core count."""
     if described.get("device") not in (None, "", "cpu"):
@@ -192,9 +204,9 @@ def machine(described: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| task | variant | sparsity (measured) | metric | baseline | teacher | student | kept | target | "
-             "beats baseline | train examples | epochs | student min | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | variant | sparsity (measured) | metric | baseline | teacher | student | kept | margin kept | "
+             "target | beats baseline | train examples | epochs | student min | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for r in rows:
         if r["variant"] == "small":  # one small cell serves several sparsities: shown once
@@ -208,10 +220,10 @@ def markdown(rows: list[dict]) -> str:
                     if r["variant"] == "small" else f"{r['measured_sparsity']:.2%}")
         lines.append(f"| {r['task']} | {r['variant']} | {sparsity} | {r['metric']} | "
                      f"{r['baseline']:.2f} | {r['teacher']:.2f} | {r['student']:.2f} | {r['retention']:.1%} | "
-                     f"{target} | {'yes' if r['beats_baseline'] else 'no'} | {examples(r)} | "
+                     f"{_share(r.get('margin_kept'))} | {target} | {'yes' if r['beats_baseline'] else 'no'} | {examples(r)} | "
                      f"{r['student_epochs']:g} | {r['student_minutes']:.1f} | {r['machine']} |")
     lines += ["", "Final model's dev metric (main metric), sparsity read from the saved weights; kept: the "
-                  "student's share of the teacher's metric. Train examples: the teacher's (a subset where smaller "
+                  "student's share of the teacher's metric; margin kept: (student - baseline) / (teacher - baseline), the share of what the teacher learned beyond the baseline that the student keeps. Train examples: the teacher's (a subset where smaller "
                   "than the task's train set), + the teacher-labelled variants the student also saw.",
               "", "Reference retentions drawn on the plot:"]
     lines += [f"- {name}: " + ", ".join(f"{s:.0%} -> {k:.1%}" for s, k in points.items())

@@ -523,7 +523,9 @@ def cmd_run(args) -> int:
 def _why_gates_fail(failed: list[str]) -> str:
     """The likely reason, for the failures a default run meets."""
     if any(name.startswith("student beats") for name in failed):
-        return "; at 95% the default model's student may not beat the majority baseline: README, Results"
+        return ("; a small model at high sparsity has few weights left to learn with (the summary's 'non-zero "
+                "encoder-linear weights' line sets them against BERT-base's); try a lower --sparsity or "
+                "--augment N: README, 'The main job' and docs/study/results.md")
     if any(name.startswith("speed") for name in failed):
         return ("; the speed floors (deploy/thresholds.yaml) are set for 90-95% sparsity, and a less "
                 "sparse student gains less")

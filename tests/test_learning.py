@@ -69,3 +69,33 @@ def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
     student = sparseml_script(out, tmp_path / "student", epochs=3, sparsity=0.5, batch_size=16)
     dev = {"dev": read_jsonl(out / "data" / "dev.json")}
     assert evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"] > 10
+
+
+def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
+    """The loss options in one short real run (the SST-2 run's teacher): hidden-state MSE over the
+    teacher's variance, temperature 2, logits only from 60% of training on (TinyBERT's prediction
+    stage), gradient norms every 5 steps. The loss falls, the layer terms leave the loss (and stop
+    pushing the weights) when they should, and the student beats the baseline."""
+    teacher_run, _ = sst2_run
+    options = {"hidden_normalize": True, "temperature": 2.0, "layer_distill_end_fraction": 0.6, "grad_norm_every": 5}
+    metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=2000, teacher_epochs=1, student_epochs=4,
+                     sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe-args", json.dumps(options)])
+    assert metrics["config"]["student"]["recipe_args"]["hidden_normalize"] is True
+    curve = json.loads((tmp_path / "sst2" / "student" / "curve.json").read_text())
+    early = [p for p in curve if p["epoch"] < 0.5 * 4]
+    late = [p for p in curve if p["epoch"] > 0.65 * 4]
+    assert early and late
+    for point in early:  # every term in the total, each pushing the weights
+        assert point["distillation_loss"] > point["logits_loss"] + 0.99 * point["hidden_loss"]
+    for point in late:  # logits alone; the hidden state is still measured
+        assert point["distillation_loss"] == pytest.approx(point["logits_loss"], rel=1e-4)
+        assert point["hidden_loss"] > 0
+        assert point.get("hidden_grad_norm", 0.0) == 0.0
+    grads = [p for p in curve if "logits_grad_norm" in p]
+    assert grads and all(p["logits_grad_norm"] > 0 for p in grads)
+    assert any(p["hidden_grad_norm"] > 0 for p in early if "hidden_grad_norm" in p)
+    assert curve[-1]["logits_kl"] < 0.8 * curve[0]["logits_kl"]  # the student took on the teacher's answers
+    # Normalized, the hidden term is the share of the teacher's variance missed: 7 outputs, each below 1.
+    assert all(p["hidden_loss"] < 7 for p in late)
+    student, baseline = metrics["student"]["dev"]["dev"]["accuracy"], metrics["baseline"]["dev"]["accuracy"]
+    assert student > baseline + 10, (student, baseline)

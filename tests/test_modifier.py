@@ -148,3 +148,66 @@ def test_recipe_prunes_exactly_the_six_linears_to_target():
             assert zeros < 0.01, name  # embeddings, biases, LayerNorm, pooler, classifier
             assert not torch.equal(param, dense_before[name]) or "position" in name or "token_type" in name
     assert pruned == 6 * 2
+
+
+def test_hidden_normalize_divides_each_layer_by_the_teachers_variance():
+    student, teacher, inputs = tiny_bert(0, layers=2), tiny_bert(1, layers=2).eval(), batch()
+    modifier = make_modifier(student, teacher)
+    distill_step(modifier, student, inputs)
+    s, t = modifier._student_cache, dict(modifier._teacher_cache)
+    # A tiny BERT's LayerNorm'd states have variance near 1: give each layer its own scale.
+    t["hidden"] = [h * (layer + 2) for layer, h in enumerate(t["hidden"])]
+    logits = torch.zeros(2, 2)
+    plain = sparsebert_distillation_loss(s, t, logits, logits, 1.0, 1.0, 1.0, 1.0)
+    scaled = sparsebert_distillation_loss(s, t, logits, logits, 1.0, 1.0, 1.0, 1.0, hidden_normalize=True)
+    expected = sum(torch.nn.functional.mse_loss(a, b) / b.var() for a, b in zip(s["hidden"], t["hidden"]))
+    assert scaled["hidden_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert scaled["hidden_loss"].item() != pytest.approx(plain["hidden_loss"].item(), rel=1e-2)
+    assert scaled["attention_loss"].item() == pytest.approx(plain["attention_loss"].item())
+
+
+def test_logits_kl_is_the_cross_entropy_less_the_teachers_entropy():
+    empty = {"hidden": [torch.zeros(1), torch.zeros(1)], "attention": [torch.zeros(1)]}
+    teacher_logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    same = sparsebert_distillation_loss(empty, empty, teacher_logits, teacher_logits, 2.0, 1.0, 1.0, 1.0)
+    assert same["logits_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert same["logits_loss"].item() > 0.3  # the teacher's own entropy, which no student goes under
+    other = sparsebert_distillation_loss(empty, empty, -teacher_logits, teacher_logits, 2.0, 1.0, 1.0, 1.0)
+    assert other["logits_kl"].item() > 0.1
+
+
+def test_layer_terms_end_leaves_the_logits_alone():
+    """TinyBERT's prediction stage: from layer_terms_end_epoch on, the loss is the logits term."""
+    student, teacher, inputs = tiny_bert(0).eval(), tiny_bert(1).eval(), batch()
+    modifier = make_modifier(student, teacher, layer_terms_end_epoch=1.0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    for epoch, layers_on in [(0.5, True), (1.0, False), (1.5, False)]:
+        outputs = student(**inputs)
+        total = modifier.loss_update(outputs.loss, student, optimizer, epoch, 1,
+                                     student_outputs=outputs, student_inputs=inputs)
+        terms = modifier._logged_loss_terms
+        logits_only = terms["logits_loss"].item()
+        assert terms["hidden_loss"].item() > 0  # still measured and logged
+        if layers_on:
+            assert total.item() > logits_only + terms["hidden_loss"].item() * 0.99
+        else:
+            assert total.item() == pytest.approx(logits_only, rel=1e-6)
+
+
+def test_gradient_norm_of_each_term_is_logged():
+    student, teacher, inputs = tiny_bert(0), tiny_bert(1).eval(), batch()
+    modifier = make_modifier(student, teacher, grad_norm_every=2, attention_weight=0.0)
+    for _ in range(3):
+        distill_step(modifier, student, inputs)
+    means = modifier.pop_mean_terms()
+    assert means["logits_grad_norm"] > 0 and means["hidden_grad_norm"] > 0
+    assert means["attention_grad_norm"] == 0  # weighted 0: it does not move the student
+    # Measured at steps 1 and 3, not 2; pop clears them.
+    assert modifier._grad_counts == {} and "logits_grad_norm" not in modifier.pop_mean_terms()
+
+
+@pytest.mark.parametrize("kwargs", [{"hidden_normalize": "yes"}, {"grad_norm_every": -1},
+                                    {"grad_norm_every": 1.5}, {"layer_terms_end_epoch": "late"}])
+def test_bad_new_modifier_arguments(kwargs):
+    with pytest.raises(ValueError, match="SparseBertDistillationModifier"):
+        SparseBertDistillationModifier(**kwargs)

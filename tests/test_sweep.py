@@ -123,3 +123,15 @@ def test_targets_need_the_three_tasks_each_above_its_baseline():
     assert "| 95% not met; mrpc below the baseline |" in guessing and "95% not met: below the baseline" in guessing
     assert "| 95% met |" in markdown([_row("mrpc", 0.96, True), _row("stsb", 0.97, True), _row("sst2", 0.99, True)])
     assert "not judged: 2 of the target's 3 tasks run" in markdown([_row("mrpc", 0.99, True), _row("sst2", 0.99, True)])
+
+
+def test_margin_kept_says_what_the_student_learned():
+    """MRPC: the all-"equivalent" guess (F1 81.22) keeps 96% of an 84.53 teacher, and 0% of its margin."""
+    from sparsebert.pipeline.sweep import margin_share, markdown
+
+    assert margin_share(81.22, 84.53, 81.22) == pytest.approx(0.0)
+    assert margin_share(82.875, 84.53, 81.22) == pytest.approx(0.5)
+    assert margin_share(80.0, 84.53, 81.22) < 0  # worse than the guess
+    assert margin_share(70.0, 60.0, 60.0) is None  # a teacher no better than the baseline
+    row = {**_row("sst2", 0.9, True), "margin_kept": margin_share(72.0, 80.0, 50.0)}
+    assert "| 90.0% | 73.3% |" in markdown([row])

@@ -176,3 +176,14 @@ def test_weights_moved_is_zero_for_a_pruned_untrained_student():
     assert kept_weights_moved(pruned, pretrained, patterns) == 0.0
     trained = {n: w * 1.01 for n, w in pruned.items()}
     assert kept_weights_moved(trained, pretrained, patterns) == 1.0
+
+
+def test_summary_sets_the_weights_left_against_bert_base():
+    """At 95% the default model keeps 0.53 M encoder-linear weights: as few as BERT-base at 99.4%."""
+    from sparsebert.pipeline.stage import BERT_BASE_ENCODER_LINEARS, weights_left_line
+
+    assert BERT_BASE_ENCODER_LINEARS == 84_934_656
+    minilm = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    line = weights_left_line({"parameters_nonzero_encoder_linears": round(0.05 * minilm),
+                              "parameters_encoder_linears": minilm})
+    assert "0.53 M of 10.62 M" in line and "4.25 M" in line and "99.4%" in line

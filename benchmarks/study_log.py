@@ -1,0 +1,136 @@
+"""The study's results log: one row per trained cell (command, machine, minutes, seed, metric,
+sparsity measured in the saved weights, the baseline beside it), written to docs/study/.
+
+    python benchmarks/study_log.py runs/study [--out docs/study] [--previous docs/frontier/frontier.json]
+
+A cell is any run folder under the given folder that holds a ``metrics.json`` (written by
+`sparsebert train`); its ``command.txt``, when present, is the command that trained it. Cells
+named ``<screen>-<lever>-<sparsity>[-s<seed>]`` are grouped by screen and lever, and every group
+of two or more seeds gets its mean and spread. ``--previous`` adds the rows of an earlier
+frontier page (its figures stay beside the new ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from sparsebert.pipeline.sweep import machine, margin_share
+
+_SEED_SUFFIX = re.compile(r"-s\d+$")
+
+
+def cell_row(folder: Path, root: Path) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    split, metric = next(iter(metrics["baseline"])), metrics["main_metric"]
+    teacher = metrics["teacher"]["dev"][split][metric]
+    student = metrics["student"]["dev"][split][metric]
+    baseline = metrics["baseline"][split][metric]
+    cfg = metrics["config"]["student"]
+    command = folder / "command.txt"
+    return {
+        "task": metrics["task"],
+        "cell": str(folder.relative_to(root)),
+        "group": _SEED_SUFFIX.sub("", folder.name),
+        "seed": cfg["seed"],
+        "metric": metric,
+        "baseline": baseline,
+        "teacher": teacher,
+        "student": student,
+        "retention": student / teacher if teacher else None,
+        "margin_share": margin_share(student, teacher, baseline),
+        "sparsity": metrics["student"]["encoder_linear_sparsity"],
+        "epochs": cfg["epochs"],
+        "train_examples": metrics["data"]["splits"]["train"]["examples"],
+        "recipe_args": {k: v for k, v in cfg["recipe_args"].items() if k not in ("num_epochs", "final_sparsity")},
+        "student_minutes": metrics["wall_seconds"]["student"] / 60,
+        "machine": machine(metrics["machine"]) + (f", {'/'.join(metrics['machine']['cpu_features'])}"
+                                                  if metrics["machine"].get("device") == "cpu" else ""),
+        "precision": cfg["precision"],
+        "command": command.read_text().strip() if command.is_file() else None,
+    }
+
+
+def groups(rows: list[dict]) -> list[dict]:
+    """Mean and spread (min to max) of every (task, group) with two or more seeds."""
+    out = []
+    for key in sorted({(r["task"], r["group"]) for r in rows}):
+        members = [r for r in rows if (r["task"], r["group"]) == key]
+        if len(members) < 2:
+            continue
+        scores = [r["student"] for r in members]
+        out.append({"task": key[0], "group": key[1], "seeds": sorted(r["seed"] for r in members),
+                    "mean": statistics.mean(scores), "stdev": statistics.stdev(scores),
+                    "min": min(scores), "max": max(scores),
+                    "mean_retention": statistics.mean(r["retention"] for r in members),
+                    "mean_margin_share": statistics.mean(r["margin_share"] or 0.0 for r in members)})
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def markdown(rows: list[dict], summary: list[dict], previous: list[dict]) -> str:
+    lines = ["# Study results log", "",
+             "Written by `python benchmarks/study_log.py`; one row per trained cell. Metric: the final "
+             "model's dev score (never a best epoch); sparsity: measured in the saved weights; "
+             "margin kept: (student - baseline) / (teacher - baseline).", ""]
+    for task in sorted({r["task"] for r in rows}):
+        lines += [f"## {task}", "",
+                  "| cell | seed | recipe args | epochs | train ex. | sparsity | student | teacher | baseline "
+                  "| kept | margin kept | minutes | machine, precision |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if r["task"] == task), key=lambda r: r["cell"]):
+            args = json.dumps(r["recipe_args"]) if r["recipe_args"] else "defaults"
+            lines.append(f"| {r['cell']} | {r['seed']} | `{args}` | {r['epochs']:g} | {r['train_examples']} "
+                         f"| {r['sparsity'] * 100:.2f}% | {r['student']:.2f} | {r['teacher']:.2f} | {r['baseline']:.2f} "
+                         f"| {_pct(r['retention'])} | {_pct(r['margin_share'])} | {r['student_minutes']:.1f} "
+                         f"| {r['machine']}, {r['precision']} |")
+        lines.append("")
+    if summary:
+        lines += ["## Seeds", "", "| task | cell | seeds | mean | stdev | range | mean kept | mean margin kept |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['task']} | {g['group']} | {', '.join(map(str, g['seeds']))} | {g['mean']:.2f} "
+                  f"| {g['stdev']:.2f} | {g['min']:.2f}-{g['max']:.2f} | {_pct(g['mean_retention'])} "
+                  f"| {_pct(g['mean_margin_share'])} |" for g in summary]
+        lines.append("")
+    if previous:
+        lines += ["## Earlier figures (the frontier page before this study)", "",
+                  "| task | variant | sparsity | student | teacher | baseline | kept | margin kept | machine |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['task']} | {p['variant']} | {p['measured_sparsity'] * 100:.2f}% | {p['student']:.2f} "
+                  f"| {p['teacher']:.2f} | {p['baseline']:.2f} | {_pct(p['retention'])} "
+                  f"| {_pct(margin_share(p['student'], p['teacher'], p['baseline']))} | {p['machine']} |"
+                  for p in previous if p.get("student") is not None]
+        lines.append("")
+    lines += ["## Commands", ""] + [f"- `{r['cell']}`: `{r['command']}`" for r in rows if r["command"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="folder holding the cells' run folders")
+    parser.add_argument("--out", type=Path, default=Path("docs/study"))
+    parser.add_argument("--previous", type=Path, help="an earlier frontier.json to show beside the new rows")
+    args = parser.parse_args(argv)
+    if not args.runs.is_dir():
+        parser.error(f"{args.runs}: no such folder")
+    cells = sorted(p.parent for p in args.runs.rglob("metrics.json"))
+    rows = [cell_row(folder, args.runs) for folder in cells]
+    if not rows:
+        parser.error(f"{args.runs}: no finished cell (metrics.json) under it")
+    previous = json.loads(args.previous.read_text()) if args.previous else []
+    summary = groups(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"cells": rows, "seeds": summary}, indent=1))
+    (args.out / "results.md").write_text(markdown(rows, summary, previous))
+    print(f"{len(rows)} cells -> {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
