@@ -44,6 +44,7 @@ def cell_row(folder: Path, root: Path) -> dict:
         "margin_share": margin_share(student, teacher, baseline),
         "sparsity": metrics["student"]["encoder_linear_sparsity"],
         "epochs": cfg["epochs"],
+        "learning_rate": cfg["learning_rate"],
         "train_examples": metrics["data"]["splits"]["train"]["examples"],
         "recipe_args": {k: v for k, v in cfg["recipe_args"].items() if k not in ("num_epochs", "final_sparsity")},
         "student_minutes": metrics["wall_seconds"]["student"] / 60,
@@ -81,12 +82,12 @@ def markdown(rows: list[dict], summary: list[dict], previous: list[dict]) -> str
              "margin kept: (student - baseline) / (teacher - baseline).", ""]
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
-                  "| cell | seed | recipe args | epochs | train ex. | sparsity | student | teacher | baseline "
+                  "| cell | seed | recipe args | lr | epochs | train ex. | sparsity | student | teacher | baseline "
                   "| kept | margin kept | minutes | machine, precision |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["task"] == task), key=lambda r: r["cell"]):
             args = json.dumps(r["recipe_args"]) if r["recipe_args"] else "defaults"
-            lines.append(f"| {r['cell']} | {r['seed']} | `{args}` | {r['epochs']:g} | {r['train_examples']} "
+            lines.append(f"| {r['cell']} | {r['seed']} | `{args}` | {r['learning_rate']:g} | {r['epochs']:g} | {r['train_examples']} "
                          f"| {r['sparsity'] * 100:.2f}% | {r['student']:.2f} | {r['teacher']:.2f} | {r['baseline']:.2f} "
                          f"| {_pct(r['retention'])} | {_pct(r['margin_share'])} | {r['student_minutes']:.1f} "
                          f"| {r['machine']}, {r['precision']} |")

@@ -226,7 +226,8 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
 
     def loss_update(self, loss, module, optimizer, epoch, steps_per_epoch, **kwargs):
         self._epoch = float(epoch)
-        return super().loss_update(loss, module, optimizer, epoch, steps_per_epoch, **kwargs)
+        # By keyword: SparseML's @log_call reads the epoch from kwargs to throttle its debug log.
+        return super().loss_update(loss, module, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch, **kwargs)
 
     def compute_distillation_loss(self, student_outputs, teacher_outputs, **kwargs):
         layers_on = self.layer_terms_active(self._epoch)

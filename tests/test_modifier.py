@@ -199,11 +199,22 @@ def test_gradient_norm_of_each_term_is_logged():
     modifier = make_modifier(student, teacher, grad_norm_every=2, attention_weight=0.0)
     for _ in range(3):
         distill_step(modifier, student, inputs)
+    assert modifier._grad_counts["logits_grad_norm"] == 2  # steps 1 and 3, not 2
     means = modifier.pop_mean_terms()
     assert means["logits_grad_norm"] > 0 and means["hidden_grad_norm"] > 0
     assert means["attention_grad_norm"] == 0  # weighted 0: it does not move the student
-    # Measured at steps 1 and 3, not 2; pop clears them.
-    assert modifier._grad_counts == {} and "logits_grad_norm" not in modifier.pop_mean_terms()
+    assert modifier._grad_counts == {} and "logits_grad_norm" not in modifier.pop_mean_terms()  # pop clears them
+
+
+def test_measuring_gradient_norms_leaves_the_update_alone():
+    student, teacher, inputs = tiny_bert(0).eval(), tiny_bert(1).eval(), batch()
+    grads = []
+    for every in (0, 1):
+        student.zero_grad()
+        distill_step(make_modifier(student, teacher, grad_norm_every=every), student, inputs).backward()
+        grads.append([p.grad.clone() for p in student.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize("kwargs", [{"hidden_normalize": "yes"}, {"grad_norm_every": -1},
