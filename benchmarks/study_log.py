@@ -18,38 +18,36 @@ import re
 import statistics
 from pathlib import Path
 
-from sparsebert.pipeline.sweep import machine, margin_share
+from sparsebert.pipeline.sweep import margin_share, row
 
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
 def cell_row(folder: Path, root: Path) -> dict:
+    """One cell: the frontier page's row of it (sweep.row), and what the log adds."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    split, metric = next(iter(metrics["baseline"])), metrics["main_metric"]
-    teacher = metrics["teacher"]["dev"][split][metric]
-    student = metrics["student"]["dev"][split][metric]
-    baseline = metrics["baseline"][split][metric]
     cfg = metrics["config"]["student"]
+    cell = row(metrics, folder.name, metrics["student"]["encoder_linear_sparsity"])
     command = folder / "command.txt"
     return {
-        "task": metrics["task"],
+        "task": cell["task"],
         "cell": str(folder.relative_to(root)),
         "group": _SEED_SUFFIX.sub("", folder.name),
         "seed": cfg["seed"],
-        "metric": metric,
-        "baseline": baseline,
-        "teacher": teacher,
-        "student": student,
-        "retention": student / teacher if teacher else None,
-        "margin_share": margin_share(student, teacher, baseline),
-        "sparsity": metrics["student"]["encoder_linear_sparsity"],
-        "epochs": cfg["epochs"],
+        "metric": cell["metric"],
+        "baseline": cell["baseline"],
+        "teacher": cell["teacher"],
+        "student": cell["student"],
+        "retention": cell["retention"],
+        "margin_share": cell["margin_kept"],
+        "sparsity": cell["measured_sparsity"],
+        "epochs": cell["student_epochs"],
         "learning_rate": cfg["learning_rate"],
-        "train_examples": metrics["data"]["splits"]["train"]["examples"],
+        "train_examples": cell["train_examples"],
         "recipe_args": {k: v for k, v in cfg["recipe_args"].items() if k not in ("num_epochs", "final_sparsity")},
-        "student_minutes": metrics["wall_seconds"]["student"] / 60,
-        "machine": machine(metrics["machine"]) + (f", {'/'.join(metrics['machine']['cpu_features'])}"
-                                                  if metrics["machine"].get("device") == "cpu" else ""),
+        "student_minutes": cell["student_minutes"],
+        "machine": cell["machine"] + (f", {'/'.join(metrics['machine']['cpu_features'])}"
+                                      if metrics["machine"].get("device") == "cpu" else ""),
         "precision": cfg["precision"],
         "command": command.read_text().strip() if command.is_file() else None,
     }

@@ -230,8 +230,7 @@ def _floor_cap(run: RunFolder, floors: dict) -> float:
     sparse encoder FLOPs in metrics.json: 4.1x at 80%, 9.2x at 95% for the default model). The
     floors are set for 90-95%; an 80% student cannot be asked for what only a sparser one gives."""
     share = floors.get("max_floor_share_of_flop_bound")
-    metrics = json.loads(run.metrics_path.read_text()) if run.metrics_path.is_file() else {}
-    bound = ((metrics.get("student") or {}).get("flops") or {}).get("encoder_flops_reduction")
+    bound = run.metrics["student"].get("flops", {}).get("encoder_flops_reduction")
     return share * bound if share and bound else float("inf")
 
 
