@@ -26,9 +26,10 @@ import json
 import time
 from pathlib import Path
 
-from sparsebert import hardware, offline
+from sparsebert import hardware, offline, sparseml_mends
 
 offline.configure()
+sparseml_mends.apply()
 
 
 def time_call(call, seconds: float) -> float:

@@ -19,9 +19,10 @@ import statistics
 import time
 from pathlib import Path
 
-from sparsebert import glue, hardware, offline
+from sparsebert import glue, hardware, offline, sparseml_mends
 
 offline.configure()
+sparseml_mends.apply()
 
 
 def batches(tokenizer, examples, seq_len, batch_size, grouped, count, seed=0):

@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from sparsebert import offline
+from sparsebert import offline, sparseml_mends
 from sparsebert.inference import label_names
 from sparsebert.deploy import errors
 from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
@@ -510,6 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (args.deployment is None) == (args.config is None):
         parser.error("give either a deployment folder or --config")
     try:
+        sparseml_mends.apply()
         lengths = tuple(args.sequence_lengths) if args.sequence_lengths else None
         settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port, args.threads)
         config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)

@@ -30,6 +30,8 @@ from sparseml.pytorch.sparsification.distillation.modifier_distillation_base imp
 )
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML
 
+from sparsebert import sparseml_mends
+
 __all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss"]
 
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings$")
@@ -213,6 +215,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         return self._layer_terms_end_epoch < 0 or epoch < self._layer_terms_end_epoch
 
     def initialize(self, module, epoch: float = 0, loggers=None, distillation_teacher="disable", **kwargs):
+        sparseml_mends.require()  # every project recipe holds this modifier: no run trains unmended
         super().initialize(module, epoch, loggers, distillation_teacher, **kwargs)
         if not self._distillation_enabled:
             return

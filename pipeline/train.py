@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsebert import glue, hardware
+from sparsebert import glue, hardware, sparseml_mends
 from sparsebert.recipe import recipe_path
 
 
@@ -88,6 +88,8 @@ def run_sparseml(arguments: dict) -> None:
     # GLUE metrics are computed afterwards by sparsebert.glue.
     import torch
     from sparseml.transformers import text_classification
+
+    sparseml_mends.require()  # a Python caller whose SparseML loaded unmended would train at LR 0
 
     if not os.environ.get("OMP_NUM_THREADS"):  # an explicit choice (several runs at once) wins
         torch.set_num_threads(hardware.physical_cores())

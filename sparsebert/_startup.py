@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-from sparsebert.sparseml_mends import AFTER_IMPORT
+from sparsebert.sparseml_mends import AFTER_IMPORT, mend
 
 _NM_PACKAGES = {"sparsezoo", "sparseml", "deepsparse"}
 
@@ -30,8 +30,7 @@ class _Hook(importlib.abc.MetaPathFinder):
             os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
             os.environ.setdefault("NM_VERSION_CHECK", "false")
             return None
-        then = AFTER_IMPORT.get(fullname)
-        if then is None:
+        if fullname not in AFTER_IMPORT:
             return None
         sys.meta_path.remove(self)
         try:
@@ -44,7 +43,7 @@ class _Hook(importlib.abc.MetaPathFinder):
 
         def exec_then(module):
             run_module(module)
-            then(module)
+            mend(module)
 
         spec.loader.exec_module = exec_then
         return spec

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from sparsebert import offline
+from sparsebert import offline, sparseml_mends
 from sparsebert.errors import UserError
 from sparsebert.runfolder import CHECKPOINTS, INT8, RunFolder
 
@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     offline.configure()  # before anything imports SparseML, DeepSparse or Hugging Face
     args = build_parser().parse_args(argv)
     try:
+        sparseml_mends.apply()
         return COMMANDS[args.command](args)
     except UserError as e:  # one clear line for anything the user can fix
         print(f"sparsebert {args.command}: error: {e}", file=sys.stderr)

@@ -2,13 +2,18 @@
 is mended here, in one place, when the module that holds it is imported (``sparsebert._startup``
 runs these hooks for every entry point: ``sparsebert train``/``serve``, SparseML's own console
 scripts and the stock ``deepsparse.server``). Each mend names what it mends and has a test in
-``tests/test_sparseml_mends.py``.
+``tests/test_sparseml_mends.py``. The project's own entry points also call ``apply()``
+explicitly, and ``require()`` (run by the recipe's distillation modifier and the training stage)
+refuses a process whose SparseML loaded unmended, so no copy trains at a learning rate of 0.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+from sparsebert.errors import UserError
 
 # ---------------------------------------------------------------- SparseML
 
@@ -269,3 +274,47 @@ AFTER_IMPORT = {
     "sparseml.transformers.utils.load_task_model": mend_task_model_loading,
     "sparseml.transformers.sparsification.trainer": mend_trainer,
 }
+
+
+# ---------------------------------------------------------------- liveness
+
+_MENDED = "_sparsebert_mended"
+
+
+class MendsNotLive(UserError):
+    """SparseML or DeepSparse was loaded without the mends above."""
+
+
+def mend(module) -> None:
+    """Run ``module``'s mend (``module`` is one of ``AFTER_IMPORT``) once, and mark it mended."""
+    if not getattr(module, _MENDED, False):
+        AFTER_IMPORT[module.__name__](module)
+        setattr(module, _MENDED, True)
+
+
+def unmended() -> list[str]:
+    """The modules of ``AFTER_IMPORT`` loaded in this process without their mend."""
+    return [name for name in AFTER_IMPORT
+            if name in sys.modules and not getattr(sys.modules[name], _MENDED, False)]
+
+
+def require() -> None:
+    """Refuse to go on with an unmended stack: unmended, SparseML's optimizer wrapper trains at a
+    learning rate of 0 and nothing says so."""
+    missing = unmended()
+    if missing:
+        raise MendsNotLive(
+            f"SparseML/DeepSparse was loaded without sparsebert's mends ({', '.join(missing)}); it would "
+            f"train at learning rate 0: import sparsebert before sparseml (or call "
+            f"sparsebert.sparseml_mends.apply()), or install sparsebert with pip so its start-up hook runs")
+
+
+def apply() -> None:
+    """Make the mends live in this process, explicitly: every entry point the project owns calls
+    this before anything imports SparseML or DeepSparse (the ``.pth`` start-up hook does the
+    same for SparseML's own console scripts). A module already loaded unmended is refused, not
+    patched late: other modules may hold its functions from before."""
+    from sparsebert import _startup
+
+    _startup.install()
+    require()

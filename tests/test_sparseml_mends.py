@@ -5,6 +5,8 @@ while the log showed a schedule, and an STS-B model was served on a 0-1 scale.""
 
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -273,3 +275,54 @@ def test_sparseml_export_loads_a_qat_checkpoint_with_its_structure(tmp_path):
     assert isinstance(model.bert.encoder.layer[0].output.dense, QuantWrapper)
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, trained(**inputs).logits, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the mends are live, or nothing trains
+
+UNHOOKED = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != "sparsebert._startup"]
+import sparseml.pytorch.optim.optimizer  # loads unmended: the start-up hook is gone
+"""
+
+
+def run_unhooked(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", UNHOOKED + code], capture_output=True, text=True, timeout=300)
+
+
+def test_hook_marks_every_loaded_module_mended():
+    from sparsebert import sparseml_mends
+    import sparseml.pytorch.optim.optimizer as optimizer
+
+    assert optimizer._sparsebert_mended
+    assert optimizer.ScheduledOptimizer.state_dict.__module__ == "sparsebert.sparseml_mends"
+    assert sparseml_mends.unmended() == []
+    sparseml_mends.apply()  # idempotent where the hook is live
+
+
+def test_unmended_sparseml_is_refused_by_apply_the_modifier_and_the_cli():
+    """A copy whose start-up hook is not live must fail loudly, never train at a learning rate of 0:
+    the explicit apply(), the modifier every project recipe holds, and the console entry point."""
+    result = run_unhooked("""
+from sparsebert import sparseml_mends
+print("unmended:", sparseml_mends.unmended())
+try:
+    sparseml_mends.apply()
+except sparseml_mends.MendsNotLive as error:
+    print("apply refused:", error)
+from sparsebert.pipeline.modifiers import SparseBertDistillationModifier
+import torch
+try:
+    SparseBertDistillationModifier(start_epoch=0.0).initialize(torch.nn.Linear(2, 2), distillation_teacher=torch.nn.Linear(2, 2))
+except sparseml_mends.MendsNotLive:
+    print("modifier refused")
+from sparsebert import cli
+print("cli exit", cli.main(["train", "--task", "sst2", "--glue-dir", "/nonexistent"]))
+""")
+    unmended_line = next(line for line in result.stdout.splitlines() if line.startswith("unmended:"))
+    assert "'sparseml.pytorch.optim.optimizer'" in unmended_line, result.stderr[-2000:]
+    assert "apply refused: SparseML/DeepSparse was loaded without sparsebert's mends" in result.stdout
+    assert "modifier refused" in result.stdout
+    assert "cli exit 2" in result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("sparsebert train: error:")]
+    assert len(error_lines) == 1 and "learning rate 0" in error_lines[0]
