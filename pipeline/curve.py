@@ -14,11 +14,21 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-# The distillation terms (sparsebert.pipeline.modifiers), their gradient norms where measured,
-# and the logits term less the teacher's entropy (0 when the answers agree).
-LOSS_TERMS = ("logits_loss", "hidden_loss", "attention_loss")
-GRAD_NORMS = tuple(term.replace("_loss", "_grad_norm") for term in LOSS_TERMS)
-CURVE_KEYS = ("applied_learning_rate", "sparsity", *LOSS_TERMS, "logits_kl", "distillation_loss", *GRAD_NORMS)
+from sparsebert.pipeline import loss_terms
+
+
+def loss_keys() -> tuple[str, ...]:
+    """Each declared distillation term's key, then the diagnostics (``loss_terms``)."""
+    return (*(term.key for term in loss_terms.TERMS), *loss_terms.DIAGNOSTICS)
+
+
+def grad_norm_keys() -> tuple[str, ...]:
+    return tuple(term.grad_norm_key for term in loss_terms.TERMS)
+
+
+def curve_keys() -> tuple[str, ...]:
+    """What ``curve.json`` keeps of each logged step, besides step, epoch, loss and LR."""
+    return ("applied_learning_rate", "sparsity", *loss_keys(), "distillation_loss", *grad_norm_keys())
 
 
 def optimizer_layers(optimizer):
@@ -81,26 +91,37 @@ def read(model_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     history = json.loads(path.read_text())["log_history"]
-    return [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate", *CURVE_KEYS) if k in e}
+    return [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate", *curve_keys()) if k in e}
             for e in history if "loss" in e]
 
 
 def write(model_dir: Path, title: str) -> list[dict]:
     """``curve.json`` and ``curve.png`` in ``model_dir``, from its log history."""
+    curve = read(model_dir)
+    (Path(model_dir) / "curve.json").write_text(json.dumps(curve, indent=1))
+    if curve:
+        import matplotlib.pyplot as plt
+
+        fig = plot(curve, title)
+        fig.savefig(Path(model_dir) / "curve.png", dpi=90)
+        plt.close(fig)
+    return curve
+
+
+def plot(curve: list[dict], title: str):
+    """The curve's figure: every loss term and the total; applied LR and sparsity; each term's
+    gradient norm, where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = read(model_dir)
-    (Path(model_dir) / "curve.json").write_text(json.dumps(curve, indent=1))
-    if not curve:
-        return curve
     steps = [e["step"] for e in curve]
-    with_grads = any(key in e for e in curve for key in GRAD_NORMS)
+    grad_norms = grad_norm_keys()
+    with_grads = any(key in e for e in curve for key in grad_norms)
     fig, panels = plt.subplots(1, 3 if with_grads else 2, figsize=(16 if with_grads else 11, 4))
     losses, schedule = panels[0], panels[1]
-    for key in ("loss", *LOSS_TERMS, "logits_kl"):
+    for key in ("loss", *loss_keys()):
         if key in curve[0]:
             losses.plot(steps, [e[key] for e in curve], label="total" if key == "loss" else key.removesuffix("_loss"))
     losses.set(xlabel="step", ylabel="training loss (mean over the logging window)", yscale="log")
@@ -114,13 +135,12 @@ def write(model_dir: Path, title: str) -> list[dict]:
         sparsity.legend(loc="center right")
     schedule.legend(loc="upper right")
     if with_grads:
-        for key in GRAD_NORMS:
+        for key in grad_norms:
             points = [(e["step"], e[key]) for e in curve if key in e]
-            panels[2].plot(*zip(*points), label=key.removesuffix("_grad_norm"))
+            if points:
+                panels[2].plot(*zip(*points), label=key.removesuffix("_grad_norm"))
         panels[2].set(xlabel="step", ylabel="gradient norm of each weighted term", yscale="symlog")
         panels[2].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(Path(model_dir) / "curve.png", dpi=90)
-    plt.close(fig)
-    return curve
+    return fig

@@ -23,7 +23,6 @@ import re
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from sparseml.optim import ModifierProp
 from sparseml.pytorch.sparsification.distillation.modifier_distillation_base import (
     BaseDistillationModifier,
@@ -31,8 +30,10 @@ from sparseml.pytorch.sparsification.distillation.modifier_distillation_base imp
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML
 
 from sparsebert import sparseml_mends
+from sparsebert.pipeline import loss_terms
+from sparsebert.pipeline.loss_terms import LossOptions, distillation_loss, layer_map
 
-__all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss"]
+__all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss", "layer_map"]
 
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings$")
 _HIDDEN = re.compile(r"encoder\.layer\.\d+\.output$")  # BertOutput: the layer's hidden state
@@ -41,50 +42,12 @@ _ATTENTION = re.compile(r"encoder\.layer\.\d+\.attention\.self\.dropout$")  # in
 
 def sparsebert_distillation_loss(student: Dict[str, List[torch.Tensor]], teacher: Dict[str, List[torch.Tensor]],
                                  student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                                 temperature: float, logits_weight: float, hidden_weight: float,
-                                 attention_weight: float, hidden_normalize: bool = False) -> Dict[str, torch.Tensor]:
-    """The paper's loss terms: soft cross-entropy on logits (MSE for a one-logit regression
-    head), plus the sum over layers of hidden-state MSE and attention-probability MSE.
-
-    ``hidden_normalize`` divides each layer's hidden-state MSE by the variance of the teacher's
-    hidden state there (the share of it the student misses), so layers whose activations are
-    large do not outweigh the rest, and the hidden term does not dwarf the logits.
-    ``logits_kl`` (logged, not in the total) is the soft cross-entropy less the teacher's own
-    entropy: 0 when the student's answers equal the teacher's."""
-    if student_logits.shape[-1] == 1:
-        logits = F.mse_loss(student_logits, teacher_logits)
-        logits_kl = logits
-    else:
-        soft_targets = F.softmax(teacher_logits / temperature, dim=-1)
-        logits = -(soft_targets * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
-        entropy = -(soft_targets * F.log_softmax(teacher_logits / temperature, dim=-1)).sum(-1).mean()
-        logits_kl = logits - entropy
-    hidden_map, attention_map = layer_map(len(student["attention"]), len(teacher["attention"]))
-
-    def hidden_term(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        error = F.mse_loss(s, t)
-        return error / t.detach().float().var().clamp_min(1e-6) if hidden_normalize else error
-
-    hidden = sum(hidden_term(student["hidden"][s], teacher["hidden"][t]) for s, t in hidden_map)
-    attention = sum(F.mse_loss(student["attention"][s], teacher["attention"][t]) for s, t in attention_map)
-    total = logits_weight * logits + hidden_weight * hidden + attention_weight * attention
-    return {"logits_loss": logits, "hidden_loss": hidden, "attention_loss": attention, "distillation_loss": total,
-            "logits_kl": logits_kl.detach()}
-
-
-def layer_map(student_layers: int, teacher_layers: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Which teacher output each student output learns from, as (student, teacher) index pairs:
-    hidden states (index 0 is the embeddings output) and attention probabilities. One to one when
-    the depths agree; a shallower student (a small dense model of the same width) takes every
-    (teacher / student)-th teacher layer, TinyBERT's uniform mapping, so its last layer learns
-    from the teacher's last."""
-    if student_layers < 1 or student_layers > teacher_layers:
-        raise ValueError(f"student has {student_layers} BERT layers, teacher {teacher_layers}: "
-                         "SparseBertDistillationModifier needs 1 to as many layers as the teacher")
-    teacher_of = [(layer + 1) * teacher_layers // student_layers for layer in range(student_layers)]
-    hidden = [(0, 0)] + [(layer + 1, t) for layer, t in enumerate(teacher_of)]
-    attention = [(layer, t - 1) for layer, t in enumerate(teacher_of)]
-    return hidden, attention
+                                 weights: Dict[str, float], options: LossOptions = LossOptions()) -> Dict[str, torch.Tensor]:
+    """The paper's loss (``loss_terms.TERMS``: soft cross-entropy on logits, MSE for a one-logit
+    regression head, plus the sum over layers of hidden-state and attention-probability MSE) on
+    the hooked caches; ``weights`` maps each term's name to its weight."""
+    return distillation_loss({**student, "logits": student_logits}, {**teacher, "logits": teacher_logits},
+                             weights, options)
 
 
 @PyTorchModifierYAML()
@@ -96,7 +59,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
     |       start_epoch: 0.0
     |       hardness: 1.0          # weight of the distillation loss vs the task's own loss
     |       temperature: 1.0
-    |       logits_weight: 1.0
+    |       logits_weight: 1.0     # one <name>_weight per term of loss_terms.TERMS
     |       hidden_weight: 1.0
     |       attention_weight: 1.0
     |       hidden_normalize: false  # hidden MSE over the teacher's variance, per layer
@@ -108,11 +71,17 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
 
     def __init__(self, start_epoch: float = -1.0, end_epoch: float = -1.0,
                  update_frequency: float = -1.0, hardness: float = 1.0, temperature: float = 1.0,
-                 logits_weight: float = 1.0, hidden_weight: float = 1.0, attention_weight: float = 1.0,
-                 hidden_normalize: bool = False, layer_terms_end_epoch: float = -1.0, grad_norm_every: int = 0):
+                 hidden_normalize: bool = False, layer_terms_end_epoch: float = -1.0, grad_norm_every: int = 0,
+                 **term_weights: float):
         super().__init__(start_epoch=start_epoch, end_epoch=end_epoch, update_frequency=update_frequency)
-        for name, value in [("hardness", hardness), ("temperature", temperature), ("logits_weight", logits_weight),
-                            ("hidden_weight", hidden_weight), ("attention_weight", attention_weight)]:
+        known = {term.weight for term in loss_terms.TERMS}
+        unknown = sorted(set(term_weights) - known)
+        if unknown:
+            raise ValueError(f"SparseBertDistillationModifier: unknown argument(s) {', '.join(unknown)}; "
+                             f"the loss terms' weights are {', '.join(sorted(known))}")
+        weights = {term.name: term_weights.get(term.weight, 1.0) for term in loss_terms.TERMS}
+        for name, value in [("hardness", hardness), ("temperature", temperature),
+                            *((f"{term}_weight", weight) for term, weight in weights.items())]:
             if not isinstance(value, (int, float)) or value < 0 or (name == "hardness" and value > 1):
                 raise ValueError(f"SparseBertDistillationModifier: {name} must be a number "
                                  f"{'in [0, 1]' if name == 'hardness' else '>= 0'}, got {value!r}")
@@ -129,9 +98,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             raise ValueError(f"SparseBertDistillationModifier: temperature must be > 0, got {temperature!r}")
         self._hardness = float(hardness)
         self._temperature = float(temperature)
-        self._logits_weight = float(logits_weight)
-        self._hidden_weight = float(hidden_weight)
-        self._attention_weight = float(attention_weight)
+        self._weights = {name: float(weight) for name, weight in weights.items()}
         self._hidden_normalize = hidden_normalize
         self._layer_terms_end_epoch = float(layer_terms_end_epoch)
         self._grad_norm_every = grad_norm_every
@@ -163,30 +130,6 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         self._temperature = value
 
     @ModifierProp()
-    def logits_weight(self) -> float:
-        return self._logits_weight
-
-    @logits_weight.setter
-    def logits_weight(self, value: float):
-        self._logits_weight = value
-
-    @ModifierProp()
-    def hidden_weight(self) -> float:
-        return self._hidden_weight
-
-    @hidden_weight.setter
-    def hidden_weight(self, value: float):
-        self._hidden_weight = value
-
-    @ModifierProp()
-    def attention_weight(self) -> float:
-        return self._attention_weight
-
-    @attention_weight.setter
-    def attention_weight(self, value: float):
-        self._attention_weight = value
-
-    @ModifierProp()
     def hidden_normalize(self) -> bool:
         return self._hidden_normalize
 
@@ -211,8 +154,13 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         self._grad_norm_every = value
 
     def layer_terms_active(self, epoch: float) -> bool:
-        """Whether the hidden and attention terms are still in the loss at ``epoch``."""
+        """Whether the layer terms (hidden, attention) are still in the loss at ``epoch``."""
         return self._layer_terms_end_epoch < 0 or epoch < self._layer_terms_end_epoch
+
+    def applied_weights(self, epoch: float) -> Dict[str, float]:
+        """Each term's weight in the loss at ``epoch``: the layer terms' are 0 once they end."""
+        layers_on = self.layer_terms_active(epoch)
+        return {term.name: self._weights[term.name] if layers_on or not term.per_layer else 0.0 for term in loss_terms.TERMS}
 
     def initialize(self, module, epoch: float = 0, loggers=None, distillation_teacher="disable", **kwargs):
         sparseml_mends.require()  # every project recipe holds this modifier: no run trains unmended
@@ -233,11 +181,10 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         return super().loss_update(loss, module, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch, **kwargs)
 
     def compute_distillation_loss(self, student_outputs, teacher_outputs, **kwargs):
-        layers_on = self.layer_terms_active(self._epoch)
+        weights = self.applied_weights(self._epoch)
         terms = sparsebert_distillation_loss(
             self._student_cache, self._teacher_cache, student_outputs["logits"], teacher_outputs["logits"],
-            self._temperature, self._logits_weight, self._hidden_weight if layers_on else 0.0,
-            self._attention_weight if layers_on else 0.0, self._hidden_normalize)
+            weights, LossOptions(self._temperature, self._hidden_normalize))
         self._logged_loss_terms.update({k: v for k, v in terms.items() if k != "distillation_loss"})
         if torch.is_grad_enabled():  # training steps only, not evaluation passes
             for name, value in terms.items():
@@ -245,23 +192,21 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             self._term_steps += 1
             self._train_steps += 1
             if self._grad_norm_every and (self._train_steps - 1) % self._grad_norm_every == 0:
-                self._measure_gradient_norms(terms, layers_on)
+                self._measure_gradient_norms(terms, weights)
         return terms["distillation_loss"]
 
-    def _measure_gradient_norms(self, terms: Dict[str, torch.Tensor], layers_on: bool) -> None:
+    def _measure_gradient_norms(self, terms: Dict[str, torch.Tensor], weights: Dict[str, float]) -> None:
         """The norm of each weighted term's gradient over the student's parameters: which term
         the update actually follows (their sizes alone do not say)."""
-        weights = {"logits_loss": self._logits_weight, "hidden_loss": self._hidden_weight * layers_on,
-                   "attention_loss": self._attention_weight * layers_on}
-        for name, weight in weights.items():
-            term = terms[name]
+        for loss_term in loss_terms.TERMS:
+            weight, term = weights[loss_term.name], terms[loss_term.key]
             if not weight or not term.requires_grad:
                 norm = 0.0
             else:
                 grads = torch.autograd.grad(weight * self._hardness * term, self._student_params,
                                             retain_graph=True, allow_unused=True)
                 norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-            key = name.replace("_loss", "_grad_norm")
+            key = loss_term.grad_norm_key
             self._grad_sums[key] = self._grad_sums.get(key, 0.0) + norm
             self._grad_counts[key] = self._grad_counts.get(key, 0) + 1
 
@@ -282,6 +227,38 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             handle.remove()
         self._handles = []
         super().finalize(module, reset_loggers, **kwargs)
+
+
+def _weight_property(term_name: str) -> ModifierProp:
+    """``<term>_weight`` as a recipe property (serialized in the saved recipe, fixed once the
+    modifier is initialized), one per term of ``loss_terms.TERMS``."""
+    def get(self) -> float:
+        return self._weights[term_name]
+
+    def set(self, value: float):
+        self._weights[term_name] = value
+
+    get.__name__ = f"{term_name}_weight"
+    return ModifierProp()(get).setter(set)
+
+
+_WEIGHT_PROPERTIES: set[str] = set()
+
+
+def sync_weight_properties() -> None:
+    """Give the modifier one ``<term>_weight`` property per declared term, and none for a term no
+    longer declared (run at import; again by whoever changes ``loss_terms.TERMS`` at run time)."""
+    declared = {term.weight: term.name for term in loss_terms.TERMS}
+    for name in _WEIGHT_PROPERTIES - set(declared):
+        delattr(SparseBertDistillationModifier, name)
+    for name, term_name in declared.items():
+        if name not in _WEIGHT_PROPERTIES:
+            setattr(SparseBertDistillationModifier, name, _weight_property(term_name))
+    _WEIGHT_PROPERTIES.clear()
+    _WEIGHT_PROPERTIES.update(declared)
+
+
+sync_weight_properties()
 
 
 def _hook(model: torch.nn.Module, cache: Dict[str, list]) -> list:

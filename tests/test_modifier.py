@@ -7,10 +7,13 @@ import pytest
 import torch
 from sparseml.pytorch.optim import ScheduledModifierManager
 
+from sparsebert.pipeline.loss_terms import TERMS, LossOptions
 from sparsebert.pipeline.modifiers import SparseBertDistillationModifier, layer_map, sparsebert_distillation_loss
 from sparsebert.pipeline.report import is_pruned, pruned_patterns
 from sparsebert.recipe import recipe_path
 from tiny import batch, tiny_bert
+
+ONES = {term.name: 1.0 for term in TERMS}  # every loss term at weight 1, as the paper
 
 
 def distill_step(modifier, student, inputs):
@@ -102,14 +105,15 @@ def test_shallow_student_learns_from_the_mapped_teacher_layers():
     same = {"hidden": [modifier._teacher_cache["hidden"][0], modifier._teacher_cache["hidden"][2]],
             "attention": [modifier._teacher_cache["attention"][1]]}
     logits = torch.zeros(2, 2)
-    terms = sparsebert_distillation_loss(same, modifier._teacher_cache, logits, logits, 1.0, 1.0, 1.0, 1.0)
+    terms = sparsebert_distillation_loss(same, modifier._teacher_cache, logits, logits, ONES)
     assert terms["hidden_loss"].item() == 0 and terms["attention_loss"].item() == 0
     shifted = {"hidden": modifier._teacher_cache["hidden"][:2], "attention": modifier._teacher_cache["attention"][:1]}
-    terms = sparsebert_distillation_loss(shifted, modifier._teacher_cache, logits, logits, 1.0, 1.0, 1.0, 1.0)
+    terms = sparsebert_distillation_loss(shifted, modifier._teacher_cache, logits, logits, ONES)
     assert terms["hidden_loss"].item() > 0 and terms["attention_loss"].item() > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"hardness": 1.5}, {"temperature": 0.0}, {"hidden_weight": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"hardness": 1.5}, {"temperature": 0.0}, {"hidden_weight": -1.0},
+                                    {"hiden_weight": 1.0}])
 def test_bad_modifier_arguments(kwargs):
     with pytest.raises(ValueError, match="SparseBertDistillationModifier"):
         SparseBertDistillationModifier(**kwargs)
@@ -158,8 +162,8 @@ def test_hidden_normalize_divides_each_layer_by_the_teachers_variance():
     # A tiny BERT's LayerNorm'd states have variance near 1: give each layer its own scale.
     t["hidden"] = [h * (layer + 2) for layer, h in enumerate(t["hidden"])]
     logits = torch.zeros(2, 2)
-    plain = sparsebert_distillation_loss(s, t, logits, logits, 1.0, 1.0, 1.0, 1.0)
-    scaled = sparsebert_distillation_loss(s, t, logits, logits, 1.0, 1.0, 1.0, 1.0, hidden_normalize=True)
+    plain = sparsebert_distillation_loss(s, t, logits, logits, ONES)
+    scaled = sparsebert_distillation_loss(s, t, logits, logits, ONES, LossOptions(hidden_normalize=True))
     expected = sum(torch.nn.functional.mse_loss(a, b) / b.var() for a, b in zip(s["hidden"], t["hidden"]))
     assert scaled["hidden_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert scaled["hidden_loss"].item() != pytest.approx(plain["hidden_loss"].item(), rel=1e-2)
@@ -169,10 +173,10 @@ def test_hidden_normalize_divides_each_layer_by_the_teachers_variance():
 def test_logits_kl_is_the_cross_entropy_less_the_teachers_entropy():
     empty = {"hidden": [torch.zeros(1), torch.zeros(1)], "attention": [torch.zeros(1)]}
     teacher_logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
-    same = sparsebert_distillation_loss(empty, empty, teacher_logits, teacher_logits, 2.0, 1.0, 1.0, 1.0)
+    same = sparsebert_distillation_loss(empty, empty, teacher_logits, teacher_logits, ONES, LossOptions(temperature=2.0))
     assert same["logits_kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert same["logits_loss"].item() > 0.3  # the teacher's own entropy, which no student goes under
-    other = sparsebert_distillation_loss(empty, empty, -teacher_logits, teacher_logits, 2.0, 1.0, 1.0, 1.0)
+    other = sparsebert_distillation_loss(empty, empty, -teacher_logits, teacher_logits, ONES, LossOptions(temperature=2.0))
     assert other["logits_kl"].item() > 0.1
 
 
@@ -222,3 +226,41 @@ def test_measuring_gradient_norms_leaves_the_update_alone():
 def test_bad_new_modifier_arguments(kwargs):
     with pytest.raises(ValueError, match="SparseBertDistillationModifier"):
         SparseBertDistillationModifier(**kwargs)
+
+
+def test_a_new_loss_term_is_declared_once(monkeypatch, tmp_path):
+    """One LossTerm added to loss_terms.TERMS reaches the modifier's arguments and saved recipe,
+    the loss, the gradient norms, curve.json and the curve's plot, with no other edit."""
+    import json
+
+    from sparsebert.pipeline import curve, loss_terms, modifiers
+
+    l1 = loss_terms.LossTerm("logits_l1", False, lambda s, t, options: (s["logits"] - t["logits"]).abs().mean(),
+                             "L1 distance of the logits")
+    monkeypatch.setattr(loss_terms, "TERMS", (*loss_terms.TERMS, l1))
+    modifiers.sync_weight_properties()
+    try:
+        student, teacher, inputs = tiny_bert(0), tiny_bert(1).eval(), batch()
+        modifier = make_modifier(student, teacher, logits_l1_weight=2.0, grad_norm_every=1)
+        total = distill_step(modifier, student, inputs)
+        terms = modifier._logged_loss_terms
+        assert terms["logits_l1_loss"].item() > 0
+        others = sum(terms[t.key].item() for t in loss_terms.TERMS if t is not l1)
+        assert total.item() == pytest.approx(others + 2.0 * terms["logits_l1_loss"].item(), rel=1e-5)
+        assert modifier.logits_l1_weight == 2.0 and "logits_l1_weight: 2.0" in str(modifier)
+        means = modifier.pop_mean_terms()
+        assert means["logits_l1_grad_norm"] > 0
+        history = [{"step": step, "loss": 1.0 / step, "applied_learning_rate": 1e-4, **means} for step in (1, 2)]
+        (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        written = curve.write(tmp_path, "new term")
+        assert "logits_l1_loss" in written[0] and "logits_l1_grad_norm" in written[0]
+        assert "logits_l1_loss" in json.loads((tmp_path / "curve.json").read_text())[0]
+        assert (tmp_path / "curve.png").stat().st_size > 0
+        figure = curve.plot(written, "new term")
+        losses_panel, _, grads_panel = figure.axes[:3]
+        assert "logits_l1" in losses_panel.get_legend_handles_labels()[1]
+        assert "logits_l1" in grads_panel.get_legend_handles_labels()[1]
+    finally:
+        monkeypatch.undo()
+        modifiers.sync_weight_properties()
+    assert not hasattr(SparseBertDistillationModifier, "logits_l1_weight")

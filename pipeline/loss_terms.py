@@ -1,0 +1,121 @@
+"""The distillation loss terms, declared once.
+
+Everything that names a term reads ``TERMS``: the modifier's arguments and recipe properties
+(``<name>_weight``), the recipes' variables and distillation block (``recipes/build.py`` writes
+them), what the curve keeps (``<name>_loss``, ``<name>_grad_norm``) and plots. A new term is
+one ``LossTerm`` here, then ``python -m sparsebert.recipes.build``.
+
+Each term's ``compute`` takes the student's and the teacher's outputs, dictionaries of
+``logits`` (tensor), ``hidden`` (embeddings output then every layer's hidden state) and
+``attention`` (every layer's attention probabilities), and the ``LossOptions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+Outputs = Dict[str, object]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    temperature: float = 1.0
+    hidden_normalize: bool = False  # each layer's hidden MSE over the teacher's variance there
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    name: str
+    per_layer: bool  # a layer term: left out of the loss from layer_terms_end_epoch on
+    compute: Callable[[Outputs, Outputs, LossOptions], torch.Tensor]
+    doc: str  # one line, written beside its weight in the recipes
+
+    @property
+    def weight(self) -> str:
+        return f"{self.name}_weight"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_loss"
+
+    @property
+    def grad_norm_key(self) -> str:
+        return f"{self.name}_grad_norm"
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Which teacher output each student output learns from, as (student, teacher) index pairs:
+    hidden states (index 0 is the embeddings output) and attention probabilities. One to one when
+    the depths agree; a shallower student (a small dense model of the same width) takes every
+    (teacher / student)-th teacher layer, TinyBERT's uniform mapping, so its last layer learns
+    from the teacher's last."""
+    if student_layers < 1 or student_layers > teacher_layers:
+        raise ValueError(f"student has {student_layers} BERT layers, teacher {teacher_layers}: "
+                         "SparseBertDistillationModifier needs 1 to as many layers as the teacher")
+    teacher_of = [(layer + 1) * teacher_layers // student_layers for layer in range(student_layers)]
+    hidden = [(0, 0)] + [(layer + 1, t) for layer, t in enumerate(teacher_of)]
+    attention = [(layer, t - 1) for layer, t in enumerate(teacher_of)]
+    return hidden, attention
+
+
+def _maps(student: Outputs, teacher: Outputs):
+    return layer_map(len(student["attention"]), len(teacher["attention"]))
+
+
+def soft_cross_entropy(student: Outputs, teacher: Outputs, options: LossOptions) -> torch.Tensor:
+    """Soft cross-entropy on the logits at the temperature; MSE for a one-logit regression head."""
+    if student["logits"].shape[-1] == 1:
+        return F.mse_loss(student["logits"], teacher["logits"])
+    soft_targets = F.softmax(teacher["logits"] / options.temperature, dim=-1)
+    return -(soft_targets * F.log_softmax(student["logits"] / options.temperature, dim=-1)).sum(-1).mean()
+
+
+def hidden_mse(student: Outputs, teacher: Outputs, options: LossOptions) -> torch.Tensor:
+    """Sum over the mapped layers of the hidden-state MSE (over the teacher's variance, when
+    normalized, so layers whose activations are large do not outweigh the rest)."""
+    def one(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        error = F.mse_loss(s, t)
+        return error / t.detach().float().var().clamp_min(1e-6) if options.hidden_normalize else error
+
+    hidden_map, _ = _maps(student, teacher)
+    return sum(one(student["hidden"][s], teacher["hidden"][t]) for s, t in hidden_map)
+
+
+def attention_mse(student: Outputs, teacher: Outputs, options: LossOptions) -> torch.Tensor:
+    """Sum over the mapped layers of the attention-probability MSE."""
+    _, attention_map = _maps(student, teacher)
+    return sum(F.mse_loss(student["attention"][s], teacher["attention"][t]) for s, t in attention_map)
+
+
+TERMS = (
+    LossTerm("logits", False, soft_cross_entropy, "soft cross-entropy on the logits (MSE for STS-B)"),
+    LossTerm("hidden", True, hidden_mse, "MSE on the hidden states, embeddings output and every layer"),
+    LossTerm("attention", True, attention_mse, "MSE on every layer's attention probabilities"),
+)
+
+# Logged beside the terms, never in the loss: the logits term less the teacher's own entropy
+# (0 when the student's answers equal the teacher's).
+DIAGNOSTICS = ("logits_kl",)
+
+
+def logits_kl(student: Outputs, teacher: Outputs, options: LossOptions, logits_term: torch.Tensor) -> torch.Tensor:
+    if student["logits"].shape[-1] == 1:
+        return logits_term.detach()
+    soft_targets = F.softmax(teacher["logits"] / options.temperature, dim=-1)
+    entropy = -(soft_targets * F.log_softmax(teacher["logits"] / options.temperature, dim=-1)).sum(-1).mean()
+    return (logits_term - entropy).detach()
+
+
+def distillation_loss(student: Outputs, teacher: Outputs, weights: Dict[str, float],
+                      options: LossOptions = LossOptions()) -> Dict[str, torch.Tensor]:
+    """Every term (``<name>_loss``), the diagnostics, and their weighted sum
+    (``distillation_loss``); ``weights`` maps a term's name to its weight (0 leaves it out of
+    the sum, still logged)."""
+    values = {term.key: term.compute(student, teacher, options) for term in TERMS}
+    total = sum(weights[term.name] * values[term.key] for term in TERMS)
+    return {**values, "distillation_loss": total,
+            "logits_kl": logits_kl(student, teacher, options, values["logits_loss"])}
