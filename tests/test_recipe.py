@@ -108,3 +108,45 @@ def test_pruning_params_must_name_the_matrices(tmp_path):
                     "    final_sparsity: 0.9\n    start_epoch: 0.0\n    end_epoch: 1.0\n    update_frequency: 0.1\n")
     with pytest.raises(RecipeError, match="list the matrices"):
         check_recipe(path, {})
+
+
+def test_recipes_share_their_blocks_from_one_declaration():
+    """The loss variables, the pruned matrices and the distillation modifier are written once
+    (recipes/build.py); every shipped recipe is what the builder writes."""
+    from sparsebert.recipes import build
+
+    assert build.main(["--check"]) == 0, "run: python -m sparsebert.recipes.build"
+    for path in RECIPES:
+        text = path.read_text()
+        for block in ("loss-variables", "distillation"):
+            assert build.BEGIN.format(name=block) in text, (path.name, block)
+    gm, obs, int8 = (check_recipe(recipe_path(name), {}) for name in ("sparsebert", "sparsebert-obs", "sparsebert-int8"))
+    params = [next(m.params for m in modifiers if "Pruning" in type(m).__name__) for modifiers in (gm, obs, int8)]
+    assert params[0] == params[1] == [p.format(module="") for p in build.ENCODER_LINEARS]
+    assert params[2] == [p.format(module=r"(\.module)?") for p in build.ENCODER_LINEARS]
+
+
+def test_a_new_loss_term_reaches_every_recipe(monkeypatch, tmp_path):
+    from sparsebert.pipeline import loss_terms, modifiers
+    from sparsebert.recipes import build
+
+    l1 = loss_terms.LossTerm("logits_l1", False, lambda s, t, options: (s["logits"] - t["logits"]).abs().mean(), "L1")
+    monkeypatch.setattr(loss_terms, "TERMS", (*loss_terms.TERMS, l1))
+    modifiers.sync_weight_properties()
+    try:
+        for path in RECIPES:
+            rendered = tmp_path / path.name
+            rendered.write_text(build.render(path.read_text()))
+            distill = next(m for m in check_recipe(rendered, {"logits_l1_weight": 0.5})
+                           if type(m).__name__ == "SparseBertDistillationModifier")
+            assert distill.logits_l1_weight == 0.5, path.name
+    finally:
+        monkeypatch.undo()
+        modifiers.sync_weight_properties()
+
+
+def test_unknown_shared_block_is_refused():
+    from sparsebert.recipes import build
+
+    with pytest.raises(ValueError, match="unknown shared block 'nope'"):
+        build.render("# >>> shared: nope (x)\n# <<< shared: nope\n")

@@ -1,0 +1,114 @@
+"""What the shipped recipes share, written once: the loss variables, the pruned matrices and the
+distillation modifier. Each recipe stays a plain SparseML YAML file (SparseML's own console
+script reads it as it is); the shared parts sit between marker lines
+
+    # >>> shared: <block> (python -m sparsebert.recipes.build writes this block)
+    ...
+    # <<< shared: <block>
+
+and this module rewrites what is between them. ``python -m sparsebert.recipes.build`` writes
+the recipes; ``--check`` (run by the tests) fails when one differs from what it would write.
+The loss terms come from ``sparsebert.pipeline.loss_terms.TERMS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from sparsebert.pipeline import loss_terms
+
+RECIPES = Path(__file__).parent
+BEGIN = "# >>> shared: {name} (python -m sparsebert.recipes.build writes this block)"
+END = "# <<< shared: {name}"
+_BLOCK = re.compile(r"^(?P<indent> *)# >>> shared: (?P<name>[\w-]+) .*?\n.*?^(?P=indent)# <<< shared: (?P=name)\n",
+                    re.MULTILINE | re.DOTALL)
+
+# The six linears of every encoder layer; embeddings, biases, LayerNorms and the classifier
+# are not listed, so they stay dense. ``{module}`` is ``(\.module)?`` where QAT wraps them.
+ENCODER_LINEARS = (
+    r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value){module}\.weight",
+    r"re:bert\.encoder\.layer\.\d+\.attention\.output\.dense{module}\.weight",
+    r"re:bert\.encoder\.layer\.\d+\.intermediate\.dense{module}\.weight",
+    r"re:bert\.encoder\.layer\.\d+\.output\.dense{module}\.weight",
+)
+
+
+def loss_variables() -> list[str]:
+    lines = ["# Loss weights (the paper: all 1, temperature 1). hardness weighs the distillation loss",
+             "# against the task's own hard-label loss: 1.0 learns from the teacher alone, as the paper does.",
+             "hardness: 1.0",
+             "temperature: 1.0"]
+    lines += [f"{term.weight}: 1.0  # {term.doc}" for term in loss_terms.TERMS]
+    layer_terms = " and ".join(term.name for term in loss_terms.TERMS if term.per_layer)
+    return lines + [
+        "# hidden_normalize: each layer's hidden-state MSE divided by the teacher's variance there.",
+        f"# layer_distill_end_fraction: from this fraction of training on, no {layer_terms} terms",
+        "# (TinyBERT's prediction stage); 1.0 keeps them throughout.",
+        "# grad_norm_every: every N steps the curve gets each term's gradient norm (0: never); 47, not",
+        "# 50, so the samples do not fall on the same place of each 50-batch length-grouped megabatch.",
+        "hidden_normalize: false",
+        "layer_distill_end_fraction: 1.0",
+        "grad_norm_every: 47",
+    ]
+
+
+def pruned_params(module: str = "") -> list[str]:
+    return [f"- {pattern.format(module=module)}" for pattern in ENCODER_LINEARS]
+
+
+def distillation_modifier() -> list[str]:
+    return ["- !SparseBertDistillationModifier",
+            "  start_epoch: 0.0",
+            "  hardness: eval(hardness)",
+            "  temperature: eval(temperature)",
+            *(f"  {term.weight}: eval({term.weight})" for term in loss_terms.TERMS),
+            "  hidden_normalize: eval(hidden_normalize)",
+            "  layer_terms_end_epoch: eval(num_epochs * layer_distill_end_fraction)",
+            "  grad_norm_every: eval(grad_norm_every)"]
+
+
+BLOCKS = {
+    "loss-variables": loss_variables,
+    "pruned-params": pruned_params,
+    "pruned-params-quantized": lambda: pruned_params(module=r"(\.module)?"),
+    "distillation": distillation_modifier,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every shared block rewritten at its marker's indentation."""
+    def block(match: re.Match) -> str:
+        name, indent = match["name"], match["indent"]
+        if name not in BLOCKS:
+            raise ValueError(f"unknown shared block {name!r} (known: {', '.join(BLOCKS)})")
+        lines = [BEGIN.format(name=name), *BLOCKS[name](), END.format(name=name)]
+        return "".join(f"{indent}{line}\n" for line in lines)
+
+    return _BLOCK.sub(block, text)
+
+
+def stale_recipes() -> list[Path]:
+    return [path for path in sorted(RECIPES.glob("*.yaml")) if render(path.read_text()) != path.read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsebert.recipes.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a recipe is out of date")
+    args = parser.parse_args(argv)
+    stale = stale_recipes()
+    if args.check:
+        for path in stale:
+            print(f"{path.name}: its shared blocks differ from what python -m sparsebert.recipes.build writes",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(render(path.read_text()))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
