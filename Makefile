@@ -12,7 +12,7 @@ ARGS ?=
 # TASK runs the recipe's own defaults: `make run TASK=mrpc` is the paper's 95% on MRPC.
 ifeq ($(TASK),sst2)
 # One engine thread in the bench, as `make gates`: on 2-vCPU VMs the all-core rows stall at
-# random (README, "Why one thread"), and they halve the bench's minutes.
+# random (docs/results.md, "Why one thread"), and they halve the bench's minutes.
 MAIN ?= --limit 20000 --teacher-epochs 1 --student-epochs 2 --student-lr 3e-4 --sparsity 0.8 --threads 1
 endif
 BIN = $(VENV)/bin

@@ -525,7 +525,7 @@ def _why_gates_fail(failed: list[str]) -> str:
     if any(name.startswith("student beats") for name in failed):
         return ("; a small model at high sparsity has few weights left to learn with (the summary's 'non-zero "
                 "encoder-linear weights' line sets them against BERT-base's); try a lower --sparsity or "
-                "--augment N: README, 'What make run gives', and docs/study/study.md")
+                "--augment N: docs/run.md and docs/study/study.md")
     if any(name.startswith("speed") for name in failed):
         return ("; the speed floors (deploy/thresholds.yaml) are set for 90-95% sparsity and capped at "
                 "a share of the student's FLOP bound; on 2-vCPU VMs all-core rows stall at random: try --threads 1")
