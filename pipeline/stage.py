@@ -95,7 +95,10 @@ def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, fold
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         int8_cfg: TrainConfig | None = None) -> dict:
     """Teacher, student and (with ``int8_cfg``) the INT8 student in one run folder; returns and
-    writes metrics.json."""
+    writes metrics.json. Refuses what the CLI refuses (``request.check_stage``)."""
+    from sparsebert.pipeline.request import check_stage
+
+    check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
     started = time.time()
     task = glue.get_task(opts.task)
     folder = RunFolder(opts.out)

@@ -7,8 +7,9 @@ Every cell is its own run folder (``<out>/<task>/<variant>-<sparsity>/``); a cel
 ``metrics.json`` exists is kept, so a sweep interrupted (2 CPU cores: tens of hours) is resumed by
 running the same command again. Each task's teacher is fine-tuned once, by its first cell, and
 reused by every other; augmented data is made once per task and setting (``<out>/<task>/augment``,
-keyed by its inputs). Flags after ``--`` go to every `sparsebert train` of the sweep; a train
-subset (``--limit``) or a shorter schedule (``--student-epochs``) is written beside each cell.
+keyed by its inputs). Flags after ``--`` go to every `sparsebert train` of the sweep (here: the
+``TrainRequest`` fields they set, ``settings``); a train subset (``--limit``) or a shorter schedule
+(``--student-epochs``) is written beside each cell. Each cell is a ``request.train`` call.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def small_layers(sparsity: float, depth: int) -> int:
     return max(1, round((1 - sparsity) * depth))
 
 
-def variant_flags(variant: str, sparsity: float = 0.9, depth: int = 6) -> list[str]:
-    """`sparsebert train` flags of a named variant: ``base`` (the recipe's defaults: the
+def variant_settings(variant: str, sparsity: float = 0.9, depth: int = 6) -> dict:
+    """The ``TrainRequest`` fields of a named variant: ``base`` (the recipe's defaults: the
     pre-trained model pruned gradually while distilled), ``augN`` (N teacher-labelled variants per
     example), ``obs`` (second-order pruning), ``global`` (one magnitude ranking over all pruned
     matrices), and the paper's two other orders on the same budget of epochs and the same loss:
@@ -74,48 +75,59 @@ def variant_flags(variant: str, sparsity: float = 0.9, depth: int = 6) -> list[s
     if not match:
         raise SweepError(f"unknown variant {variant!r}; use base, augN (e.g. aug4), obs, global, ptf, ftp or small")
     if match.group(2):
-        return ["--augment", match.group(2)]
+        return {"augment": int(match.group(2))}
     if variant == "small":
-        return ["--student-layers", str(small_layers(sparsity, depth)), "--recipe", "distill"]
-    at_once = json.dumps({"init_sparsity": sparsity, "prune_end_fraction": 0.05, "mask_updates": 1})
-    return {"base": [], "obs": ["--recipe", "sparsebert-obs"],
-            "global": ["--recipe-args", '{"global_ranking": true}'],
-            "ptf": ["--recipe-args", at_once], "ftp": ["--student-init", "teacher"]}[variant]
+        return {"student_layers": small_layers(sparsity, depth), "recipe": "distill"}
+    at_once = {"init_sparsity": sparsity, "prune_end_fraction": 0.05, "mask_updates": 1}
+    return {"base": {}, "obs": {"recipe": "sparsebert-obs"}, "global": {"recipe_args": {"global_ranking": True}},
+            "ptf": {"recipe_args": at_once}, "ftp": {"student_init": "teacher"}}[variant]
 
 
-def run_cell(cell: Cell, out: Path, teacher: Path | None, extra: list[str], train) -> dict:
+def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
+    """The cell's ``TrainRequest``: the sweep's settings, the variant's, its sparsity and folder."""
+    from sparsebert.pipeline.request import TrainRequest
+
+    variant = variant_settings(cell.variant, cell.sparsity, cell.depth)
+    fields = {**settings, **variant,
+              "recipe_args": {**settings.get("recipe_args", {}), **variant.get("recipe_args", {})}}
+    if "augment" in variant:  # one augmented set per task and setting, shared by its cells
+        fields["augment_cache"] = out / cell.task / "augment"
+    if cell.variant != "small":  # distill.yaml prunes nothing
+        fields["sparsity"] = cell.sparsity
+    return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True,
+                        teacher=str(teacher) if teacher else None, **fields)
+
+
+def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train) -> dict:
     """The cell's metrics: read back when it finished before, else trained now."""
     folder = out / cell.task / cell.name
     if not (folder / "metrics.json").is_file():
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
-        flags = variant_flags(cell.variant, cell.sparsity, cell.depth)
-        if "--augment" in flags:  # one augmented set per task and setting, shared by its cells
-            flags += ["--augment-cache", str(out / cell.task / "augment")]
-        if cell.variant != "small":  # distill.yaml prunes nothing
-            flags += ["--sparsity", str(cell.sparsity)]
-        args = ["train", "--task", cell.task, "--out", str(folder), "--overwrite", *flags, *extra]
         started = time.time()
-        code = train(args + (["--teacher", str(teacher)] if teacher else []))
-        if code != 0:
-            raise SweepError(f"{cell.task} {cell.name} failed (exit {code}); see its output above. "
-                             "Finished cells are kept: run the same command to resume")
+        try:
+            train(cell_request(cell, out, teacher, settings))
+        except UserError as error:
+            raise SweepError(f"{cell.task} {cell.name}: {error}. Finished cells are kept: run the same command "
+                             "to resume") from error
         print(f"[sweep] {cell.task} {cell.name}: {(time.time() - started) / 60:.1f} min", flush=True)
     return json.loads((folder / "metrics.json").read_text())
 
 
-def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, extra: list[str],
+def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, settings: dict,
           train=None, page_only: bool = False) -> list[dict]:
     """Run every missing cell, task by task (teacher first), and return one row per cell; with
-    ``page_only``, train nothing and write the page of the cells finished so far."""
+    ``page_only``, train nothing and write the page of the cells finished so far. ``settings``:
+    ``TrainRequest`` fields for every cell; ``train``: what trains a request (``request.train``)."""
     if train is None:
-        from sparsebert.cli import main as train
+        from sparsebert.pipeline.request import train
     for variant in variants:
-        variant_flags(variant)  # refuse a bad variant before anything runs
-    fixed = {"--sparsity", "--out", "--task", "--overwrite"} | ({"--recipe", "--student-layers"} if "small" in variants else set())
-    given = sorted(fixed & {flag.split("=", 1)[0] for flag in extra})
+        variant_settings(variant)  # refuse a bad variant before anything runs
+    fixed = {"sparsity", "out", "task", "overwrite"} | ({"recipe", "student_layers"} if "small" in variants else set())
+    given = sorted(fixed & set(settings))
     if given:
-        raise SweepError(f"{', '.join(given)} cannot be a flag for every cell of this sweep: the grid sets it per cell")
-    depth = model_depth(extra) if "small" in variants else 6
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise SweepError(f"{flags} cannot be a flag for every cell of this sweep: the grid sets it per cell")
+    depth = model_depth(settings) if "small" in variants else 6
     rows, missing = [], []
     for task in [glue.get_task(t).name for t in tasks]:
         teacher = finished_teacher(out / task)
@@ -125,7 +137,7 @@ def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: P
                 if page_only and not (out / task / cell.name / "metrics.json").is_file():
                     missing.append(cell)
                     continue
-                metrics = run_cell(cell, out, teacher, extra, train)
+                metrics = run_cell(cell, out, teacher, settings, train)
                 teacher = teacher or Path(metrics["teacher"]["path"])
                 rows.append(row(metrics, variant, sparsity))
         write(rows, out, missing)
@@ -142,18 +154,13 @@ def finished_teacher(task_folder: Path) -> Path | None:
     return None
 
 
-def model_depth(extra: list[str]) -> int:
-    """Encoder layers of the pre-trained model the sweep's cells start from (``--model``)."""
+def model_depth(settings: dict) -> int:
+    """Encoder layers of the pre-trained model the sweep's cells start from (``model``)."""
     from transformers import AutoConfig
 
     from sparsebert import models
 
-    name = models.DEFAULT_MODEL
-    for i, flag in enumerate(extra):
-        if flag == "--model" and i + 1 < len(extra):
-            name = extra[i + 1]
-        elif flag.startswith("--model="):
-            name = flag.split("=", 1)[1]
+    name = settings.get("model", models.DEFAULT_MODEL)
     return AutoConfig.from_pretrained(models.resolve_model(name)).num_hidden_layers
 
 

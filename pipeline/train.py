@@ -69,7 +69,7 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     }
     if cfg.recipe:
         args["recipe"] = cfg.recipe
-        # cfg.epochs is the recipe's own length (sparsebert.cli._student_schedule), so the
+        # cfg.epochs is the recipe's own length (request.schedule; stage.run refuses others), so the
         # Trainer and the recipe's schedule agree; SparseML also takes the recipe's over ours.
         args["recipe_args"] = json.dumps(cfg.recipe_args)
     if teacher:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sparsebert import offline, sparseml_mends
 from sparsebert.errors import UserError
+from sparsebert.pipeline.request import TrainRequest
 from sparsebert.runfolder import CHECKPOINTS, INT8, RunFolder
 
 
@@ -35,30 +36,30 @@ class UsageError(UserError):
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="GLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli")
     p.add_argument("--out", type=Path, help="run folder (default runs/<task>)")
-    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
+    p.add_argument("--glue-dir", default=TrainRequest.default("glue_dir"),
                    help="local folder in the glue_data layout (default $GLUE_DIR; if unset, the hub)")
-    p.add_argument("--model", default="all-MiniLM-L6-v2",
+    p.add_argument("--model", default=TrainRequest.default("model"),
                    help="pre-trained BERT: the embedded default, a local folder or a hub name")
     p.add_argument("--teacher", help="reuse this fine-tuned teacher folder instead of training one")
     p.add_argument("--sparsity", type=float,
                    help="final sparsity of the encoder linears (default: the recipe's final_sparsity, 0.95)")
-    p.add_argument("--teacher-epochs", type=float, default=3.0)
-    p.add_argument("--teacher-lr", type=float, default=5e-5)
+    p.add_argument("--teacher-epochs", type=float, default=TrainRequest.default("teacher_epochs"))
+    p.add_argument("--teacher-lr", type=float, default=TrainRequest.default("teacher_lr"))
     p.add_argument("--student-epochs", type=float,
                    help="student epochs (default: the recipe's num_epochs, 10); the recipe's schedule "
                         "and the trainer both follow it")
-    p.add_argument("--student-lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--recipe", default="sparsebert", help="recipe file or name in recipes/")
+    p.add_argument("--student-lr", type=float, default=TrainRequest.default("student_lr"))
+    p.add_argument("--batch-size", type=int, default=TrainRequest.default("batch_size"))
+    p.add_argument("--max-seq-length", type=int, default=TrainRequest.default("max_seq_length"))
+    p.add_argument("--recipe", default=TrainRequest.default("recipe"), help="recipe file or name in recipes/")
     p.add_argument("--recipe-args", help='JSON object of recipe variables, e.g. \'{"prune_end_fraction": 0.5}\'')
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=TrainRequest.default("precision"),
                    help="bf16 autocast where the hardware has native bf16 (AMX/AVX512-BF16 CPUs, "
                         "GPUs), fp32 elsewhere (auto); or force one")
     p.add_argument("--augment", type=int, metavar="N",
                    help="distil the student on the training set plus N teacher-labelled variants of "
                         "each example (words replaced by embedding neighbours or dropped; cached)")
-    p.add_argument("--student-init", choices=["pretrained", "teacher"], default="pretrained",
+    p.add_argument("--student-init", choices=["pretrained", "teacher"], default=TrainRequest.default("student_init"),
                    help="what the student starts from: the pre-trained model (the paper's way) or the "
                         "fine-tuned teacher (fine-tune-then-prune, for comparison)")
     p.add_argument("--student-layers", type=int, metavar="K",
@@ -70,11 +71,11 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
                         "written to <out>/student-int8 and exported, checked and benchmarked beside it")
     p.add_argument("--int8-epochs", type=float,
                    help="epochs of quantization-aware training (default: the INT8 recipe's num_epochs, 2)")
-    p.add_argument("--int8-lr", type=float, default=2e-5, help="learning rate of quantization-aware training")
+    p.add_argument("--int8-lr", type=float, default=TrainRequest.default("int8_lr"), help="learning rate of quantization-aware training")
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=TrainRequest.default("seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
 
 
@@ -203,125 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_training(args) -> None:
-    """Everything that can be checked before a model is loaded or a step is taken."""
-    from sparsebert import glue
-
-    glue.get_task(args.task)
-    if args.sparsity is not None and not 0 <= args.sparsity < 1:
-        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    for name in ("teacher_epochs", "student_epochs", "teacher_lr", "student_lr", "int8_epochs", "int8_lr"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if args.glue_dir is not None and not Path(args.glue_dir).is_dir():
-        raise UsageError(f"GLUE directory not found: {args.glue_dir}")
-    if args.teacher and not (Path(args.teacher) / "config.json").is_file():
-        raise UsageError(f"--teacher {args.teacher} is not a model folder (no config.json)")
-    if args.augment is not None and args.augment < 1:
-        raise UsageError(f"--augment must be at least 1, not {args.augment}")
-    if args.student_layers is not None and args.student_layers < 1:
-        raise UsageError(f"--student-layers must be at least 1, not {args.student_layers}")
-    if args.student_layers is not None and args.student_init == "teacher":
-        raise UsageError("--student-layers keeps the first layers of the pre-trained model; it does not go "
-                         "with --student-init teacher")
-    if args.int8_epochs is not None and not args.int8:
-        raise UsageError("--int8-epochs needs --int8")
-    if args.augment_cache is not None and args.augment is None:
-        raise UsageError("--augment-cache needs --augment N")
-    _check_limit(args.limit)
-    if args.teacher:
-        from sparsebert.pipeline.train import check_teacher_labels
-
-        check_teacher_labels(Path(args.teacher), glue.get_task(args.task))
-    args.out = args.out or Path("runs") / glue.get_task(args.task).name
-    if args.teacher and args.overwrite and Path(args.out).resolve() in Path(args.teacher).resolve().parents:
-        raise UsageError(f"--overwrite would delete the --teacher inside {args.out}; choose another --out")
-
-
 def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 example, not {limit}")
 
 
-def _student_schedule(recipe: Path, recipe_args: dict, args) -> tuple[dict, float]:
-    """The student's recipe variables and epochs (see _schedule)."""
-    return _schedule(recipe, recipe_args, [("--sparsity", "final_sparsity", args.sparsity),
-                                           ("--student-epochs", "num_epochs", args.student_epochs)])
+def train_request(args):
+    """The parsed `sparsebert train` flags as the pipeline's ``TrainRequest`` (same names)."""
+    from dataclasses import fields
 
+    from sparsebert.pipeline.request import TrainRequest
+    from sparsebert.recipe import parse_recipe_args
 
-def _schedule(recipe: Path, recipe_args: dict, flags: list[tuple]) -> tuple[dict, float]:
-    """One source of truth for a recipe's sparsity and length of training.
-
-    ``--sparsity`` and ``--student-epochs`` are the recipe variables ``final_sparsity`` and
-    ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
-    take effect), and a flag that disagrees with ``--recipe-args`` is refused rather than
-    silently overridden. The epochs recorded are the ones SparseML's trainer runs: the recipe's
-    own (its last modifier's end, rounded up to whole epochs as SparseML does).
-    """
-    from sparsebert.recipe import check_recipe, recipe_variables
-
-    recipe_args = dict(recipe_args)
-    declared = recipe_variables(recipe)
-    for name, value in recipe_args.items():  # YAML's true/false given as "false" would be truthy
-        if isinstance(declared.get(name), bool) and not isinstance(value, bool):
-            raise UsageError(f"--recipe-args {name} must be true or false (JSON), not {value!r}")
-    for flag, variable, value in flags:
-        if value is None:
-            continue
-        if variable not in declared:
-            raise UsageError(f"{flag} needs the recipe variable {variable}, which {recipe} does not declare")
-        if variable in recipe_args and recipe_args[variable] != value:
-            raise UsageError(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
-        recipe_args[variable] = value
-    modifiers = check_recipe(recipe, recipe_args)
-    # SparseML trains for its manager's max_epochs: whole epochs, the last modifier's end rounded up.
-    epochs = max((math.ceil(m.end_epoch) for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
-    if epochs is None:
-        raise UsageError(f"{recipe} never ends: no modifier has an end_epoch")
-    return recipe_args, float(epochs)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainRequest)}
+    return TrainRequest(**{**values, "recipe_args": parse_recipe_args(args.recipe_args)})
 
 
 def cmd_train(args) -> int:
-    _check_training(args)
     from sparsebert import models
+    from sparsebert.pipeline import request as training
 
-    offline.configure(hub=models.is_hub_name(args.model) or args.glue_dir is None)
+    request = training.check(train_request(args))  # before anything heavy is imported
+    args.out = request.out
+    offline.configure(hub=models.is_hub_name(request.model) or request.glue_dir is None)
     from sparsebert.pipeline import stage
-    from sparsebert.hardware import resolve_precision
-    from sparsebert.pipeline.train import TrainConfig
-    from sparsebert.recipe import parse_recipe_args, recipe_path, recipe_variables
-    from sparsebert.runfolder import clear_or_refuse
 
-    model = models.resolve_model(args.model)
-    if args.student_layers:  # refused before the teacher's minutes are spent
-        from transformers import AutoConfig
-
-        depth = AutoConfig.from_pretrained(model).num_hidden_layers
-        if args.student_layers > depth:
-            raise UsageError(f"--student-layers {args.student_layers}: {args.model} has only {depth} layers")
-    recipe = recipe_path(args.recipe)
-    recipe_args, epochs = _student_schedule(recipe, parse_recipe_args(args.recipe_args), args)
-    clear_or_refuse(args.out, args.overwrite)
-    common = dict(batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed,
-                  precision=resolve_precision(args.precision))
-    teacher_cfg = TrainConfig(epochs=args.teacher_epochs, learning_rate=args.teacher_lr, **common)
-    student_cfg = TrainConfig(epochs=epochs, learning_rate=args.student_lr,
-                              recipe=str(recipe), recipe_args=recipe_args, **common)
-    int8_cfg = None
-    if args.int8:
-        int8_recipe = recipe_path("sparsebert-int8")
-        # The same distillation as the student's: its loss variables carry over (num_epochs does not).
-        shared = {k: v for k, v in recipe_args.items() if k in recipe_variables(int8_recipe) and k != "num_epochs"}
-        int8_args, int8_epochs = _schedule(int8_recipe, shared, [("--int8-epochs", "num_epochs", args.int8_epochs)])
-        int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=args.int8_lr, recipe=str(int8_recipe),
-                               recipe_args=int8_args, **common)
-    opts = stage.StageOptions(task=args.task, model=model, out=args.out, glue_dir=args.glue_dir,
-                              teacher=args.teacher, limit=args.limit, overwrite=args.overwrite,
-                              model_name=args.model, augment=args.augment, augment_cache=args.augment_cache,
-                              student_init=args.student_init, student_layers=args.student_layers)
-    metrics = stage.run(opts, teacher_cfg, student_cfg, int8_cfg)
+    metrics = training.train(request)
     print(stage.summary(metrics))
-    print(f"[sparsebert] wrote {args.out / 'metrics.json'}")
+    print(f"[sparsebert] wrote {request.out / 'metrics.json'}")
     return 0
 
 
@@ -352,6 +262,19 @@ def cmd_augment(args) -> int:
     return 0
 
 
+def sweep_settings(flags: list[str]) -> dict:
+    """The ``TrainRequest`` fields that `sparsebert train` flags set (those given, not defaults)."""
+    from sparsebert.recipe import parse_recipe_args
+
+    parser = argparse.ArgumentParser(prog="sparsebert sweep ... -- ")
+    _training_arguments(parser)
+    defaults = vars(parser.parse_args(["--task", "-"]))
+    given = {k: v for k, v in vars(parser.parse_args(["--task", "-", *flags])).items() if v != defaults[k]}
+    if "recipe_args" in given:
+        given["recipe_args"] = parse_recipe_args(given["recipe_args"])
+    return given
+
+
 def cmd_sweep(args) -> int:
     from sparsebert import glue
     from sparsebert.pipeline.sweep import sweep
@@ -360,8 +283,8 @@ def cmd_sweep(args) -> int:
         glue.get_task(task)
     if not all(0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
-    flags = [f for f in args.train_flags if f != "--"]
-    rows = sweep(args.tasks, args.sparsities, args.variants, args.out, flags, page_only=args.page_only)
+    settings = sweep_settings([f for f in args.train_flags if f != "--"])
+    rows = sweep(args.tasks, args.sparsities, args.variants, args.out, settings, page_only=args.page_only)
     print(f"[sparsebert] wrote {args.out}/frontier.md{', frontier.png' if rows else ''}, frontier.json")
     return 0
 

@@ -3,13 +3,16 @@ once per task and reused, augmented data is made once, and a sweep run again tra
 missing."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny import tiny_task_checkpoint
 
 from sparsebert import glue
 from sparsebert.cli import main
-from sparsebert.pipeline.sweep import SweepError, sweep, variant_flags
+from sparsebert.cli import sweep_settings
+from sparsebert.pipeline import request as training
+from sparsebert.pipeline.sweep import SweepError, sweep, variant_settings
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +23,16 @@ def tiny_model(tmp_path_factory):
 def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path):
     calls = []
 
-    def train(argv):
-        calls.append(argv)
-        return main(argv)
+    def train(request):
+        calls.append(request)
+        return training.train(request)
 
-    flags = ["--model", str(tiny_model), "--glue-dir", str(glue_dir), "--limit", "24", "--teacher-epochs", "1",
-             "--student-epochs", "1", "--max-seq-length", "32", "--batch-size", "8"]
+    flags = {"model": str(tiny_model), "glue_dir": str(glue_dir), "limit": 24, "teacher_epochs": 1.0,
+             "student_epochs": 1.0, "max_seq_length": 32, "batch_size": 8}
     out = tmp_path / "sweep"
     rows = sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
     assert len(rows) == len(calls) == 8
-    assert "--teacher" not in calls[0] and all("--teacher" in c for c in calls[1:])  # one teacher per task
+    assert calls[0].teacher is None and all(c.teacher for c in calls[1:])  # one teacher per task
     assert sorted(p.name for p in (out / "rte" / "augment").iterdir()) == ["augment-n1-s42"]  # made once
     assert {(r["variant"], r["sparsity"]) for r in rows} == {(v, s) for v in ("base", "aug1", "ptf", "ftp") for s in (0.5, 0.8)}
     assert all(r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=0.01) for r in rows)
@@ -55,17 +58,17 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     assert len(sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train, page_only=True)) == 7
     assert calls == [] and "Not run yet: rte aug1-80." in (out / "frontier.md").read_text()
     sweep(["rte"], [0.5, 0.8], ["base", "aug1", "ptf", "ftp"], out, flags, train=train)
-    assert len(calls) == 1 and str(out / "rte" / "aug1-80") in calls[0]
+    assert len(calls) == 1 and calls[0].out == out / "rte" / "aug1-80"
     calls.clear()  # a grid extended with a new sparsity keeps the task's teacher
     sweep(["rte"], [0.6], ["base"], out, flags, train=train)
-    assert calls[0][calls[0].index("--teacher") + 1] == str(out / "rte" / "base-50" / "teacher")
+    assert calls[0].teacher == str(out / "rte" / "base-50" / "teacher")
 
 
 def test_small_dense_student_against_sparse(tiny_model, glue_dir, tmp_path):
     """The sparse-vs-small claim: at 80% the 2-layer tiny model's small counterpart keeps one layer,
     dense, distilled from the same teacher; the page sets the two side by side."""
-    flags = ["--model", str(tiny_model), "--glue-dir", str(glue_dir), "--limit", "24", "--teacher-epochs", "1",
-             "--student-epochs", "1", "--max-seq-length", "32", "--batch-size", "8"]
+    flags = {"model": str(tiny_model), "glue_dir": str(glue_dir), "limit": 24, "teacher_epochs": 1.0,
+             "student_epochs": 1.0, "max_seq_length": 32, "batch_size": 8}
     out = tmp_path / "sweep"
     rows = sweep(["rte"], [0.8], ["base", "small"], out, flags)
     small = json.loads((out / "rte" / "small-l1" / "metrics.json").read_text())
@@ -86,16 +89,24 @@ def test_small_dense_student_against_sparse(tiny_model, glue_dir, tmp_path):
     page = (out / "frontier.md").read_text()
     assert "## Claim 2" in page and f"1 layer(s), {teacher_linears // 2:,} | 2.50x |" in page
     with pytest.raises(SweepError, match="--recipe cannot be a flag for every cell"):
-        sweep(["rte"], [0.8], ["base", "small"], out, [*flags, "--recipe", "sparsebert"])
+        sweep(["rte"], [0.8], ["base", "small"], out, {**flags, "recipe": "sparsebert"})
 
 
-def test_variants_are_train_flags():
-    assert variant_flags("base") == [] and variant_flags("aug8") == ["--augment", "8"]
-    assert variant_flags("obs") == ["--recipe", "sparsebert-obs"]
-    assert variant_flags("small", 0.9, 6) == ["--student-layers", "1", "--recipe", "distill"]
-    assert variant_flags("small", 2 / 3, 6) == ["--student-layers", "2", "--recipe", "distill"]
+def test_variants_are_train_settings():
+    assert variant_settings("base") == {} and variant_settings("aug8") == {"augment": 8}
+    assert variant_settings("obs") == {"recipe": "sparsebert-obs"}
+    assert variant_settings("small", 0.9, 6) == {"student_layers": 1, "recipe": "distill"}
+    assert variant_settings("small", 2 / 3, 6) == {"student_layers": 2, "recipe": "distill"}
     with pytest.raises(SweepError, match="unknown variant"):
-        variant_flags("aug")
+        variant_settings("aug")
+
+
+def test_sweep_flags_become_the_settings_they_give():
+    settings = sweep_settings(["--limit", "24", "--student-epochs", "2", "--recipe-args", '{"hardness": 0.5}',
+                               "--seed", "42"])
+    assert settings == {"limit": 24, "student_epochs": 2.0, "recipe_args": {"hardness": 0.5}}  # 42 is the default
+    with pytest.raises(SweepError, match="--overwrite, --sparsity cannot be a flag for every cell"):
+        sweep(["rte"], [0.8], ["base"], Path("unused"), sweep_settings(["--sparsity", "0.5", "--overwrite"]))
 
 
 def test_bad_sweep_input_is_one_line(tmp_path, capsys):

@@ -187,3 +187,37 @@ def test_summary_sets_the_weights_left_against_bert_base():
     line = weights_left_line({"parameters_nonzero_encoder_linears": round(0.05 * minilm),
                               "parameters_encoder_linears": minilm})
     assert "0.53 M of 10.62 M" in line and "4.25 M" in line and "99.4%" in line
+
+
+def test_the_stage_refuses_what_the_cli_refuses(glue_dir, tmp_path):
+    """The training rules live beside the configs: a Python caller of stage.run or request.train
+    meets the CLI's refusals, before any data is prepared or model loaded."""
+    from sparsebert.pipeline import request as training, stage
+    from sparsebert.pipeline.train import TrainConfig
+    from sparsebert.recipe import recipe_path
+
+    opts = stage.StageOptions(task="rte", model="unused", out=tmp_path / "run", glue_dir=str(glue_dir))
+    teacher = TrainConfig(epochs=1, learning_rate=5e-5)
+    recipe = str(recipe_path("sparsebert"))
+    student = TrainConfig(epochs=2, learning_rate=1e-4, recipe=recipe, recipe_args={"num_epochs": 2})
+    cases = [
+        (opts, teacher, TrainConfig(epochs=3, learning_rate=1e-4, recipe=recipe, recipe_args={"num_epochs": 2}),
+         "says 3 epochs but its recipe runs 2.0"),
+        (opts, TrainConfig(epochs=1, learning_rate=0.0), student, "epochs and learning rate must be positive"),
+        (opts, teacher, TrainConfig(epochs=2, learning_rate=1e-4, recipe=recipe,
+                                    recipe_args={"num_epochs": 2, "final_sparsity": 1.0}), r"final_sparsity must be in \[0, 1\)"),
+        (stage.StageOptions(task="rte", model="unused", out=tmp_path / "run", glue_dir=str(glue_dir),
+                            student_layers=1, student_init="teacher"), teacher, student, "does not go with --student-init"),
+        (stage.StageOptions(task="rte", model="unused", out=tmp_path / "run", glue_dir=str(tmp_path / "none")),
+         teacher, student, "GLUE directory not found"),
+    ]
+    for options, teacher_cfg, student_cfg, message in cases:
+        with pytest.raises(training.TrainingRefused, match=message):
+            stage.run(options, teacher_cfg, student_cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    for request, message in [(training.TrainRequest(task="rte", sparsity=1.5), r"--sparsity must be in \[0, 1\)"),
+                             (training.TrainRequest(task="rte", int8_epochs=1.0), "--int8-epochs needs --int8"),
+                             (training.TrainRequest(task="rte", glue_dir=str(glue_dir), student_epochs=2.0,
+                                                    recipe_args={"num_epochs": 3}), "disagrees with --recipe-args")]:
+        with pytest.raises(training.TrainingRefused, match=message):
+            training.train(request)

@@ -1,0 +1,208 @@
+"""The training rules, next to what they rule: a ``TrainRequest`` (what `sparsebert train` asks
+for, one field per flag) is checked and turned into the stage's options and configs here, so a
+Python caller (the sweep included) meets the same refusals as the CLI, and ``stage.run`` refuses
+configs that break them (``check_stage``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from sparsebert import glue
+from sparsebert.errors import UserError
+from sparsebert.models import DEFAULT_MODEL
+from sparsebert.pipeline.train import TrainConfig
+
+
+class TrainingRefused(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One `sparsebert train`, as Python; each field is the flag of the same name (``None``: the
+    recipe's own value, or the stage's default)."""
+
+    task: str
+    out: Path | None = None  # default runs/<task>
+    glue_dir: str | None = field(default_factory=lambda: os.environ.get("GLUE_DIR"))
+    model: str = DEFAULT_MODEL
+    teacher: str | None = None
+    sparsity: float | None = None
+    teacher_epochs: float = 3.0
+    teacher_lr: float = 5e-5
+    student_epochs: float | None = None
+    student_lr: float = 1e-4
+    batch_size: int = 32
+    max_seq_length: int = 128
+    recipe: str = "sparsebert"
+    recipe_args: dict = field(default_factory=dict)
+    precision: str = "auto"
+    augment: int | None = None
+    student_init: str = "pretrained"
+    student_layers: int | None = None
+    int8: bool = False
+    int8_epochs: float | None = None
+    int8_lr: float = 2e-5
+    augment_cache: Path | None = None
+    limit: int | None = None
+    seed: int = 42
+    overwrite: bool = False
+
+    @classmethod
+    def default(cls, name: str):
+        """A field's default (the CLI's flag defaults read these)."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+
+def check(request: TrainRequest) -> TrainRequest:
+    """Everything that can be checked before a model is loaded or a step is taken; returns the
+    request with its run folder resolved."""
+    task = glue.get_task(request.task)
+    if request.sparsity is not None and not 0 <= request.sparsity < 1:
+        raise TrainingRefused(f"--sparsity must be in [0, 1), got {request.sparsity}")
+    for name in ("teacher_epochs", "student_epochs", "teacher_lr", "student_lr", "int8_epochs", "int8_lr"):
+        if getattr(request, name) is not None and getattr(request, name) <= 0:
+            raise TrainingRefused(f"--{name.replace('_', '-')} must be positive")
+    if request.int8_epochs is not None and not request.int8:
+        raise TrainingRefused("--int8-epochs needs --int8")
+    if request.augment_cache is not None and request.augment is None:
+        raise TrainingRefused("--augment-cache needs --augment N")
+    check_options(request)
+    out = Path(request.out or Path("runs") / task.name)
+    if request.teacher and request.overwrite and out.resolve() in Path(request.teacher).resolve().parents:
+        raise TrainingRefused(f"--overwrite would delete the --teacher inside {out}; choose another --out")
+    return replace(request, out=out)
+
+
+def check_options(opts) -> None:
+    """The rules on what a stage is given (a ``TrainRequest`` or ``stage.StageOptions``)."""
+    if opts.glue_dir is not None and not Path(opts.glue_dir).is_dir():
+        raise TrainingRefused(f"GLUE directory not found: {opts.glue_dir}")
+    if opts.teacher and not (Path(opts.teacher) / "config.json").is_file():
+        raise TrainingRefused(f"--teacher {opts.teacher} is not a model folder (no config.json)")
+    if opts.augment is not None and opts.augment < 1:
+        raise TrainingRefused(f"--augment must be at least 1, not {opts.augment}")
+    if opts.student_layers is not None and opts.student_layers < 1:
+        raise TrainingRefused(f"--student-layers must be at least 1, not {opts.student_layers}")
+    if opts.student_layers is not None and opts.student_init == "teacher":
+        raise TrainingRefused("--student-layers keeps the first layers of the pre-trained model; it does not go "
+                              "with --student-init teacher")
+    if opts.limit is not None and opts.limit < 1:
+        raise TrainingRefused(f"--limit must be at least 1 example, not {opts.limit}")
+    if opts.teacher:
+        from sparsebert.pipeline.train import check_teacher_labels
+
+        check_teacher_labels(Path(opts.teacher), glue.get_task(opts.task))
+
+
+def schedule(recipe: Path, recipe_args: dict, flags: list[tuple] = ()) -> tuple[dict, float]:
+    """One source of truth for a recipe's sparsity and length of training.
+
+    ``--sparsity`` and ``--student-epochs`` are the recipe variables ``final_sparsity`` and
+    ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
+    take effect), and a flag that disagrees with ``--recipe-args`` is refused rather than
+    silently overridden. The epochs returned are the ones SparseML's trainer runs: the recipe's
+    own (its last modifier's end, rounded up to whole epochs as SparseML does).
+    """
+    from sparsebert.recipe import check_recipe, recipe_variables
+
+    recipe_args = dict(recipe_args)
+    declared = recipe_variables(recipe)
+    for name, value in recipe_args.items():  # YAML's true/false given as "false" would be truthy
+        if isinstance(declared.get(name), bool) and not isinstance(value, bool):
+            raise TrainingRefused(f"--recipe-args {name} must be true or false (JSON), not {value!r}")
+    for flag, variable, value in flags:
+        if value is None:
+            continue
+        if variable not in declared:
+            raise TrainingRefused(f"{flag} needs the recipe variable {variable}, which {recipe} does not declare")
+        if variable in recipe_args and recipe_args[variable] != value:
+            raise TrainingRefused(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
+        recipe_args[variable] = value
+    modifiers = check_recipe(recipe, recipe_args)
+    # SparseML trains for its manager's max_epochs: whole epochs, the last modifier's end rounded up.
+    epochs = max((math.ceil(m.end_epoch) for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
+    if epochs is None:
+        raise TrainingRefused(f"{recipe} never ends: no modifier has an end_epoch")
+    return recipe_args, float(epochs)
+
+
+def check_config(cfg: TrainConfig, what: str) -> None:
+    """A config ``stage.run`` can honour: positive epochs and rate, and, with a recipe, the
+    recipe's own length (SparseML trains for it whatever ``epochs`` says) and a sparsity below 1."""
+    if cfg.epochs <= 0 or cfg.learning_rate <= 0:
+        raise TrainingRefused(f"the {what}'s epochs and learning rate must be positive, got {cfg.epochs} and "
+                              f"{cfg.learning_rate}")
+    if cfg.recipe:
+        sparsity = cfg.recipe_args.get("final_sparsity")
+        if sparsity is not None and not 0 <= sparsity < 1:
+            raise TrainingRefused(f"the {what}'s final_sparsity must be in [0, 1), got {sparsity}")
+        _, epochs = schedule(Path(cfg.recipe), cfg.recipe_args)
+        if epochs != cfg.epochs:
+            raise TrainingRefused(f"the {what} config says {cfg.epochs} epochs but its recipe runs {epochs}: "
+                                  "set the recipe's num_epochs (request.schedule does)")
+
+
+def check_stage(opts, teacher_cfg: TrainConfig, student_cfg: TrainConfig, int8_cfg: TrainConfig | None) -> None:
+    """What ``stage.run`` refuses: the same rules as the CLI's, on the options and configs."""
+    glue.get_task(opts.task)
+    check_options(opts)
+    for cfg, what in ((teacher_cfg, "teacher"), (student_cfg, "student"), (int8_cfg, "INT8 student")):
+        if cfg is not None:
+            check_config(cfg, what)
+
+
+def plan(request: TrainRequest):
+    """The stage's options and the teacher's, student's and INT8 student's configs for a checked
+    request (the student's epochs reconciled with its recipe)."""
+    from sparsebert import models
+    from sparsebert.hardware import resolve_precision
+    from sparsebert.pipeline.stage import StageOptions
+    from sparsebert.recipe import recipe_path, recipe_variables
+
+    model = models.resolve_model(request.model)
+    if request.student_layers:  # refused before the teacher's minutes are spent
+        from transformers import AutoConfig
+
+        depth = AutoConfig.from_pretrained(model).num_hidden_layers
+        if request.student_layers > depth:
+            raise TrainingRefused(f"--student-layers {request.student_layers}: {request.model} has only {depth} layers")
+    recipe = recipe_path(request.recipe)
+    recipe_args, epochs = schedule(recipe, request.recipe_args,
+                                   [("--sparsity", "final_sparsity", request.sparsity),
+                                    ("--student-epochs", "num_epochs", request.student_epochs)])
+    common = dict(batch_size=request.batch_size, max_seq_length=request.max_seq_length, seed=request.seed,
+                  precision=resolve_precision(request.precision))
+    teacher_cfg = TrainConfig(epochs=request.teacher_epochs, learning_rate=request.teacher_lr, **common)
+    student_cfg = TrainConfig(epochs=epochs, learning_rate=request.student_lr,
+                              recipe=str(recipe), recipe_args=recipe_args, **common)
+    int8_cfg = None
+    if request.int8:
+        int8_recipe = recipe_path("sparsebert-int8")
+        # The same distillation as the student's: its loss variables carry over (num_epochs does not).
+        shared = {k: v for k, v in recipe_args.items() if k in recipe_variables(int8_recipe) and k != "num_epochs"}
+        int8_args, int8_epochs = schedule(int8_recipe, shared, [("--int8-epochs", "num_epochs", request.int8_epochs)])
+        int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=request.int8_lr, recipe=str(int8_recipe),
+                               recipe_args=int8_args, **common)
+    opts = StageOptions(task=request.task, model=model, out=request.out, glue_dir=request.glue_dir,
+                        teacher=request.teacher, limit=request.limit, overwrite=request.overwrite,
+                        model_name=request.model, augment=request.augment, augment_cache=request.augment_cache,
+                        student_init=request.student_init, student_layers=request.student_layers)
+    return opts, teacher_cfg, student_cfg, int8_cfg
+
+
+def train(request: TrainRequest) -> dict:
+    """Check, plan and run one training request; returns its metrics (also in <out>/metrics.json).
+    An existing run folder is replaced only with ``overwrite``."""
+    from sparsebert.pipeline import stage
+    from sparsebert.runfolder import clear_or_refuse
+
+    request = check(request)
+    opts, teacher_cfg, student_cfg, int8_cfg = plan(request)
+    clear_or_refuse(request.out, request.overwrite)
+    return stage.run(opts, teacher_cfg, student_cfg, int8_cfg)
