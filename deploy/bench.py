@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert.deploy.engines import ENGINES, Runner
+from sparsebert.deploy.engines import Runner, engine_names, engines_for, ratio_columns, served_engines
 from sparsebert.inference import onnx_input_names
 
 ROUNDS = 3
@@ -40,10 +40,9 @@ class Model:
     precision: str = "fp32"  # "int8": PyTorch only emulates it (fake quantization), so it is not timed there
 
 
-def engines_for(model: Model, engines) -> list[str]:
-    """INT8 runs on the ONNX engines only; pytorch-csr runs sparse models (a dense one is PyTorch)."""
-    return [e for e in engines if not (model.precision == "int8" and e.startswith("pytorch"))
-            and not (model.variant == "dense" and e == "pytorch-csr")]
+def timed_on(model: Model, engines) -> list[str]:
+    """The ``engines`` whose figures on ``model`` are their own (see engines.engines_for)."""
+    return engines_for(model.precision == "int8", model.variant != "dense", timed=True, among=engines)
 
 
 def random_inputs(input_names: list[str], batch_size: int, sequence_length: int, vocab_size: int = 30522,
@@ -112,17 +111,18 @@ def _fixed_timed(model: Model, engine: str, batch_size: int, sequence_length: in
 
 
 def benchmark(models: list[Model], batch_sizes: list[int], sequence_length: int = 128,
-              seconds: float = 5.0, engines=ENGINES, threads: list | None = None,
+              seconds: float = 5.0, engines=None, threads: list | None = None,
               progress=print) -> dict:
-    """Fixed-length rows: every model of a family on every engine, at each batch size and each
-    thread count (an int, or "all" for each library's default), measured interleaved."""
-    threads = threads or ["all"]
+    """Fixed-length rows: every model of a family on every engine (default: the table's), at each
+    batch size and each thread count (an int, or "all" for each library's default), measured
+    interleaved."""
+    threads, engines = threads or ["all"], engines or engine_names()
     rows = []
     for count in threads:
         for family in dict.fromkeys(m.family for m in models):
             for batch_size in batch_sizes:
                 timed = [_fixed_timed(m, e, batch_size, sequence_length, count)
-                         for m in models if m.family == family for e in engines_for(m, engines)]
+                         for m in models if m.family == family for e in timed_on(m, engines)]
                 rows += measure_interleaved(timed, seconds, progress=progress)
     return {"sequence_length": sequence_length, "seconds_per_measurement": seconds, "rounds": ROUNDS,
             "threads": threads, "machine": machine(), "rows": rows, "ratios": ratios(rows)}
@@ -177,13 +177,13 @@ def _real_text_timed(model: Model, engine: str, requests: list[dict], lengths: l
 
 
 def real_text_benchmark(models: list[Model], examples: list[dict], buckets: list[int], seconds: float = 10.0,
-                        engines=("onnxruntime", "deepsparse"), threads: list | None = None,
-                        progress=print) -> dict:
+                        engines=None, threads: list | None = None, progress=print) -> dict:
     """The dev texts at batch 1, padded to the longest bucket (``padded``) or run on the smallest
-    bucket that holds each (``bucketed``), for every model on every engine, interleaved."""
+    bucket that holds each (``bucketed``), for every model on every engine (default: those that
+    serve, as the server would), interleaved."""
     from transformers import AutoTokenizer
 
-    threads, buckets = threads or ["all"], sorted(buckets)
+    threads, buckets, engines = threads or ["all"], sorted(buckets), engines or served_engines()
     longest = buckets[-1]
     tokenizer = AutoTokenizer.from_pretrained(models[0].deployment)
     names = onnx_input_names(models[0].deployment / "model.onnx")
@@ -192,7 +192,7 @@ def real_text_benchmark(models: list[Model], examples: list[dict], buckets: list
     tokens = [int(r["attention_mask"].sum()) for r in bucketed]
     rows = []
     for count in threads:
-        timed = [t for m in models for e in engines_for(m, engines) for t in (
+        timed = [t for m in models for e in timed_on(m, engines) for t in (
             _real_text_timed(m, e, padded, [longest], "padded", count),
             _real_text_timed(m, e, bucketed, buckets, "bucketed", count))]
         rows += measure_interleaved(timed, seconds, progress=progress)
@@ -223,7 +223,8 @@ def real_text_ratios(rows: list[dict]) -> list[dict]:
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Speed-ups of each sparse variant over the dense model of its family, per batch size and
-    thread count. An INT8 variant's keys say so (``sparse_int8_...``)."""
+    thread count, one per ratio column of the engine table (engines.ratio_columns). An INT8
+    variant's keys say so (``sparse_int8_...``)."""
     def speed(family, variant, engine, batch, threads):
         return next((r["items_per_second"] for r in rows if (r["family"], r["variant"], r["engine"], r["batch_size"],
                                                              r.get("threads", "all"))
@@ -237,18 +238,9 @@ def ratios(rows: list[dict]) -> list[dict]:
         prefix = "sparse_int8" if precision == "int8" else "sparse"
         for threads in dict.fromkeys(r.get("threads", "all") for r in rows):
             for batch in sorted({r["batch_size"] for r in rows}):
-                sparse_ds = speed(family, variant, "deepsparse", batch, threads)
-                dense = {e: speed(family, "dense", e, batch, threads) for e in ENGINES}
-                pairs = {
-                    f"{prefix}_deepsparse_vs_dense_onnxruntime": (sparse_ds, dense["onnxruntime"]),
-                    f"{prefix}_vs_dense_deepsparse": (sparse_ds, dense["deepsparse"]),
-                    f"{prefix}_deepsparse_vs_dense_pytorch": (sparse_ds, dense["pytorch"]),
-                    f"{prefix}_vs_dense_onnxruntime": (speed(family, variant, "onnxruntime", batch, threads),
-                                                       dense["onnxruntime"]),
-                    # the licence-clean sparse engine against the dense baseline
-                    f"{prefix}_pytorch_csr_vs_dense_onnxruntime": (speed(family, variant, "pytorch-csr", batch, threads),
-                                                                   dense["onnxruntime"]),
-                }
+                pairs = {f"{prefix}_{suffix}": (speed(family, variant, sparse, batch, threads),
+                                                speed(family, "dense", dense, batch, threads))
+                         for sparse, dense, suffix, _ in ratio_columns()}
                 measured = {k: a / b for k, (a, b) in pairs.items() if a and b}
                 if measured:
                     out.append({"family": family, "variant": variant, "precision": precision, "batch_size": batch,
@@ -262,36 +254,30 @@ def machine() -> dict:
     return hardware.describe()
 
 
-RATIO_COLUMNS = [("deepsparse_vs_dense_onnxruntime", "sparse DS / dense ORT"),
-                 ("vs_dense_deepsparse", "sparse / dense (DS)"),
-                 ("deepsparse_vs_dense_pytorch", "sparse DS / dense PyTorch"),
-                 ("vs_dense_onnxruntime", "sparse / dense (ORT)"),
-                 ("pytorch_csr_vs_dense_onnxruntime", "sparse PyTorch-CSR / dense ORT")]
-
-
 def _cpu(report: dict) -> str:
     m = report["machine"]
     return f"{m.get('cpu') or m.get('processor')} ({m['cpus']} CPUs; {', '.join(m.get('cpu_features', [])) or 'no AVX512'})"
 
 
 def markdown(report: dict) -> str:
+    engines, columns = engine_names(), [(suffix, header) for _, _, suffix, header in ratio_columns()]
     lines = [f"Fixed rows of {report['sequence_length']} tokens on {_cpu(report)}; threads per engine "
              f"{report['threads']}; {report.get('rounds', 1)} interleaved rounds; items/s (p50 ms per batch).", "",
-             "| model | variant | threads | batch | " + " | ".join(ENGINES) + " |",
-             "|---|---|---|---|" + "---|" * len(ENGINES)]
+             "| model | variant | threads | batch | " + " | ".join(engines) + " |",
+             "|---|---|---|---|" + "---|" * len(engines)]
     keys = dict.fromkeys((r["family"], r["variant"], r.get("threads", "all"), r["batch_size"]) for r in report["rows"])
     for family, variant, threads, batch in keys:
         cells = []
-        for engine in ENGINES:
+        for engine in engines:
             r = next((r for r in report["rows"] if (r["family"], r["variant"], r.get("threads", "all"), r["batch_size"],
                                                     r["engine"]) == (family, variant, threads, batch, engine)), None)
             cells.append(f"{r['items_per_second']:.1f} ({r['p50_ms']:.1f})" if r else "-")
         lines.append(f"| {family} | {variant} | {threads} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | variant | threads | batch | " + " | ".join(h for _, h in RATIO_COLUMNS) + " |",
-              "|---|---|---|---|" + "---|" * len(RATIO_COLUMNS)]
+    lines += ["", "| model | variant | threads | batch | " + " | ".join(h for _, h in columns) + " |",
+              "|---|---|---|---|" + "---|" * len(columns)]
     for r in report["ratios"]:
         prefix = "sparse_int8" if r.get("precision") == "int8" else "sparse"
-        cells = [f"{r[f'{prefix}_{k}']:.2f}x" if f"{prefix}_{k}" in r else "-" for k, _ in RATIO_COLUMNS]
+        cells = [f"{r[f'{prefix}_{k}']:.2f}x" if f"{prefix}_{k}" in r else "-" for k, _ in columns]
         lines.append(f"| {r['family']} | {r['variant']} | {r.get('threads', 'all')} | {r['batch_size']} | "
                      + " | ".join(cells) + " |")
     if report.get("real_text"):

@@ -1,22 +1,92 @@
-"""The ways to run a deployment: PyTorch (the checkpoint), ONNX Runtime and DeepSparse (the ONNX
-file), and PyTorch with the pruned linears as CSR matrices (``pytorch-csr``: the licence-clean
-sparse engine; DeepSparse's licence is for evaluation only). Each takes the same fixed-shape
-int64 inputs, named as the ONNX graph names them (``input_names``), and returns raw logits, so
-parity and latency compare like with like."""
+"""The ways to run a deployment, in one table (``TABLE``): PyTorch (the checkpoint), ONNX Runtime
+and DeepSparse (the ONNX file), and PyTorch with the pruned linears as CSR matrices
+(``pytorch-csr``: the licence-clean sparse engine; DeepSparse's licence is for evaluation only).
+Each takes the same fixed-shape int64 inputs, named as the ONNX graph names them
+(``input_names``), and returns raw logits, so parity and latency compare like with like.
+
+The table says what each engine runs and how to build it; the CLI's choices, the benchmark (its
+engines, columns and ratios), parity (engines and served), the server and the gates read it, so
+an engine is added here and nowhere else."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
-from sparsebert.inference import onnx_input_names
+from sparsebert.inference import is_quantized, onnx_input_names
 
-ENGINES = ("pytorch", "onnxruntime", "deepsparse", "pytorch-csr")
+# Engine.int8: how an engine runs an INT8 model.
+NATIVE = "native"  # the INT8 graph on integer kernels
+EMULATED = "emulated"  # the INT8 (QAT) checkpoint with fake quantization: a reference, never timed
+# The dense baseline: what a fixed-shape server runs without this project.
+BASELINE = "onnxruntime"
 # A linear at least this sparse runs as a CSR matrix on the pytorch-csr engine.
 CSR_MIN_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    doc: str  # one line, in the CLI's help
+    # (model_dir, deployment, batch_size, sequence_length, input_names, threads) -> a backend:
+    # backend(inputs) gives the logits of one batch, backend.close() frees it.
+    load: Callable
+    int8: str | None  # NATIVE, EMULATED or None (FP32 models only)
+    exploits_sparsity: bool  # its kernels skip the zeros
+    # On a dense model it is another engine (pytorch-csr is PyTorch), so it is not timed there.
+    needs_sparse_model: bool
+    serves: bool  # DeepSparse's pipeline runs it (its engine_type), so `sparsebert serve` can
+    label: str  # short name in the benchmark's ratio headers
+    # The dense runs the benchmark divides this engine's sparse figures by (its ratio columns);
+    # None: the dense baseline for an engine that exploits sparsity, nothing otherwise.
+    vs_dense: tuple[str, ...] | None = None
+
+    @property
+    def ratios_over(self) -> tuple[str, ...]:
+        if self.vs_dense is not None:
+            return self.vs_dense
+        return (BASELINE,) if self.exploits_sparsity else ()
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(TABLE)
+
+
+def served_engines() -> tuple[str, ...]:
+    return tuple(name for name, engine in TABLE.items() if engine.serves)
+
+
+def engines_for(int8: bool, sparse: bool = True, timed: bool = False, among: Iterable[str] | None = None) -> list[str]:
+    """The engines (of ``among``, in its order; default the table's) that run a model that is
+    ``int8`` or not. ``timed`` (the benchmark): only those whose figures are their own: an INT8
+    model on integer kernels (PyTorch only emulates them), and an engine that needs a sparse
+    model only on a ``sparse`` one."""
+    kinds = (NATIVE,) if timed else (NATIVE, EMULATED)
+
+    def runs(engine: Engine) -> bool:
+        return (not int8 or engine.int8 in kinds) and not (timed and engine.needs_sparse_model and not sparse)
+
+    return [name for name in (engine_names() if among is None else among) if runs(TABLE[name])]
+
+
+def ratio_columns() -> list[tuple[str, str, str, str]]:
+    """The benchmark's ratio columns, in table order: (sparse engine, dense engine, key suffix,
+    header). The key is ``<prefix>_<sparse>_vs_dense_<dense>``, the sparse engine left out when
+    both are the same (``sparse_vs_dense_deepsparse``)."""
+    columns = []
+    for engine in TABLE.values():
+        for dense in engine.ratios_over:
+            same = dense == engine.name
+            suffix = f"vs_dense_{dense}" if same else f"{engine.name}_vs_dense_{dense}"
+            header = (f"sparse / dense ({TABLE[dense].label})" if same
+                      else f"sparse {engine.label} / dense {TABLE[dense].label}")
+            columns.append((engine.name, dense, suffix.replace("-", "_"), header))
+    return columns
 
 
 def with_csr_linears(model):
@@ -65,8 +135,109 @@ def exported_length(onnx_path: Path) -> int | None:
     return dims[1].dim_value if len(dims) > 1 and dims[1].dim_value else None
 
 
+# ---------------------------------------------------------------- the engines' backends
+
+
+class TorchBackend:
+    """The checkpoint in PyTorch (an INT8 one with fake quantization)."""
+
+    def __init__(self, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int,
+                 input_names: list[str], threads: int | None):
+        import torch
+
+        from sparsebert.hardware import physical_cores
+        from sparsebert.inference import load_classifier
+
+        self._torch, self.input_names = torch, input_names
+        # torch's thread count is process-wide: set it every time, or an earlier runner's stays.
+        torch.set_num_threads(threads or physical_cores())
+        self.model = load_classifier(model_dir)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with self._torch.inference_mode():
+            tensors = {n: self._torch.from_numpy(inputs[n]) for n in self.input_names}
+            return self.model(**tensors).logits.float().numpy()
+
+    def close(self) -> None:
+        pass
+
+
+class TorchCSRBackend(TorchBackend):
+    """PyTorch with the pruned linears as CSR matrices."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        with_csr_linears(self.model)
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int,
+                 input_names: list[str], threads: int | None):
+        import onnxruntime
+
+        self.input_names, self._copy = input_names, None
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        path = deployment / "model.onnx"
+        if exported_length(path) != sequence_length:
+            # The graph's sequence length is fixed at export; run another length (a bucket)
+            # on a copy with its inputs reshaped, as DeepSparse does on its own copy.
+            from deepsparse.utils.onnx import override_onnx_input_shapes
+
+            self._copy = path = private_copy(path)
+            shapes = [[batch_size, sequence_length]] * len(input_names)
+            with override_onnx_input_shapes(str(path), shapes, inplace=True):  # rewrites the copy
+                pass
+        self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._session.run(None, {n: inputs[n] for n in self.input_names})[0]
+
+    def close(self) -> None:
+        if self._copy:
+            shutil.rmtree(self._copy.parent, ignore_errors=True)
+
+
+class DeepSparseBackend:
+    def __init__(self, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int,
+                 input_names: list[str], threads: int | None):
+        from deepsparse import Engine as DeepSparseEngine
+
+        self.input_names = input_names
+        self._copy = private_copy(deployment / "model.onnx")
+        cores = {"num_cores": threads} if threads else {}  # default: all cores
+        shapes = [[batch_size, sequence_length]] * len(input_names)
+        self._engine = DeepSparseEngine(model=str(self._copy), batch_size=batch_size, input_shapes=shapes, **cores)
+        if list(self._engine.input_names) != input_names:
+            raise ValueError(f"DeepSparse reads inputs {self._engine.input_names}, the ONNX file {input_names}")
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._engine([inputs[n] for n in self.input_names])[0]
+
+    def close(self) -> None:
+        del self._engine
+        shutil.rmtree(self._copy.parent, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the table
+
+TABLE: dict[str, Engine] = {e.name: e for e in (
+    Engine("pytorch", "the checkpoint in PyTorch (the reference)", TorchBackend, int8=EMULATED,
+           exploits_sparsity=False, needs_sparse_model=False, serves=False, label="PyTorch"),
+    Engine("onnxruntime", "the ONNX file on ONNX Runtime (the dense baseline)", OnnxRuntimeBackend, int8=NATIVE,
+           exploits_sparsity=False, needs_sparse_model=False, serves=True, label="ORT", vs_dense=("onnxruntime",)),
+    Engine("deepsparse", "the ONNX file on DeepSparse (sparse kernels; licence for evaluation only)",
+           DeepSparseBackend, int8=NATIVE, exploits_sparsity=True, needs_sparse_model=False, serves=True, label="DS",
+           vs_dense=("onnxruntime", "deepsparse", "pytorch")),
+    Engine("pytorch-csr", "PyTorch with the pruned linears as CSR matrices (licence-clean sparse)", TorchCSRBackend,
+           int8=None, exploits_sparsity=True, needs_sparse_model=True, serves=False, label="PyTorch-CSR"),
+)}
+
+
 class Runner:
-    """Runs batches of exactly ``batch_size`` rows of length ``sequence_length``.
+    """Runs batches of exactly ``batch_size`` rows of length ``sequence_length`` on the table's
+    ``engine``.
 
     ``input_names`` are the ONNX graph's inputs (the PyTorch model takes the same names).
     ``threads`` caps the engine's threads (torch intra-op threads, ONNX Runtime intra-op threads,
@@ -75,65 +246,20 @@ class Runner:
 
     def __init__(self, engine: str, model_dir: Path, deployment: Path, batch_size: int, sequence_length: int,
                  threads: int | None = None):
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        spec = TABLE.get(engine)
+        if spec is None:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {engine_names()}")
+        if spec.int8 is None and is_quantized(model_dir):
+            raise ValueError(f"{model_dir} is an INT8 (QAT) checkpoint; {engine} runs FP32 ones")
         self.engine, self.batch_size, self.sequence_length = engine, batch_size, sequence_length
         self.input_names = onnx_input_names(deployment / "model.onnx")
-        if engine in ("pytorch", "pytorch-csr"):
-            import torch
-
-            from sparsebert.hardware import physical_cores
-            from sparsebert.inference import is_quantized, load_classifier
-
-            self._torch = torch
-            # torch's thread count is process-wide: set it every time, or an earlier runner's stays.
-            torch.set_num_threads(threads or physical_cores())
-            self._model = load_classifier(model_dir)
-            if engine == "pytorch-csr":
-                if is_quantized(model_dir):
-                    raise ValueError(f"{model_dir} is an INT8 (QAT) checkpoint; pytorch-csr runs FP32 ones")
-                with_csr_linears(self._model)
-        elif engine == "onnxruntime":
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            path = deployment / "model.onnx"
-            if exported_length(path) != sequence_length:
-                # The graph's sequence length is fixed at export; run another length (a bucket)
-                # on a copy with its inputs reshaped, as DeepSparse does on its own copy.
-                from deepsparse.utils.onnx import override_onnx_input_shapes
-
-                self._copy = path = private_copy(path)
-                shapes = [[batch_size, sequence_length]] * len(self.input_names)
-                with override_onnx_input_shapes(str(path), shapes, inplace=True):  # rewrites the copy
-                    pass
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        else:
-            from deepsparse import Engine
-
-            self._copy = private_copy(deployment / "model.onnx")
-            cores = {"num_cores": threads} if threads else {}  # default: all cores
-            shapes = [[batch_size, sequence_length]] * len(self.input_names)
-            self._engine = Engine(model=str(self._copy), batch_size=batch_size, input_shapes=shapes, **cores)
-            if list(self._engine.input_names) != self.input_names:
-                raise ValueError(f"DeepSparse reads inputs {self._engine.input_names}, the ONNX file {self.input_names}")
+        self.backend = spec.load(model_dir, deployment, batch_size, sequence_length, self.input_names, threads)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if self.engine in ("pytorch", "pytorch-csr"):
-            with self._torch.inference_mode():
-                tensors = {n: self._torch.from_numpy(inputs[n]) for n in self.input_names}
-                return self._model(**tensors).logits.float().numpy()
-        if self.engine == "onnxruntime":
-            return self._session.run(None, {n: inputs[n] for n in self.input_names})[0]
-        return self._engine([inputs[n] for n in self.input_names])[0]
+        return self.backend(inputs)
 
     def close(self) -> None:
-        if self.engine == "deepsparse":
-            del self._engine
-        if getattr(self, "_copy", None):
-            shutil.rmtree(self._copy.parent, ignore_errors=True)
+        self.backend.close()
 
 
 def run_batched(runner: Runner, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -137,14 +137,14 @@ def engine_parity_gates(run: RunFolder, which: str, limits: dict, required: bool
 def served_parity_gates(run: RunFolder, which: str, limits: dict, required: bool = True) -> list[Gate]:
     """Every dev row answered over HTTP by the server on each engine: labels equal to PyTorch's
     (but for ties), scores within the threshold."""
-    from sparsebert.deploy.parity import SERVED_ENGINES
+    from sparsebert.deploy.engines import served_engines
 
     report = _parity_report(run, which, served=True, required=required)
     if report is None:
         return []
     gates = _unmeasured_splits(run, report, f"served answers {which}")
     for split, engines in report["splits"].items():
-        for engine in SERVED_ENGINES:
+        for engine in served_engines():
             r = engines.get(engine)
             if r is None:
                 gates.append(Gate(f"served answers {which} {engine} ({split})", False, "not measured"))

@@ -1,7 +1,8 @@
 """Accuracy parity, on every dev split of the task (MNLI: matched and mismatched).
 
-- engines: the same fixed-length inputs through PyTorch, ONNX Runtime and DeepSparse; the task
-  metric of each side by side and the largest logit difference against PyTorch;
+- engines: the same fixed-length inputs through every engine of the table that runs the model
+  (engines.TABLE); the task metric of each side by side and the largest logit difference
+  against PyTorch;
 - served: the running server (our validating app, on each engine) is sent the dev rows over
   HTTP, and each answer (label and score) is compared with what the PyTorch checkpoint answers
   for the same text: correctness of what a client gets, not only of the engine.
@@ -16,10 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert import glue, inference
-from sparsebert.deploy.engines import ENGINES, Runner, run_batched
+from sparsebert.deploy.engines import Runner, engines_for, run_batched, served_engines
 from sparsebert.pipeline.report import score, score_answers
-
-SERVED_ENGINES = ("deepsparse", "onnxruntime")
 
 
 def parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dict[str, list[dict]],
@@ -32,8 +31,8 @@ def parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dic
     inputs = {split: inference.encode(tokenizer, examples, names, sequence_length, fixed_length=True)
               for split, examples in dev_sets.items()}
     logits = {split: {} for split in dev_sets}
-    engines = [e for e in ENGINES if not (e == "pytorch-csr" and inference.is_quantized(model_dir))]
-    for engine in engines:  # one runner per engine (DeepSparse compiles once) for every split
+    # One runner per engine (DeepSparse compiles once) for every split.
+    for engine in engines_for(int8=inference.is_quantized(model_dir)):
         runner = Runner(engine, model_dir, deployment, batch_size, sequence_length)
         try:
             for split in dev_sets:
@@ -139,11 +138,11 @@ def reference_logits(reference: str, model_dir: Path, deployment: Path, examples
 
 
 def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dict[str, list[dict]],
-                  thresholds: dict, sequence_length: int, engines=SERVED_ENGINES, request_size: int = 16,
+                  thresholds: dict, sequence_length: int, engines=None, request_size: int = 16,
                   progress=print, reference: str = "pytorch") -> dict:
-    """Start the server on each engine, send it every dev row, compare with the answers of
-    ``reference``: the PyTorch checkpoint, or ("engine") the served engine itself run directly
-    on the same graph and buckets."""
+    """Start the server on each engine (default: every one that serves), send it every dev row,
+    compare with the answers of ``reference``: the PyTorch checkpoint, or ("engine") the served
+    engine itself run directly on the same graph and buckets."""
     from transformers import AutoConfig
 
     from sparsebert.deploy.local import local_server
@@ -161,7 +160,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
 
     shared = expected_for("pytorch") if reference == "pytorch" else None
     results = {}
-    for engine in engines:
+    for engine in engines or served_engines():
         with tempfile.TemporaryDirectory(prefix="sparsebert-served-") as workdir, \
                 local_server(deployment, engine, Path(workdir)) as client:
             expected = shared or expected_for(engine)

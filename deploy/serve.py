@@ -42,12 +42,12 @@ from starlette.concurrency import run_in_threadpool
 from sparsebert import offline, sparseml_mends
 from sparsebert.inference import label_names
 from sparsebert.deploy import errors
+from sparsebert.deploy.engines import served_engines
 from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
                                       UnsupportedMediaType)
 from sparsebert.errors import UserError
 
 TASK = "text_classification"
-ENGINES = ("deepsparse", "onnxruntime")
 DEFAULT_NAME = "sparsebert"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5543  # deepsparse.server's default
@@ -88,8 +88,8 @@ class ServeSettings:
     def __post_init__(self):
         if not _NAME.match(self.name):
             raise DeploymentError(f"model name {self.name!r} must be letters, digits, '.', '_' or '-'")
-        if self.engine not in ENGINES:
-            raise DeploymentError(f"unknown engine {self.engine!r}; choose one of {ENGINES}")
+        if self.engine not in served_engines():
+            raise DeploymentError(f"unknown engine {self.engine!r}; choose one of {served_engines()}")
         if self.batch_size < 1:
             raise DeploymentError(f"batch size must be at least 1, not {self.batch_size}")
         if self.sequence_lengths is not None:
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve an existing server.yaml (its name, engine, batch size and buckets) "
                         "instead of copying a deployment folder")
     p.add_argument("--name", default=DEFAULT_NAME, help="model name in /v2/models/<name>/infer")
-    p.add_argument("--engine", choices=ENGINES, default="deepsparse")
+    p.add_argument("--engine", choices=served_engines(), default="deepsparse")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--sequence-lengths", type=int, nargs="+",
                    help="token buckets; the longest one is where texts get truncated (default "

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the server on each engine and compare every answer it sends over HTTP "
                         "(label and score) with the PyTorch checkpoint's")
 
+    from sparsebert.deploy.engines import TABLE, engine_names, served_engines  # light: no engine library
+
     p = sub.add_parser("bench", help="latency of sparse vs dense on DeepSparse, ONNX Runtime and PyTorch")
     _run_argument(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -164,9 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.9 0.95), built once into --bert-base-cache")
     p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
     _threads_argument(p)
-    p.add_argument("--engines", nargs="+", default=["pytorch", "onnxruntime", "deepsparse", "pytorch-csr"],
-                   choices=["pytorch", "onnxruntime", "deepsparse", "pytorch-csr"],
-                   help="pytorch-csr: PyTorch with the pruned linears as CSR matrices (licence-clean sparse)")
+    p.add_argument("--engines", nargs="+", default=list(engine_names()), choices=engine_names(),
+                   help="; ".join(f"{e.name}: {e.doc}" for e in TABLE.values()))
     p.add_argument("--real-text", type=int, default=200, metavar="N",
                    help="also time the first N dev texts at batch 1, each at its own length: padded to the "
                         "exported length, and on the smallest --buckets length that holds it (0: skip)")
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the exported model on 127.0.0.1 (DeepSparse or ONNX Runtime)")
     _run_argument(p)
     _checkpoint_argument(p)
-    p.add_argument("--engine", choices=["deepsparse", "onnxruntime"], default="deepsparse")
+    p.add_argument("--engine", choices=served_engines(), default="deepsparse")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5543)
     p.add_argument("--batch-size", type=int, default=1)
@@ -338,6 +339,7 @@ def cmd_bench(args) -> int:
     # 97 items/s beside a 2-thread PyTorch runner). Set before torch loads OpenMP.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sparsebert.deploy import bench
+    from sparsebert.deploy.engines import served_engines
 
     run = RunFolder(args.run)
     model = run.metrics["model"]  # a folder path when the run was started with one
@@ -365,7 +367,7 @@ def cmd_bench(args) -> int:
         # The longest bucket is the exported length: "padded" pads to it, and nothing is truncated
         # that the fixed-shape baseline keeps.
         buckets = sorted({min(b, length) for b in args.buckets} | {length})
-        engines = [e for e in args.engines if e in ("onnxruntime", "deepsparse")]
+        engines = [e for e in args.engines if e in served_engines()]  # the engines the server runs
         report["real_text"] = bench.real_text_benchmark(own, examples, buckets, seconds=2 * args.seconds,
                                                         engines=engines, threads=args.threads)
     bench.write(report, run.bench_dir)

@@ -292,7 +292,7 @@ def test_csr_engine_runs_the_pruned_linears_sparse(exported_run):
 
     deployment = exported_run / "export" / "student" / "deployment"
     dense, csr = (Runner(e, exported_run / "student", deployment, 2, 128, threads=1) for e in ("pytorch", "pytorch-csr"))
-    layouts = {m.weight.layout for m in csr._model.modules() if hasattr(m, "weight") and m.weight.dim() == 2}
+    layouts = {m.weight.layout for m in csr.backend.model.modules() if hasattr(m, "weight") and m.weight.dim() == 2}
     assert torch.sparse_csr in layouts  # the 36 pruned linears; embeddings, pooler, classifier stay dense
     inputs = random_inputs(dense.input_names, 2, 128)
     np.testing.assert_allclose(csr(inputs), dense(inputs), atol=1e-4)

@@ -1,0 +1,86 @@
+"""One engine table (deploy/engines.py): an engine added there, and nowhere else, is a CLI
+choice, is timed by the benchmark with its own column and ratio, and is run by parity; what it
+runs (INT8, dense models) and whether it serves come from the same row."""
+
+import pytest
+from tiny import tiny_task_checkpoint
+
+from sparsebert import glue
+from sparsebert.cli import build_parser
+from sparsebert.deploy import bench, engines, parity, thresholds
+from sparsebert.deploy.export import export
+from sparsebert.deploy.serve import ServeSettings
+
+LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def deployed(glue_dir, tmp_path_factory):
+    task = glue.get_task("rte")
+    folder = tmp_path_factory.mktemp("engines")
+    checkpoint = tiny_task_checkpoint(task, folder / "checkpoint")
+    _, splits = glue.load_task(task.name, str(glue_dir))
+    return task, checkpoint, export(checkpoint, folder, sequence_length=LENGTH), splits["dev"][:12]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A sparse engine (ONNX Runtime underneath, so its logits are PyTorch's), added in one place."""
+    loads = []
+
+    def load(model_dir, deployment, batch_size, sequence_length, input_names, threads):
+        loads.append((batch_size, sequence_length))
+        return engines.OnnxRuntimeBackend(model_dir, deployment, batch_size, sequence_length, input_names, threads)
+
+    monkeypatch.setitem(engines.TABLE, "fake", engines.Engine(
+        "fake", "a test engine", load, int8=None, exploits_sparsity=True, needs_sparse_model=True, serves=True,
+        label="Fake"))
+    return loads
+
+
+def test_an_engine_added_to_the_table_reaches_the_cli_bench_and_parity(deployed, fake):
+    task, checkpoint, deployment, examples = deployed
+    parser = build_parser()
+    names = ["pytorch", "onnxruntime", "deepsparse", "pytorch-csr", "fake"]
+    assert parser.parse_args(["bench", "run"]).engines == names
+    assert parser.parse_args(["serve", "run", "--engine", "fake"]).engine == "fake"
+    assert ServeSettings(engine="fake").engine == "fake" and "fake" in engines.served_engines()  # real-text default
+
+    models = [bench.Model("tiny (rte)", "dense", checkpoint, deployment),
+              bench.Model("tiny (rte)", "sparse 90%", checkpoint, deployment)]
+    report = bench.benchmark(models, [1], sequence_length=LENGTH, seconds=0.0, threads=[1], progress=lambda line: None)
+    assert {r["variant"] for r in report["rows"] if r["engine"] == "fake"} == {"sparse 90%"}  # needs a sparse model
+    assert fake == [(1, LENGTH)]  # the Runner built it through the table
+    (ratios,) = report["ratios"]
+    assert ratios["sparse_fake_vs_dense_onnxruntime"] > 0  # a sparse engine is held to the dense baseline
+    assert ratios["sparse_deepsparse_vs_dense_onnxruntime"] > 0  # the existing keys are unchanged
+    text = bench.markdown(report)
+    assert "| pytorch | onnxruntime | deepsparse | pytorch-csr | fake |" in text
+    assert "| sparse PyTorch-CSR / dense ORT | sparse Fake / dense ORT |" in text
+
+    limits = thresholds.load()["parity"]
+    report = parity.parity(task, checkpoint, deployment, {"dev": examples}, limits, batch_size=4,
+                           sequence_length=LENGTH)
+    (split,) = report["splits"].values()
+    assert list(split["metrics"]) == names
+    assert split["against_pytorch"]["fake"]["max_logit_difference"] < 1e-3 and report["passed"]
+    assert "fake" in parity.table(report)
+
+
+def test_capabilities_come_from_the_table(fake):
+    """INT8 is timed on native integer kernels only (PyTorch emulates it: parity's reference, never
+    timed), an FP32-only engine runs no INT8 model, and a sparse engine is not timed on a dense one."""
+    int8 = bench.Model("m", "sparse 90% INT8", None, None, precision="int8")
+    dense = bench.Model("m", "dense", None, None)
+    assert bench.timed_on(int8, engines.engine_names()) == ["onnxruntime", "deepsparse"]
+    assert bench.timed_on(dense, engines.engine_names()) == ["pytorch", "onnxruntime", "deepsparse"]
+    assert engines.engines_for(int8=True) == ["pytorch", "onnxruntime", "deepsparse"]
+    assert engines.engines_for(int8=False) == list(engines.engine_names())
+
+
+def test_ratio_columns_keep_the_keys_the_speed_floors_name():
+    suffixes = [suffix for _, _, suffix, _ in engines.ratio_columns()]
+    assert set(suffixes) == {"vs_dense_onnxruntime", "deepsparse_vs_dense_onnxruntime", "vs_dense_deepsparse",
+                             "deepsparse_vs_dense_pytorch", "pytorch_csr_vs_dense_onnxruntime"}
+    floors = [k.removeprefix("min_") for k in thresholds.load()["speed"] if k.startswith("min_")]
+    assert floors and all(f.removeprefix("sparse_int8_").removeprefix("sparse_") in suffixes for f in floors)
