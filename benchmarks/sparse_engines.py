@@ -97,7 +97,7 @@ def main() -> None:
 
     import torch
 
-    from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
+    from sparsebert.checkpoint import is_pruned, load_weights, pruned_patterns
 
     patterns = pruned_patterns(args.checkpoint)
     weights = [torch.from_numpy(w).float() for n, w in load_weights(args.checkpoint).items() if is_pruned(n, patterns)]

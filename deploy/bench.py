@@ -373,7 +373,7 @@ def _random_bert_base(folder: Path, sparsity: float) -> None:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from sparsebert.models import embedded_default
-    from sparsebert.pipeline.report import is_pruned, pruned_patterns
+    from sparsebert.checkpoint import is_pruned, pruned_patterns
 
     torch.manual_seed(0)
     config = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"},

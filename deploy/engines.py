@@ -18,7 +18,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from sparsebert.inference import is_quantized, onnx_input_names
+from sparsebert.checkpoint import is_quantized
+from sparsebert.inference import onnx_input_names
 
 # Engine.int8: how an engine runs an INT8 model.
 NATIVE = "native"  # the INT8 graph on integer kernels

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert import glue, inference
+from sparsebert.checkpoint import is_pruned, is_quantized, load_weights, pruned_patterns
 from sparsebert.errors import UserError
-from sparsebert.pipeline.report import is_pruned, load_weights, pruned_patterns
 
 SAMPLE_TEXTS = [
     ("The movie was a delight from start to finish.", "It was a pleasure to watch."),
@@ -181,7 +181,7 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
     pruned = pruned_weights(model_dir)
     sizes = {n: w.size for n, w in pruned.items()}
     torch_sparsity = {n: float((w == 0).mean()) for n, w in pruned.items()}
-    quantized = inference.is_quantized(model_dir)
+    quantized = is_quantized(model_dir)
     exported = (int8_onnx_sparsity if quantized else functools.partial(onnx_sparsity, model_dir))(
         deployment / "model.onnx", pruned)
     zeros = sum(exported[n] * sizes[n] for n in exported)

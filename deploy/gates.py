@@ -163,7 +163,7 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005, which: str = "studen
     each of its pruning modifiers must match measured matrices, every measured matrix must
     belong to one, and each must be at its modifier's target. The INT8 student, which holds the
     student's zeros, is held to the same targets."""
-    from sparsebert.pipeline.report import is_pruned
+    from sparsebert.checkpoint import is_pruned
     from sparsebert.recipe import pruning_targets
 
     metrics = _metrics(run)

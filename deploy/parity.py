@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import glue, inference
+from sparsebert import checkpoint, glue, inference
 from sparsebert.deploy.engines import Runner, engines_for, run_batched, served_engines
-from sparsebert.pipeline.report import score, score_answers
 
 
 def parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dict[str, list[dict]],
@@ -32,7 +31,7 @@ def parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dic
               for split, examples in dev_sets.items()}
     logits = {split: {} for split in dev_sets}
     # One runner per engine (DeepSparse compiles once) for every split.
-    for engine in engines_for(int8=inference.is_quantized(model_dir)):
+    for engine in engines_for(int8=checkpoint.is_quantized(model_dir)):
         runner = Runner(engine, model_dir, deployment, batch_size, sequence_length)
         try:
             for split in dev_sets:
@@ -48,7 +47,7 @@ def parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_sets: dic
 
 
 def _split_parity(task, logits: dict, examples: list[dict], id2label: dict, thresholds: dict) -> dict:
-    metrics = {engine: score(task, logits[engine], examples, id2label) for engine in logits}
+    metrics = {engine: glue.score(task, logits[engine], examples, id2label) for engine in logits}
     against = {}
     for engine in [e for e in logits if e != "pytorch"]:
         metric_diff = abs(metrics[engine][task.main_metric] - metrics["pytorch"][task.main_metric])
@@ -167,8 +166,8 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
             for split, examples in dev_sets.items():
                 answers = ask_server(client, examples, request_size)
                 compared = compare_answers(expected[split][0], answers, expected[split][1], tolerance)
-                compared["pytorch_metric"] = score_answers(task, *expected[split][0], examples)[task.main_metric]
-                compared["metric"] = (score_answers(task, *answers, examples)[task.main_metric]
+                compared["pytorch_metric"] = glue.score_answers(task, *expected[split][0], examples)[task.main_metric]
+                compared["metric"] = (glue.score_answers(task, *answers, examples)[task.main_metric]
                                       if len(answers[0]) == len(examples) else float("nan"))
                 results.setdefault(split, {})[engine] = compared
                 progress(f"  served {engine:11} {split}: {compared['answers']} answers, "

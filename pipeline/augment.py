@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import glue
+from sparsebert import checkpoint, glue
 from sparsebert.errors import UserError
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -51,9 +51,7 @@ class AugmentConfig:
 
 
 def word_embeddings(model_dir: Path) -> np.ndarray:
-    from sparsebert.pipeline.report import load_weights
-
-    matrices = [w for name, w in load_weights(model_dir).items() if name.endswith("word_embeddings.weight")]
+    matrices = [w for name, w in checkpoint.load_weights(model_dir).items() if name.endswith("word_embeddings.weight")]
     if len(matrices) != 1:
         raise UserError(f"{model_dir}: expected one word-embedding matrix, found {len(matrices)}")
     return matrices[0].astype(np.float32)
@@ -127,7 +125,7 @@ def teacher_labels(task: glue.GlueTask, teacher: Path, variants: list[dict]) -> 
 
 
 FORMAT = 1  # bump when the way variants are made changes: older files are then made again
-_TEACHER_FILES = ("*.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json", "vocab.txt",
+_TEACHER_FILES = (*checkpoint.WEIGHT_FILES, "config.json", "tokenizer.json", "vocab.txt",
                   "tokenizer_config.json", "special_tokens_map.json")
 
 

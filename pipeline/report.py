@@ -9,57 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsebert import glue
+from sparsebert.checkpoint import is_pruned
 from sparsebert.errors import UserError
-
-
-def pruned_patterns(model_dir: Path | None = None) -> list[str]:
-    """The matrices a checkpoint is measured on: the ``params`` of the pruning modifiers in the
-    recipe SparseML saved beside it (a student), else those of the shipped SparseBERT recipe
-    (a dense teacher, the pre-trained model), so both are measured on the same matrices."""
-    from sparsebert.recipe import pruned_params, recipe_path
-
-    saved = Path(model_dir) / "recipe.yaml" if model_dir else None
-    patterns = pruned_params(saved) if saved and saved.is_file() else []
-    return patterns or pruned_params(recipe_path("sparsebert"))
-
-
-def is_pruned(name: str, patterns: list[str]) -> bool:
-    """SparseML's own matching of a parameter name against recipe ``params`` (``re:`` prefixed
-    regular expressions or exact names); a checkpoint saved without the model's prefix
-    (``encoder...`` rather than ``bert.encoder...``) is matched with it too."""
-    from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
-
-    return any(any_str_or_regex_matches_param_name(candidate, patterns)
-               for candidate in (name, f"bert.{name}"))
-
-
-def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    """The saved weights of a checkpoint, read from disk (what a user would ship), under their
-    plain names: a QAT checkpoint's ``...dense.module.weight`` is ``...dense.weight`` here, and
-    its quantization state (scales, zero points, observers) is left out, so that sparsity and
-    parameter counts mean the same for every checkpoint."""
-    from safetensors.numpy import load_file
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if files:
-        weights = {}
-        for f in files:
-            weights.update(load_file(str(f)))
-    else:
-        import torch
-
-        state = torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
-        weights = {k: v.float().numpy() for k, v in state.items()}
-    return {_plain_name(k): v for k, v in weights.items() if not _is_quantization_state(k)}
-
-
-def _is_quantization_state(name: str) -> bool:
-    return "activation_post_process" in name or "weight_fake_quant" in name
-
-
-def _plain_name(name: str) -> str:
-    """``...dense.module.weight`` (a linear wrapped for fake quantization) -> ``...dense.weight``."""
-    return re.sub(r"\.module\.(weight|bias)$", r".\1", name)
 
 
 def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:
@@ -114,23 +65,6 @@ def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: 
     }
 
 
-def score(task: glue.GlueTask, logits: np.ndarray, examples: list[dict], id2label: dict) -> dict:
-    """Task metrics from logits; class ids go through the model's own ``id2label``."""
-    if task.is_regression:
-        return glue.compute_metrics(task, logits[:, 0], [e["label"] for e in examples])
-    names = [id2label[int(i)] for i in logits.argmax(axis=1)]
-    return glue.compute_metrics(task, glue.label_indices(task, names),
-                                glue.label_indices(task, [e["label"] for e in examples]))
-
-
-def score_answers(task: glue.GlueTask, labels: list[str], scores: list[float], examples: list[dict]) -> dict:
-    """Task metrics from served answers: label names, or the predicted values of a regression."""
-    references = [e["label"] for e in examples]
-    if task.is_regression:
-        return glue.compute_metrics(task, np.array(scores), references)
-    return glue.compute_metrics(task, glue.label_indices(task, labels), glue.label_indices(task, references))
-
-
 def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict]],
              max_seq_length: int = 128) -> dict:
     """Dev metrics of the saved (final) model on every dev split of the task."""
@@ -139,7 +73,7 @@ def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict
     from sparsebert.inference import torch_logits
 
     id2label = {int(k): v for k, v in AutoConfig.from_pretrained(model_dir).id2label.items()}
-    return {split: score(task, torch_logits(model_dir, examples, max_seq_length), examples, id2label)
+    return {split: glue.score(task, torch_logits(model_dir, examples, max_seq_length), examples, id2label)
             for split, examples in dev_sets.items()}
 
 

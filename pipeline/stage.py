@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsebert import glue, hardware
+from sparsebert import checkpoint, glue, hardware
 from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
@@ -50,7 +50,7 @@ def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int,
              pretrained: dict | None) -> dict:
     """Dev metrics, measured sparsity (on the recipe's pruned matrices), parameter counts,
     FLOPs of one saved checkpoint, and how many of its kept weights training moved."""
-    weights = report.load_weights(model_dir)
+    weights = checkpoint.load_weights(model_dir)
     hidden, _ = _sizes(model_dir)
     moved = report.kept_weights_moved(weights, pretrained, patterns) if pretrained else None
     return {
@@ -134,10 +134,10 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         train_int8(student_dir, teacher_dir, student_data, int8_dir, int8_cfg)
     int8_done = time.time()
 
-    patterns = report.pruned_patterns(student_dir)
+    patterns = checkpoint.pruned_patterns(student_dir)
     # A local pre-trained folder (the embedded default included) shows how far training moved
     # the weights; a hub name is not downloaded again for it.
-    pretrained = report.load_weights(Path(opts.model)) if (Path(opts.model) / "config.json").is_file() else None
+    pretrained = checkpoint.load_weights(Path(opts.model)) if (Path(opts.model) / "config.json").is_file() else None
     teacher = describe(task, teacher_dir, dev_sets, teacher_cfg.max_seq_length, patterns, pretrained)
     student = describe(task, student_dir, dev_sets, student_cfg.max_seq_length, patterns, pretrained)
     if not opts.teacher:
@@ -149,7 +149,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     if int8_cfg:
         # Weights moved are counted from the FP32 student it started from.
         int8 = describe(task, folder.training_dir(INT8), dev_sets, int8_cfg.max_seq_length, patterns,
-                        report.load_weights(student_dir))
+                        checkpoint.load_weights(student_dir))
         int8["curve"] = write_curve(folder.training_dir(INT8), f"{task.name}: quantization-aware training "
                                                                "of the sparse student (INT8)")
     baseline = report.majority_baseline(

@@ -192,6 +192,22 @@ def compute_metrics(task: GlueTask, predictions, references) -> dict[str, float]
     return out
 
 
+def score(task: GlueTask, logits: np.ndarray, examples: list[dict], id2label: dict) -> dict:
+    """Task metrics from logits; class ids go through the model's own ``id2label``."""
+    if task.is_regression:
+        return compute_metrics(task, logits[:, 0], [e["label"] for e in examples])
+    names = [id2label[int(i)] for i in logits.argmax(axis=1)]
+    return compute_metrics(task, label_indices(task, names), label_indices(task, [e["label"] for e in examples]))
+
+
+def score_answers(task: GlueTask, labels: list[str], scores: list[float], examples: list[dict]) -> dict:
+    """Task metrics from served answers: label names, or the predicted values of a regression."""
+    references = [e["label"] for e in examples]
+    if task.is_regression:
+        return compute_metrics(task, np.array(scores), references)
+    return compute_metrics(task, label_indices(task, labels), label_indices(task, references))
+
+
 def _f1(preds: np.ndarray, refs: np.ndarray) -> float:
     """F1 of the positive class (index 1), as GLUE reports it for MRPC and QQP."""
     tp = float(np.sum((preds == 1) & (refs == 1)))

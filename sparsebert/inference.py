@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsebert import checkpoint
 from sparsebert.errors import UserError
 
 # What a served answer calls the value of a regression model (STS-B similarity, 0-5).
@@ -94,32 +95,6 @@ def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
     return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
 
 
-# Saved state that only a quantization-aware (QAT) checkpoint has: fake-quantize observers.
-_QAT_STATE = (".zero_point", ".observer_enabled")
-
-
-def checkpoint_keys(model_dir: Path) -> list[str]:
-    """The names of a checkpoint's saved tensors, read without loading them."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        keys = []
-        for f in files:
-            with safe_open(str(f), framework="np") as handle:
-                keys += list(handle.keys())
-        return keys
-    import torch
-
-    return list(torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu").keys())
-
-
-def is_quantized(model_dir: Path) -> bool:
-    """Saved by quantization-aware training: observer state, or linears wrapped for it."""
-    return any(key.endswith(_QAT_STATE) or key.endswith((".module.weight", ".module.bias"))
-               for key in checkpoint_keys(model_dir))
-
-
 def load_classifier(model_dir: Path):
     """The checkpoint's model in eval mode, whatever training made it.
 
@@ -133,7 +108,7 @@ def load_classifier(model_dir: Path):
     """
     from transformers import AutoModelForSequenceClassification
 
-    if not is_quantized(model_dir):
+    if not checkpoint.is_quantized(model_dir):
         model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
         if info["missing_keys"]:
             raise InferenceError(f"{model_dir}: weights missing from the checkpoint {info['missing_keys'][:3]} "
@@ -151,27 +126,13 @@ def load_classifier(model_dir: Path):
                              "rebuild its structure from")
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_dir))
     ScheduledModifierManager.from_yaml(str(recipe)).apply_structure(model, epoch=math.inf)
-    state = _saved_state(model_dir)
+    state = checkpoint.saved_tensors(model_dir)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InferenceError(f"{model_dir}: its weights do not fit the structure its recipe.yaml builds "
                              f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
     model.apply(disable_observer)
     return model.eval()
-
-
-def _saved_state(model_dir: Path) -> dict:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    import torch
-
-    return torch.load(Path(model_dir) / "pytorch_model.bin", map_location="cpu")
 
 
 def load_torch(model_dir: Path, tokenizer_dir: Path | None = None):

@@ -207,10 +207,10 @@ def mend_task_model_loading(module) -> None:
     load_task_model = module.load_task_model
 
     def load_quantized_too(task, model_path, config, recipe=None, trust_remote_code=False, **kwargs):
-        from sparsebert import inference
+        from sparsebert import checkpoint, inference
 
         if task in module.TaskNames.text_classification.value and recipe is None and \
-                (Path(str(model_path)) / "config.json").is_file() and inference.is_quantized(Path(str(model_path))):
+                (Path(str(model_path)) / "config.json").is_file() and checkpoint.is_quantized(Path(str(model_path))):
             return inference.load_classifier(Path(str(model_path)))
         return load_task_model(task, model_path, config, recipe=recipe, trust_remote_code=trust_remote_code, **kwargs)
 

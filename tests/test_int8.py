@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from sparsebert.checkpoint import is_pruned, is_quantized, load_weights, pruned_patterns
 from sparsebert.cli import main
 from sparsebert.deploy import gates, thresholds
-from sparsebert.inference import InferenceError, is_quantized, load_classifier
-from sparsebert.pipeline.report import load_weights, pruned_patterns, is_pruned
+from sparsebert.inference import InferenceError, load_classifier
 from sparsebert.runfolder import INT8
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sparseml.pytorch.optim import ScheduledModifierManager
 
+from sparsebert.checkpoint import is_pruned, pruned_patterns
 from sparsebert.pipeline.loss_terms import TERMS, LossOptions
 from sparsebert.pipeline.modifiers import SparseBertDistillationModifier, layer_map, sparsebert_distillation_loss
-from sparsebert.pipeline.report import is_pruned, pruned_patterns
 from sparsebert.recipe import recipe_path
 from tiny import batch, tiny_bert
 

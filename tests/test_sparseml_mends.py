@@ -137,7 +137,7 @@ def test_gradient_accumulation_keeps_schedule_and_pruning_in_step(tmp_path):
 def test_saved_recipe_reads_back_with_its_params(trained):
     """The saved recipe.yaml once held the params as Python's str of a list: read back, every
     re: pattern had doubled backslashes and matched no parameter."""
-    from sparsebert.pipeline.report import is_pruned
+    from sparsebert.checkpoint import is_pruned
     from sparsebert.recipe import pruning_targets
 
     folder, trainer, _, _ = trained

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from console import sparseml_script
 
+from sparsebert.checkpoint import is_pruned, load_weights, pruned_patterns
 from sparsebert.cli import main
-from sparsebert.pipeline.report import is_pruned, kept_weights_moved, load_weights, pruned_patterns
+from sparsebert.pipeline.report import kept_weights_moved
 
 REPO = Path(__file__).resolve().parents[1]
 
