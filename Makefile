@@ -7,8 +7,8 @@ GLUE_DIR ?= ../shared/data/glue
 TASK ?= sst2
 ARGS ?=
 # The main job's schedule (docs/study/results.md has the cells behind it): SST-2 on 20,000 training
-# sentences (the full dev set): 14.8 minutes of training on 2 bf16 cores (29 in all with install
-# and a bench at 1 and 2 threads, before the bench went to 1 thread; target 20). Any other
+# sentences (the full dev set): 16.1 minutes of training on 2 bf16 cores, 25 in all with install,
+# parity and a 1-thread bench (fresh clone, 2026-12-02; target 20). Any other
 # TASK runs the recipe's own defaults: `make run TASK=mrpc` is the paper's 95% on MRPC.
 ifeq ($(TASK),sst2)
 # One engine thread in the bench, as `make gates`: on 2-vCPU VMs the all-core rows stall at

@@ -183,7 +183,7 @@ def real_text_benchmark(models: list[Model], examples: list[dict], buckets: list
     serve, as the server would), interleaved."""
     from transformers import AutoTokenizer
 
-    threads, buckets, engines = threads or ["all"], sorted(buckets), engines or served_engines()
+    threads, buckets, engines = threads or ["all"], sorted(buckets), engines if engines is not None else served_engines()
     longest = buckets[-1]
     tokenizer = AutoTokenizer.from_pretrained(models[0].deployment)
     names = onnx_input_names(models[0].deployment / "model.onnx")

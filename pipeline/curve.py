@@ -100,9 +100,9 @@ def write(model_dir: Path, title: str) -> list[dict]:
     curve = read(model_dir)
     (Path(model_dir) / "curve.json").write_text(json.dumps(curve, indent=1))
     if curve:
+        fig = plot(curve, title)
         import matplotlib.pyplot as plt
 
-        fig = plot(curve, title)
         fig.savefig(Path(model_dir) / "curve.png", dpi=90)
         plt.close(fig)
     return curve

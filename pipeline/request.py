@@ -204,5 +204,6 @@ def train(request: TrainRequest) -> dict:
 
     request = check(request)
     opts, teacher_cfg, student_cfg, int8_cfg = plan(request)
+    check_stage(opts, teacher_cfg, student_cfg, int8_cfg)  # everything refused before a folder is cleared
     clear_or_refuse(request.out, request.overwrite)
     return stage.run(opts, teacher_cfg, student_cfg, int8_cfg)

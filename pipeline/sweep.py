@@ -88,14 +88,19 @@ def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
     from sparsebert.pipeline.request import TrainRequest
 
     variant = variant_settings(cell.variant, cell.sparsity, cell.depth)
-    fields = {**settings, **variant,
-              "recipe_args": {**settings.get("recipe_args", {}), **variant.get("recipe_args", {})}}
     if "augment" in variant:  # one augmented set per task and setting, shared by its cells
-        fields["augment_cache"] = out / cell.task / "augment"
+        variant["augment_cache"] = out / cell.task / "augment"
+    user_args, variant_args = settings.get("recipe_args", {}), variant.get("recipe_args", {})
+    clashes = sorted(k for k in set(settings) & set(variant) if k != "recipe_args" and settings[k] != variant[k])
+    clashes += sorted(k for k in set(user_args) & set(variant_args) if user_args[k] != variant_args[k])
+    if clashes:
+        raise SweepError(f"the {cell.variant} variant sets {', '.join(clashes)} itself; leave it out of the "
+                         "flags for every cell")
+    fields = {**settings, **variant, "recipe_args": {**user_args, **variant_args}}
+    fields["teacher"] = str(teacher) if teacher else settings.get("teacher")  # a given teacher serves the first cell
     if cell.variant != "small":  # distill.yaml prunes nothing
         fields["sparsity"] = cell.sparsity
-    return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True,
-                        teacher=str(teacher) if teacher else None, **fields)
+    return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True, **fields)
 
 
 def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train) -> dict:
@@ -105,10 +110,13 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train)
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
         started = time.time()
         try:
-            train(cell_request(cell, out, teacher, settings))
+            metrics = train(cell_request(cell, out, teacher, settings))
         except UserError as error:
             raise SweepError(f"{cell.task} {cell.name}: {error}. Finished cells are kept: run the same command "
                              "to resume") from error
+        from sparsebert.pipeline.stage import summary
+
+        print(summary(metrics))
         print(f"[sweep] {cell.task} {cell.name}: {(time.time() - started) / 60:.1f} min", flush=True)
     return json.loads((folder / "metrics.json").read_text())
 

@@ -87,7 +87,12 @@ def render(text: str) -> str:
         lines = [BEGIN.format(name=name), *BLOCKS[name](), END.format(name=name)]
         return "".join(f"{indent}{line}\n" for line in lines)
 
-    return _BLOCK.sub(block, text)
+    rendered, count = _BLOCK.subn(block, text)
+    begins = len(re.findall(r"(?m)^ *# >>> shared: ", text))
+    if count != begins:
+        raise ValueError(f"{begins} shared blocks begin but {count} end as they should "
+                         "(each '# >>> shared: <name>' needs its '# <<< shared: <name>' at the same indentation)")
+    return rendered
 
 
 def stale_recipes() -> list[Path]:

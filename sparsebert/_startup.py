@@ -42,6 +42,7 @@ class _Hook(importlib.abc.MetaPathFinder):
         run_module = spec.loader.exec_module
 
         def exec_then(module):
+            module.__dict__.pop("_sparsebert_mended", None)  # importlib.reload runs it afresh: mend again
             run_module(module)
             mend(module)
 

@@ -285,6 +285,10 @@ def cmd_sweep(args) -> int:
     if not all(0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
     settings = sweep_settings([f for f in args.train_flags if f != "--"])
+    from sparsebert import models  # the hub only for a hub model or GLUE from the hub, as `train`
+
+    offline.configure(hub=models.is_hub_name(settings.get("model", TrainRequest.default("model")))
+                      or settings.get("glue_dir", TrainRequest.default("glue_dir")) is None)
     rows = sweep(args.tasks, args.sparsities, args.variants, args.out, settings, page_only=args.page_only)
     print(f"[sparsebert] wrote {args.out}/frontier.md{', frontier.png' if rows else ''}, frontier.json")
     return 0

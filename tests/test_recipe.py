@@ -150,3 +150,7 @@ def test_unknown_shared_block_is_refused():
 
     with pytest.raises(ValueError, match="unknown shared block 'nope'"):
         build.render("# >>> shared: nope (x)\n# <<< shared: nope\n")
+    # A block whose end marker went missing must not swallow what lies up to the next block's end.
+    with pytest.raises(ValueError, match="2 shared blocks begin but 1 end"):
+        build.render("# >>> shared: distillation (x)\nkeep_me: 1\n# >>> shared: distillation (x)\n"
+                     "# <<< shared: distillation\n")

@@ -300,6 +300,17 @@ def test_hook_marks_every_loaded_module_mended():
     sparseml_mends.apply()  # idempotent where the hook is live
 
 
+def test_a_reloaded_module_is_mended_again():
+    result = subprocess.run([sys.executable, "-c", """
+import importlib
+import sparseml.pytorch.optim.optimizer as optimizer
+importlib.reload(optimizer)
+from sparsebert import sparseml_mends
+print(optimizer.ScheduledOptimizer.state_dict.__module__, sparseml_mends.unmended())
+"""], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "sparsebert.sparseml_mends []", result.stderr[-2000:]
+
+
 def test_unmended_sparseml_is_refused_by_apply_the_modifier_and_the_cli():
     """A copy whose start-up hook is not live must fail loudly, never train at a learning rate of 0:
     the explicit apply(), the modifier every project recipe holds, and the console entry point."""

@@ -146,3 +146,18 @@ def test_margin_kept_says_what_the_student_learned():
     assert margin_share(70.0, 60.0, 60.0) is None  # a teacher no better than the baseline
     row = {**_row("sst2", 0.9, True), "margin_kept": margin_share(72.0, 80.0, 50.0)}
     assert "| 90.0% | 73.3% |" in markdown([row])
+
+
+def test_cell_request_keeps_a_given_teacher_and_refuses_clashes(tmp_path):
+    from sparsebert.pipeline.sweep import Cell, cell_request
+
+    first = cell_request(Cell("rte", "base", 0.8), tmp_path, None, {"teacher": "given", "limit": 24})
+    assert (first.teacher, first.limit, first.sparsity, first.out) == ("given", 24, 0.8, tmp_path / "rte" / "base-80")
+    assert cell_request(Cell("rte", "base", 0.8), tmp_path, tmp_path / "found", {"teacher": "given"}).teacher == \
+        str(tmp_path / "found")
+    ptf = cell_request(Cell("rte", "ptf", 0.8), tmp_path, None, {"recipe_args": {"hardness": 0.5}})
+    assert ptf.recipe_args == {"hardness": 0.5, "init_sparsity": 0.8, "prune_end_fraction": 0.05, "mask_updates": 1}
+    with pytest.raises(SweepError, match="the aug4 variant sets augment itself"):
+        cell_request(Cell("rte", "aug4", 0.8), tmp_path, None, {"augment": 2})
+    with pytest.raises(SweepError, match="the ptf variant sets init_sparsity itself"):
+        cell_request(Cell("rte", "ptf", 0.8), tmp_path, None, {"recipe_args": {"init_sparsity": 0.1}})
