@@ -171,3 +171,15 @@ def test_scores_go_through_the_model_label_order():
     assert scored["accuracy"] == pytest.approx(200 / 3)
     answers = glue.score_answers(task, ["equivalent", "not_equivalent", "not_equivalent"], [0.9] * 3, examples)
     assert answers == scored
+
+
+def test_a_half_precision_bin_keeps_its_dtype(tmp_path):
+    """load_weights reads a .bin as safetensors are read: each tensor in its saved dtype (the
+    old reader turned every .bin tensor into float32)."""
+    from sparsebert import checkpoint
+
+    weight = torch.randn(3, 3).half()
+    torch.save({"bert.encoder.layer.0.output.dense.weight": weight}, tmp_path / "pytorch_model.bin")
+    loaded = checkpoint.load_weights(tmp_path)["bert.encoder.layer.0.output.dense.weight"]
+    assert loaded.dtype == np.float16
+    np.testing.assert_array_equal(loaded, weight.numpy())
