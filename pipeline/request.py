@@ -198,12 +198,8 @@ def plan(request: TrainRequest):
 
 def train(request: TrainRequest) -> dict:
     """Check, plan and run one training request; returns its metrics (also in <out>/metrics.json).
-    An existing run folder is replaced only with ``overwrite``."""
+    An existing run folder is replaced only with ``overwrite`` (``stage.run`` clears it)."""
     from sparsebert.pipeline import stage
-    from sparsebert.runfolder import clear_or_refuse
 
     request = check(request)
-    opts, teacher_cfg, student_cfg, int8_cfg = plan(request)
-    check_stage(opts, teacher_cfg, student_cfg, int8_cfg)  # everything refused before a folder is cleared
-    clear_or_refuse(request.out, request.overwrite)
-    return stage.run(opts, teacher_cfg, student_cfg, int8_cfg)
+    return stage.run(*plan(request))

@@ -95,10 +95,13 @@ def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, fold
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         int8_cfg: TrainConfig | None = None) -> dict:
     """Teacher, student and (with ``int8_cfg``) the INT8 student in one run folder; returns and
-    writes metrics.json. Refuses what the CLI refuses (``request.check_stage``)."""
+    writes metrics.json. Refuses what the CLI refuses (``request.check_stage``), then clears the
+    run folder, which holds an earlier result only with ``opts.overwrite``."""
     from sparsebert.pipeline.request import check_stage
+    from sparsebert.runfolder import clear_or_refuse
 
     check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
+    clear_or_refuse(opts.out, opts.overwrite)
     started = time.time()
     task = glue.get_task(opts.task)
     folder = RunFolder(opts.out)

@@ -278,13 +278,15 @@ def sweep_settings(flags: list[str]) -> dict:
 
 def cmd_sweep(args) -> int:
     from sparsebert import glue
-    from sparsebert.pipeline.sweep import sweep
+    from sparsebert.pipeline.sweep import sweep, variant_settings
 
     for task in args.tasks:
         glue.get_task(task)
     if not all(0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must be in (0, 1), got {args.sparsities}")
     settings = sweep_settings([f for f in args.train_flags if f != "--"])
+    for variant in args.variants:
+        variant_settings(variant)  # a bad variant is refused before the hub is opened for anything
     from sparsebert import models  # the hub only for a hub model or GLUE from the hub, as `train`
 
     offline.configure(hub=models.is_hub_name(settings.get("model", TrainRequest.default("model")))
