@@ -8,6 +8,9 @@ A cell is any run folder under the given folder that holds a ``metrics.json`` (w
 named ``<screen>-<lever>-<sparsity>[-s<seed>]`` are grouped by screen and lever, and every group
 of two or more seeds gets its mean and spread. ``--previous`` adds the rows of an earlier
 frontier page (its figures stay beside the new ones).
+
+Rows already in ``<out>/results.json`` whose run folder is no longer under the given folder (an
+earlier machine's cells) are kept as they are; a cell found again on disk replaces its old row.
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ def cell_row(folder: Path, root: Path) -> dict:
         "precision": cfg["precision"],
         "command": command.read_text().strip() if command.is_file() else None,
     }
+
+
+def logged_rows(results: Path) -> list[dict]:
+    """The cells an earlier run of this script logged (empty when there is no log yet)."""
+    return json.loads(results.read_text())["cells"] if results.is_file() else []
+
+
+def merged(logged: list[dict], found: list[dict]) -> list[dict]:
+    """The log's rows, with every cell found on disk added or, when logged before, replaced."""
+    found_cells = {r["cell"] for r in found}
+    replaced = sorted(found_cells & {r["cell"] for r in logged})
+    if replaced:
+        print(f"replacing the logged rows of {', '.join(replaced)} with the run folders' figures")
+    return sorted([r for r in logged if r["cell"] not in found_cells] + found, key=lambda r: r["cell"])
 
 
 def groups(rows: list[dict]) -> list[dict]:
@@ -119,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs.is_dir():
         parser.error(f"{args.runs}: no such folder")
     cells = sorted(p.parent for p in args.runs.rglob("metrics.json"))
-    rows = [cell_row(folder, args.runs) for folder in cells]
-    if not rows:
+    if not cells:
         parser.error(f"{args.runs}: no finished cell (metrics.json) under it")
+    rows = merged(logged_rows(args.out / "results.json"), [cell_row(folder, args.runs) for folder in cells])
     previous = json.loads(args.previous.read_text()) if args.previous else []
     summary = groups(rows)
     args.out.mkdir(parents=True, exist_ok=True)

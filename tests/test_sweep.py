@@ -161,3 +161,40 @@ def test_cell_request_keeps_a_given_teacher_and_refuses_clashes(tmp_path):
         cell_request(Cell("rte", "aug4", 0.8), tmp_path, None, {"augment": 2})
     with pytest.raises(SweepError, match="the ptf variant sets init_sparsity itself"):
         cell_request(Cell("rte", "ptf", 0.8), tmp_path, None, {"recipe_args": {"init_sparsity": 0.1}})
+
+
+def _study_log():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_log", Path(__file__).parents[1] / "benchmarks" / "study_log.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_log_keeps_the_cells_of_earlier_machines(trained_run, tmp_path, capsys):
+    """The run folders of an earlier session are gone; the log's rows of them stay, a seed logged
+    there pairs with one trained here, and a cell found again replaces its own row, not others."""
+    study_log = _study_log()
+    cell = tmp_path / "runs" / "rte" / "t-base-90"
+    cell.mkdir(parents=True)
+    (cell / "metrics.json").write_text((trained_run / "metrics.json").read_text())
+    (cell / "command.txt").write_text("sparsebert train --task rte ...")
+    out = tmp_path / "docs"
+    out.mkdir()
+    here = study_log.cell_row(cell, tmp_path / "runs")
+    earlier = {**here, "cell": "rte/t-base-90-s2", "seed": 2, "student": here["student"] + 2.0, "machine": "earlier"}
+    stale = {**here, "student": -1.0}  # what the log said of this very cell before it was re-run
+    (out / "results.json").write_text(json.dumps({"cells": [earlier, stale], "seeds": []}))
+
+    assert study_log.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert "replacing the logged rows of rte/t-base-90" in capsys.readouterr().out
+    logged = json.loads((out / "results.json").read_text())
+    assert [(r["cell"], r["student"]) for r in logged["cells"]] == [("rte/t-base-90", here["student"]),
+                                                                   ("rte/t-base-90-s2", here["student"] + 2.0)]
+    (seeds,) = logged["seeds"]
+    assert seeds["seeds"] == [2, here["seed"]] and seeds["mean"] == pytest.approx(here["student"] + 1.0)
+    page = (out / "results.md").read_text()
+    assert "| rte/t-base-90-s2 | 2 |" in page and "| earlier, " in page
+    assert study_log.main([str(tmp_path / "runs"), "--out", str(out)]) == 0  # run again: nothing doubles
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
