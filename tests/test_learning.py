@@ -47,7 +47,7 @@ def test_student_beats_the_majority_baseline(sst2_run):
 @pytest.fixture(scope="module")
 def stsb_run(glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning") / "stsb"
-    return out, _train(glue_dir, out, "stsb", limit=800, teacher_epochs=3, student_epochs=3, sparsity=0.5,
+    return out, _train(glue_dir, out, "stsb", limit=400, teacher_epochs=6, student_epochs=3, sparsity=0.5,
                        batch_size=16, extra=["--teacher-lr", "1e-4"])
 
 
@@ -56,8 +56,8 @@ def test_stsb_trains_teacher_and_student(stsb_run):
     out, metrics = stsb_run
     config = json.loads((out / "student" / "config.json").read_text())
     assert len(config["id2label"]) == 1 and config["problem_type"] == "regression"
-    assert metrics["teacher"]["dev"]["dev"]["pearson"] > 20
-    assert metrics["student"]["dev"]["dev"]["pearson"] > 10
+    assert metrics["teacher"]["dev"]["dev"]["pearson"] > 20, metrics["teacher"]["dev"]
+    assert metrics["student"]["dev"]["dev"]["pearson"] > 10, metrics["student"]["dev"]
     assert metrics["baseline"]["dev"]["pearson"] == 0.0
     curve = json.loads((out / "student" / "curve.json").read_text())
     assert all(point["logits_loss"] >= 0 for point in curve)  # MSE on the one logit, not KL (always 0)
@@ -68,7 +68,8 @@ def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
     out, _ = stsb_run
     student = sparseml_script(out, tmp_path / "student", epochs=3, sparsity=0.5, batch_size=16)
     dev = {"dev": read_jsonl(out / "data" / "dev.json")}
-    assert evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"] > 10
+    pearson = evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"]
+    assert pearson > 10, pearson
 
 
 def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
@@ -78,12 +79,12 @@ def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
     pushing the weights) when they should, and the student beats the baseline."""
     teacher_run, _ = sst2_run
     options = {"hidden_normalize": True, "temperature": 2.0, "layer_distill_end_fraction": 0.6, "grad_norm_every": 5}
-    metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=2000, teacher_epochs=1, student_epochs=4,
+    metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
                      sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe-args", json.dumps(options)])
     assert metrics["config"]["student"]["recipe_args"]["hidden_normalize"] is True
     curve = json.loads((tmp_path / "sst2" / "student" / "curve.json").read_text())
-    early = [p for p in curve if p["epoch"] < 0.5 * 4]
-    late = [p for p in curve if p["epoch"] > 0.65 * 4]
+    early = [p for p in curve if p["epoch"] < 0.5 * 3]
+    late = [p for p in curve if p["epoch"] > 0.65 * 3]
     assert early and late
     for point in early:  # every term in the total, each pushing the weights
         assert point["distillation_loss"] > point["logits_loss"] + 0.99 * point["hidden_loss"]
