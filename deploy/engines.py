@@ -41,7 +41,9 @@ class Engine:
     exploits_sparsity: bool  # its kernels skip the zeros
     # On a dense model it is another engine (pytorch-csr is PyTorch), so it is not timed there.
     needs_sparse_model: bool
-    serves: bool  # DeepSparse's pipeline runs it (its engine_type), so `sparsebert serve` can
+    # The DeepSparse pipeline's engine_type that serves it ("deepsparse", "onnxruntime"), which
+    # `sparsebert serve` and deepsparse.server's config name; None: not served.
+    serves_as: str | None
     label: str  # short name in the benchmark's ratio headers
     # The dense runs the benchmark divides this engine's sparse figures by (its ratio columns);
     # None: the dense baseline for an engine that exploits sparsity, nothing otherwise.
@@ -59,7 +61,15 @@ def engine_names() -> tuple[str, ...]:
 
 
 def served_engines() -> tuple[str, ...]:
-    return tuple(name for name, engine in TABLE.items() if engine.serves)
+    return tuple(name for name, engine in TABLE.items() if engine.serves_as)
+
+
+def pipeline_engine_type(name: str) -> str:
+    """What deepsparse.server's config says for a served engine: its pipeline's engine_type."""
+    serves_as = TABLE[name].serves_as
+    if serves_as is None:
+        raise ValueError(f"engine {name!r} is not served (served: {', '.join(served_engines())})")
+    return serves_as
 
 
 def engines_for(int8: bool, sparse: bool = True, timed: bool = False, among: Iterable[str] | None = None) -> list[str]:
@@ -226,14 +236,15 @@ class DeepSparseBackend:
 
 TABLE: dict[str, Engine] = {e.name: e for e in (
     Engine("pytorch", "the checkpoint in PyTorch (the reference)", TorchBackend, int8=EMULATED,
-           exploits_sparsity=False, needs_sparse_model=False, serves=False, label="PyTorch"),
+           exploits_sparsity=False, needs_sparse_model=False, serves_as=None, label="PyTorch"),
     Engine("onnxruntime", "the ONNX file on ONNX Runtime (the dense baseline)", OnnxRuntimeBackend, int8=NATIVE,
-           exploits_sparsity=False, needs_sparse_model=False, serves=True, label="ORT", vs_dense=("onnxruntime",)),
+           exploits_sparsity=False, needs_sparse_model=False, serves_as="onnxruntime", label="ORT",
+           vs_dense=("onnxruntime",)),
     Engine("deepsparse", "the ONNX file on DeepSparse (sparse kernels; licence for evaluation only)",
-           DeepSparseBackend, int8=NATIVE, exploits_sparsity=True, needs_sparse_model=False, serves=True, label="DS",
-           vs_dense=("onnxruntime", "deepsparse", "pytorch")),
+           DeepSparseBackend, int8=NATIVE, exploits_sparsity=True, needs_sparse_model=False, serves_as="deepsparse",
+           label="DS", vs_dense=("onnxruntime", "deepsparse", "pytorch")),
     Engine("pytorch-csr", "PyTorch with the pruned linears as CSR matrices (licence-clean sparse)", TorchCSRBackend,
-           int8=None, exploits_sparsity=True, needs_sparse_model=True, serves=False, label="PyTorch-CSR"),
+           int8=None, exploits_sparsity=True, needs_sparse_model=True, serves_as=None, label="PyTorch-CSR"),
 )}
 
 

@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from sparsebert import offline, sparseml_mends
 from sparsebert.inference import label_names
 from sparsebert.deploy import errors
-from sparsebert.deploy.engines import served_engines
+from sparsebert.deploy.engines import pipeline_engine_type, served_engines
 from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
                                       UnsupportedMediaType)
 from sparsebert.errors import UserError
@@ -164,7 +164,7 @@ def server_config(model_copy: Path, settings: ServeSettings) -> dict:
         "batch_size": settings.batch_size,
         "bucketing": {"sequence_lengths": list(settings.sequence_lengths or DEFAULT_SEQUENCE_LENGTHS)},
         # deepsparse.server has no engine field: EndpointConfig passes `kwargs` to the Pipeline.
-        "kwargs": {"engine_type": settings.engine},
+        "kwargs": {"engine_type": pipeline_engine_type(settings.engine)},
         # Per-request latency lines on stdout otherwise; nothing here leaves the machine.
         "logging_config": {"enable": False},
     }

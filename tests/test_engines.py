@@ -3,6 +3,7 @@ choice, is timed by the benchmark with its own column and ratio, and is run by p
 runs (INT8, dense models) and whether it serves come from the same row."""
 
 import pytest
+import yaml
 from tiny import tiny_task_checkpoint
 
 from sparsebert import glue
@@ -33,8 +34,8 @@ def fake(monkeypatch):
         return engines.OnnxRuntimeBackend(model_dir, deployment, batch_size, sequence_length, input_names, threads)
 
     monkeypatch.setitem(engines.TABLE, "fake", engines.Engine(
-        "fake", "a test engine", load, int8=None, exploits_sparsity=True, needs_sparse_model=True, serves=True,
-        label="Fake"))
+        "fake", "a test engine", load, int8=None, exploits_sparsity=True, needs_sparse_model=True,
+        serves_as="onnxruntime", label="Fake"))
     return loads
 
 
@@ -65,6 +66,26 @@ def test_an_engine_added_to_the_table_reaches_the_cli_bench_and_parity(deployed,
     assert list(split["metrics"]) == names
     assert split["against_pytorch"]["fake"]["max_logit_difference"] < 1e-3 and report["passed"]
     assert "fake" in parity.table(report)
+
+
+def test_a_served_engine_is_served_by_the_pipeline_its_row_names(deployed, fake, tmp_path):
+    """`serves_as` is what deepsparse.server's config gets as the pipeline's engine_type, so a row
+    that says it serves does: the fake engine answers over HTTP as ONNX Runtime does."""
+    from sparsebert.deploy.local import local_server
+    from sparsebert.deploy.serve import DeploymentError, prepare
+
+    _, _, deployment, examples = deployed
+    config = yaml.safe_load(prepare(deployment, tmp_path / "config", ServeSettings(engine="fake")).read_text())
+    assert config["endpoints"][0]["kwargs"] == {"engine_type": "onnxruntime"}
+    pairs = [[e["sentence1"], e["sentence2"]] for e in examples]
+    answers = {}
+    for engine in ("fake", "onnxruntime"):
+        with local_server(deployment, engine, tmp_path / engine, name=engine) as client:
+            answers[engine] = client.classify(pairs)
+    assert answers["fake"].labels == answers["onnxruntime"].labels and len(answers["fake"].labels) == len(pairs)
+    assert answers["fake"].scores == pytest.approx(answers["onnxruntime"].scores, abs=1e-6)
+    with pytest.raises(DeploymentError, match="unknown engine 'pytorch-csr'"):
+        ServeSettings(engine="pytorch-csr")  # its row serves nothing
 
 
 def test_capabilities_come_from_the_table(fake):
