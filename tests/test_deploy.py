@@ -129,7 +129,7 @@ def test_bucket_of_picks_the_smallest_that_holds():
 
 
 def test_bench_measures_and_plots(exported_run):
-    assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.5", "--threads", "1", "all",
+    assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.2", "--threads", "1", "all",
                  "--real-text", "12", "--buckets", "32", "128"]) == 0
     report = json.loads((exported_run / "bench" / "bench.json").read_text())
     assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse", "pytorch-csr"}
