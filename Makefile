@@ -8,8 +8,8 @@ TASK ?= sst2
 ARGS ?=
 # The main job's schedule (docs/study/results.md has the cells behind it): SST-2 on 20,000 training
 # sentences (the full dev set), student 3 epochs (two seeds keep 98.7% of the teacher; 2 epochs
-# kept 96.9-98.3%): about 17 minutes of training on 2 bf16 cores, about 28 in all with install,
-# parity and a 1-thread bench (2 epochs: 25, fresh clone 2026-12-02; target 20). Any other
+# kept 96.9-98.3%). On a fresh clone (Intel Xeon, 2 AMX-BF16 cores, 2026-12-02): 11.6 minutes of
+# training, 17.6 in all with install, parity and a 1-thread bench (target 20). Any other
 # TASK runs the recipe's own defaults: `make run TASK=mrpc` is the paper's 95% on MRPC.
 ifeq ($(TASK),sst2)
 # One engine thread in the bench, as `make gates`: on 2-vCPU VMs the all-core rows stall at

@@ -64,6 +64,12 @@ def logged_rows(results: Path) -> list[dict]:
 def merged(logged: list[dict], found: list[dict]) -> list[dict]:
     """The log's rows, with every cell found on disk added or, when logged before, replaced."""
     found_cells = {r["cell"] for r in found}
+    seeds = {(r["task"], r["group"], r["seed"]): r["cell"] for r in logged}
+    for r in found:  # the same cell under another root would count its seed twice
+        other = seeds.get((r["task"], r["group"], r["seed"]))
+        if other is not None and other != r["cell"]:
+            raise SystemExit(f"{r['cell']} is logged as {other} (same task, cell and seed): run this on the "
+                             "folder the log was written from")
     replaced = sorted(found_cells & {r["cell"] for r in logged})
     if replaced:
         print(f"replacing the logged rows of {', '.join(replaced)} with the run folders' figures")

@@ -86,6 +86,8 @@ def test_a_served_engine_is_served_by_the_pipeline_its_row_names(deployed, fake,
     assert answers["fake"].scores == pytest.approx(answers["onnxruntime"].scores, abs=1e-6)
     with pytest.raises(DeploymentError, match="unknown engine 'pytorch-csr'"):
         ServeSettings(engine="pytorch-csr")  # its row serves nothing
+    with pytest.raises(ValueError, match="'pytorch-csr' is not served"):
+        engines.pipeline_engine_type("pytorch-csr")
 
 
 def test_capabilities_come_from_the_table(fake):

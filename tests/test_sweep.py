@@ -198,3 +198,5 @@ def test_study_log_keeps_the_cells_of_earlier_machines(trained_run, tmp_path, ca
     assert "| rte/t-base-90-s2 | 2 |" in page and "| earlier, " in page
     assert study_log.main([str(tmp_path / "runs"), "--out", str(out)]) == 0  # run again: nothing doubles
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
+    with pytest.raises(SystemExit, match="is logged as rte/t-base-90"):  # the same cell from one folder down
+        study_log.main([str(tmp_path / "runs" / "rte"), "--out", str(out)])
