@@ -68,7 +68,7 @@ def merged(logged: list[dict], found: list[dict]) -> list[dict]:
     for r in found:  # the same cell under another root would count its seed twice
         other = seeds.get((r["task"], r["group"], r["seed"]))
         if other is not None and other != r["cell"]:
-            raise SystemExit(f"{r['cell']} is logged as {other} (same task, cell and seed): run this on the "
+            raise SystemExit(f"{r['cell']} is logged as {other} (same task, group and seed): run this on the "
                              "folder the log was written from")
     replaced = sorted(found_cells & {r["cell"] for r in logged})
     if replaced:
