@@ -7,13 +7,16 @@ one ``LossTerm`` here, then ``python -m sparsebert.recipes.build``.
 
 Each term's ``compute`` takes the student's and the teacher's outputs, dictionaries of
 ``logits`` (tensor), ``hidden`` (embeddings output then every layer's hidden state) and
-``attention`` (every layer's attention probabilities), and the ``LossOptions``.
+``attention`` (every layer's attention probabilities), ``queries`` and ``keys`` (every layer's
+query and key projections), ``heads`` (attention heads per layer), and the ``LossOptions``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ Outputs = Dict[str, object]
 class LossOptions:
     temperature: float = 1.0
     hidden_normalize: bool = False  # each layer's hidden MSE over the teacher's variance there
+    attention_scores: bool = False  # the attention MSE on the scores before softmax, not the probabilities
 
 
 @dataclass(frozen=True)
@@ -85,16 +89,36 @@ def hidden_mse(student: Outputs, teacher: Outputs, options: LossOptions) -> torc
     return sum(one(student["hidden"][s], teacher["hidden"][t]) for s, t in hidden_map)
 
 
+def attention_scores(outputs: Outputs, layer: int, keep: torch.Tensor) -> torch.Tensor:
+    """One layer's attention scores, q.k / sqrt(head size) per head, before the mask and softmax
+    (Hugging Face's BERT never exposes them, so they are rebuilt from the hooked projections);
+    0 where ``keep`` is false (padded keys), as TinyBERT's loss does."""
+    query, key = outputs["queries"][layer].float(), outputs["keys"][layer].float()
+    batch, length, width = query.shape
+    heads = outputs["heads"]
+    query = query.view(batch, length, heads, width // heads).transpose(1, 2)
+    key = key.view(batch, key.shape[1], heads, width // heads).transpose(1, 2)
+    scores = query @ key.transpose(-1, -2) / math.sqrt(width // heads)
+    return torch.where(keep, scores, torch.zeros((), dtype=scores.dtype))
+
+
 def attention_mse(student: Outputs, teacher: Outputs, options: LossOptions) -> torch.Tensor:
-    """Sum over the mapped layers of the attention-probability MSE."""
+    """Sum over the mapped layers of the attention-probability MSE, or of the attention-score MSE
+    (TinyBERT's and the SparseBERT authors' loss) with ``attention_scores``."""
     _, attention_map = _maps(student, teacher)
-    return sum(F.mse_loss(student["attention"][s], teacher["attention"][t]) for s, t in attention_map)
+    if not options.attention_scores:
+        return sum(F.mse_loss(student["attention"][s], teacher["attention"][t]) for s, t in attention_map)
+    total = 0.0
+    for s, t in attention_map:
+        keep = teacher["attention"][t] > 0  # a padded key's probability is exactly 0
+        total = total + F.mse_loss(attention_scores(student, s, keep), attention_scores(teacher, t, keep))
+    return total
 
 
 TERMS = (
     LossTerm("logits", False, soft_cross_entropy, "soft cross-entropy on the logits (MSE for STS-B)"),
     LossTerm("hidden", True, hidden_mse, "MSE on the hidden states, embeddings output and every layer"),
-    LossTerm("attention", True, attention_mse, "MSE on every layer's attention probabilities"),
+    LossTerm("attention", True, attention_mse, "MSE on every layer's attention probabilities (or scores)"),
 )
 
 # Logged beside the terms, never in the loss: the logits term less the teacher's own entropy

@@ -38,6 +38,8 @@ __all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss", "la
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings$")
 _HIDDEN = re.compile(r"encoder\.layer\.\d+\.output$")  # BertOutput: the layer's hidden state
 _ATTENTION = re.compile(r"encoder\.layer\.\d+\.attention\.self\.dropout$")  # input: probabilities
+_SELF_ATTENTION = re.compile(r"encoder\.layer\.\d+\.attention\.self$")
+_PROJECTION = re.compile(r"encoder\.layer\.\d+\.attention\.self\.(query|key)$")  # output: for the scores
 
 
 def sparsebert_distillation_loss(student: Dict[str, List[torch.Tensor]], teacher: Dict[str, List[torch.Tensor]],
@@ -63,6 +65,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
     |       hidden_weight: 1.0
     |       attention_weight: 1.0
     |       hidden_normalize: false  # hidden MSE over the teacher's variance, per layer
+    |       attention_scores: false  # attention MSE on the scores before softmax (TinyBERT)
     |       layer_terms_end_epoch: -1  # from this epoch on, logits only (TinyBERT's 2nd stage)
     |       grad_norm_every: 0     # every N training steps, log each term's gradient norm
 
@@ -71,7 +74,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
 
     def __init__(self, start_epoch: float = -1.0, end_epoch: float = -1.0,
                  update_frequency: float = -1.0, hardness: float = 1.0, temperature: float = 1.0,
-                 hidden_normalize: bool = False, layer_terms_end_epoch: float = -1.0, grad_norm_every: int = 0,
+                 hidden_normalize: bool = False, attention_scores: bool = False, layer_terms_end_epoch: float = -1.0, grad_norm_every: int = 0,
                  **term_weights: float):
         super().__init__(start_epoch=start_epoch, end_epoch=end_epoch, update_frequency=update_frequency)
         known = {term.weight for term in loss_terms.TERMS}
@@ -85,9 +88,9 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             if not isinstance(value, (int, float)) or value < 0 or (name == "hardness" and value > 1):
                 raise ValueError(f"SparseBertDistillationModifier: {name} must be a number "
                                  f"{'in [0, 1]' if name == 'hardness' else '>= 0'}, got {value!r}")
-        if not isinstance(hidden_normalize, bool):
-            raise ValueError(f"SparseBertDistillationModifier: hidden_normalize must be true or false, "
-                             f"got {hidden_normalize!r}")
+        for name, value in [("hidden_normalize", hidden_normalize), ("attention_scores", attention_scores)]:
+            if not isinstance(value, bool):
+                raise ValueError(f"SparseBertDistillationModifier: {name} must be true or false, got {value!r}")
         if not isinstance(layer_terms_end_epoch, (int, float)) or isinstance(layer_terms_end_epoch, bool):
             raise ValueError("SparseBertDistillationModifier: layer_terms_end_epoch must be a number, "
                              f"got {layer_terms_end_epoch!r}")
@@ -100,6 +103,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         self._temperature = float(temperature)
         self._weights = {name: float(weight) for name, weight in weights.items()}
         self._hidden_normalize = hidden_normalize
+        self._attention_scores = attention_scores
         self._layer_terms_end_epoch = float(layer_terms_end_epoch)
         self._grad_norm_every = grad_norm_every
         self._epoch = 0.0  # of the step being computed (SparseML passes it to loss_update)
@@ -136,6 +140,14 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
     @hidden_normalize.setter
     def hidden_normalize(self, value: bool):
         self._hidden_normalize = value
+
+    @ModifierProp()
+    def attention_scores(self) -> bool:
+        return self._attention_scores
+
+    @attention_scores.setter
+    def attention_scores(self, value: bool):
+        self._attention_scores = value
 
     @ModifierProp()
     def layer_terms_end_epoch(self) -> float:
@@ -184,7 +196,7 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         weights = self.applied_weights(self._epoch)
         terms = sparsebert_distillation_loss(
             self._student_cache, self._teacher_cache, student_outputs["logits"], teacher_outputs["logits"],
-            weights, LossOptions(self._temperature, self._hidden_normalize))
+            weights, LossOptions(self._temperature, self._hidden_normalize, self._attention_scores))
         self._logged_loss_terms.update({k: v for k, v in terms.items() if k != "distillation_loss"})
         if torch.is_grad_enabled():  # training steps only, not evaluation passes
             for name, value in terms.items():
@@ -262,17 +274,21 @@ sync_weight_properties()
 
 
 def _hook(model: torch.nn.Module, cache: Dict[str, list]) -> list:
-    """Hooks that keep, for each forward pass, the embeddings output, each layer's hidden state
-    and each layer's attention probabilities (in layer order) in ``cache``."""
+    """Hooks that keep, for each forward pass, the embeddings output, each layer's hidden state,
+    attention probabilities and query and key projections (in layer order) in ``cache``."""
     named = list(model.named_modules())
     embeddings = [m for n, m in named if _EMBEDDINGS.search(n) and "encoder" not in n][:1]
     hidden = [m for n, m in named if _HIDDEN.search(n)]
     attention = [m for n, m in named if _ATTENTION.search(n)]
-    cache.update(hidden=[], attention=[], _names_hidden=[n for n, _ in named if _HIDDEN.search(n)])
+    queries = [m for n, m in named if _PROJECTION.search(n) and n.endswith("query")]
+    keys = [m for n, m in named if _PROJECTION.search(n) and n.endswith("key")]
+    heads = [m.num_attention_heads for n, m in named if _SELF_ATTENTION.search(n)][:1]
+    cache.update(hidden=[], attention=[], queries=[], keys=[], heads=heads[0] if heads else 1,
+                 _names_hidden=[n for n, _ in named if _HIDDEN.search(n)])
 
     def start_pass(module, args):  # a new forward pass begins at the embeddings
-        cache["hidden"].clear()
-        cache["attention"].clear()
+        for name in ("hidden", "attention", "queries", "keys"):
+            cache[name].clear()
 
     def keep_output(module, args, output):
         cache["hidden"].append(output)
@@ -283,4 +299,6 @@ def _hook(model: torch.nn.Module, cache: Dict[str, list]) -> list:
     handles = [m.register_forward_pre_hook(start_pass) for m in embeddings]
     handles += [m.register_forward_hook(keep_output) for m in embeddings + hidden]
     handles += [m.register_forward_pre_hook(keep_input) for m in attention]
+    handles += [m.register_forward_hook(lambda module, args, output: cache["queries"].append(output)) for m in queries]
+    handles += [m.register_forward_hook(lambda module, args, output: cache["keys"].append(output)) for m in keys]
     return handles

@@ -45,11 +45,14 @@ def loss_variables() -> list[str]:
     layer_terms = " and ".join(term.name for term in loss_terms.TERMS if term.per_layer)
     return lines + [
         "# hidden_normalize: each layer's hidden-state MSE divided by the teacher's variance there.",
+        "# attention_scores: the attention MSE on the scores before softmax (TinyBERT's loss, which the",
+        "# paper's code runs) instead of on the probabilities.",
         f"# layer_distill_end_fraction: from this fraction of training on, no {layer_terms} terms",
         "# (TinyBERT's prediction stage); 1.0 keeps them throughout.",
         "# grad_norm_every: every N steps the curve gets each term's gradient norm (0: never); 47, not",
         "# 50, so the samples do not fall on the same place of each 50-batch length-grouped megabatch.",
         "hidden_normalize: false",
+        "attention_scores: false",
         "layer_distill_end_fraction: 1.0",
         "grad_norm_every: 47",
     ]
@@ -66,6 +69,7 @@ def distillation_modifier() -> list[str]:
             "  temperature: eval(temperature)",
             *(f"  {term.weight}: eval({term.weight})" for term in loss_terms.TERMS),
             "  hidden_normalize: eval(hidden_normalize)",
+            "  attention_scores: eval(attention_scores)",
             "  layer_terms_end_epoch: eval(num_epochs * layer_distill_end_fraction)",
             "  grad_norm_every: eval(grad_norm_every)"]
 

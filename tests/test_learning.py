@@ -74,11 +74,13 @@ def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
 
 def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
     """The loss options in one short real run (the SST-2 run's teacher): hidden-state MSE over the
-    teacher's variance, temperature 2, logits only from 60% of training on (TinyBERT's prediction
-    stage), gradient norms every 5 steps. The loss falls, the layer terms leave the loss (and stop
-    pushing the weights) when they should, and the student beats the baseline."""
+    teacher's variance, attention MSE on the scores, temperature 2, logits only from 60% of
+    training on (TinyBERT's prediction stage), gradient norms every 5 steps. The loss falls, the
+    layer terms leave the loss (and stop pushing the weights) when they should, and the student
+    beats the baseline."""
     teacher_run, _ = sst2_run
-    options = {"hidden_normalize": True, "temperature": 2.0, "layer_distill_end_fraction": 0.6, "grad_norm_every": 5}
+    options = {"hidden_normalize": True, "attention_scores": True, "temperature": 2.0,
+               "layer_distill_end_fraction": 0.6, "grad_norm_every": 5}
     metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
                      sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe-args", json.dumps(options)])
     assert metrics["config"]["student"]["recipe_args"]["hidden_normalize"] is True
@@ -88,6 +90,8 @@ def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
     assert early and late
     for point in early:  # every term in the total, each pushing the weights
         assert point["distillation_loss"] > point["logits_loss"] + 0.99 * point["hidden_loss"]
+    # On the scores, not the probabilities (whose MSE, summed over the layers, stays near 0.01).
+    assert max(point["attention_loss"] for point in curve) > 0.1
     for point in late:  # logits alone; the hidden state is still measured
         assert point["distillation_loss"] == pytest.approx(point["logits_loss"], rel=1e-4)
         assert point["hidden_loss"] > 0
@@ -97,6 +101,6 @@ def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
     assert any(p["hidden_grad_norm"] > 0 for p in early if "hidden_grad_norm" in p)
     assert curve[-1]["logits_kl"] < 0.8 * curve[0]["logits_kl"]  # the student took on the teacher's answers
     saved = (tmp_path / "sst2" / "student" / "recipe.yaml").read_text()  # what SparseML ran
-    assert "hidden_normalize: True" in saved and "grad_norm_every: 5\n" in saved
+    assert "hidden_normalize: True" in saved and "attention_scores: True" in saved and "grad_norm_every: 5\n" in saved
     student, baseline = metrics["student"]["dev"]["dev"]["accuracy"], metrics["baseline"]["dev"]["accuracy"]
     assert student > baseline + 10, (student, baseline)

@@ -8,7 +8,7 @@ import torch
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 from sparsebert.checkpoint import is_pruned, pruned_patterns
-from sparsebert.pipeline.loss_terms import TERMS, LossOptions
+from sparsebert.pipeline.loss_terms import TERMS, LossOptions, attention_scores
 from sparsebert.pipeline.modifiers import SparseBertDistillationModifier, layer_map, sparsebert_distillation_loss
 from sparsebert.recipe import recipe_path
 from tiny import batch, tiny_bert
@@ -170,6 +170,32 @@ def test_hidden_normalize_divides_each_layer_by_the_teachers_variance():
     assert scaled["attention_loss"].item() == pytest.approx(plain["attention_loss"].item())
 
 
+def test_attention_scores_are_the_ones_softmax_turns_into_the_probabilities():
+    """With ``attention_scores`` the attention term is TinyBERT's: MSE of q.k / sqrt(d) per head,
+    0 at padded keys. Rebuilt from the hooked projections, the scores must give back the model's
+    own probabilities under its mask, or the term would teach something else."""
+    student, teacher, inputs = tiny_bert(0, layers=2), tiny_bert(1, layers=2).eval(), batch()
+    inputs["attention_mask"][:, -3:] = 0  # three padded keys in every row
+    modifier = make_modifier(student.eval(), teacher, attention_scores=True)
+    distill_step(modifier, student, inputs)
+    s, t = modifier._student_cache, modifier._teacher_cache
+    assert s["heads"] == 4 and len(s["queries"]) == len(s["keys"]) == 2
+    keep = inputs["attention_mask"][:, None, None, :].bool().expand_as(s["attention"][0])
+    for layer in range(2):
+        scores = attention_scores(s, layer, keep)
+        assert torch.all(scores[~keep] == 0) and scores[keep].abs().sum() > 0
+        rebuilt = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        assert torch.allclose(rebuilt, s["attention"][layer], atol=1e-6)
+    expected = sum(torch.nn.functional.mse_loss(attention_scores(s, i, keep), attention_scores(t, i, keep))
+                   for i in range(2))
+    assert modifier._logged_loss_terms["attention_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    on_probabilities = sparsebert_distillation_loss(s, t, torch.zeros(4, 2), torch.zeros(4, 2), ONES)
+    assert on_probabilities["attention_loss"].item() < 0.1 * expected.item()  # scores are not bounded by 1
+    same = make_modifier(student, copy.deepcopy(student), attention_scores=True)
+    distill_step(same, student, inputs)
+    assert same._logged_loss_terms["attention_loss"].item() == pytest.approx(0.0, abs=1e-10)
+
+
 def test_logits_kl_is_the_cross_entropy_less_the_teachers_entropy():
     empty = {"hidden": [torch.zeros(1), torch.zeros(1)], "attention": [torch.zeros(1)]}
     teacher_logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
@@ -221,7 +247,7 @@ def test_measuring_gradient_norms_leaves_the_update_alone():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("kwargs", [{"hidden_normalize": "yes"}, {"grad_norm_every": -1},
+@pytest.mark.parametrize("kwargs", [{"hidden_normalize": "yes"}, {"attention_scores": 1}, {"grad_norm_every": -1},
                                     {"grad_norm_every": 1.5}, {"layer_terms_end_epoch": "late"}])
 def test_bad_new_modifier_arguments(kwargs):
     with pytest.raises(ValueError, match="SparseBertDistillationModifier"):
