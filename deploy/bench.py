@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsebert import flops
 from sparsebert.deploy.engines import Runner, engine_names, engines_for, ratio_columns, served_engines
 from sparsebert.inference import onnx_input_names
 
@@ -124,8 +125,10 @@ def benchmark(models: list[Model], batch_sizes: list[int], sequence_length: int 
                 timed = [_fixed_timed(m, e, batch_size, sequence_length, count)
                          for m in models if m.family == family for e in timed_on(m, engines)]
                 rows += measure_interleaved(timed, seconds, progress=progress)
+    bounds = {(m.family, m.variant): flops.bound_for(m.model_dir, sequence_length) for m in models
+              if m.variant != "dense"}
     return {"sequence_length": sequence_length, "seconds_per_measurement": seconds, "rounds": ROUNDS,
-            "threads": threads, "machine": machine(), "rows": rows, "ratios": ratios(rows)}
+            "threads": threads, "machine": machine(), "rows": rows, "ratios": ratios(rows, bounds)}
 
 
 # ---------------------------------------------------------------- real text
@@ -221,10 +224,11 @@ def real_text_ratios(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- ratios and reports
 
 
-def ratios(rows: list[dict]) -> list[dict]:
+def ratios(rows: list[dict], bounds: dict | None = None) -> list[dict]:
     """Speed-ups of each sparse variant over the dense model of its family, per batch size and
     thread count, one per ratio column of the engine table (engines.ratio_columns). An INT8
-    variant's keys say so (``sparse_int8_...``)."""
+    variant's keys say so (``sparse_int8_...``). ``bounds`` maps (family, variant) to the
+    variant's measured sparsity and FLOP bound (sparsebert.flops), kept beside its ratios."""
     def speed(family, variant, engine, batch, threads):
         return next((r["items_per_second"] for r in rows if (r["family"], r["variant"], r["engine"], r["batch_size"],
                                                              r.get("threads", "all"))
@@ -244,7 +248,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 measured = {k: a / b for k, (a, b) in pairs.items() if a and b}
                 if measured:
                     out.append({"family": family, "variant": variant, "precision": precision, "batch_size": batch,
-                                "threads": threads, **measured})
+                                "threads": threads, **(bounds or {}).get((family, variant), {}), **measured})
     return out
 
 
@@ -273,16 +277,27 @@ def markdown(report: dict) -> str:
                                                     r["engine"]) == (family, variant, threads, batch, engine)), None)
             cells.append(f"{r['items_per_second']:.1f} ({r['p50_ms']:.1f})" if r else "-")
         lines.append(f"| {family} | {variant} | {threads} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | variant | threads | batch | " + " | ".join(h for _, h in columns) + " |",
-              "|---|---|---|---|" + "---|" * len(columns)]
+    lines += ["", "Speed-ups, each with its share of the FLOP bound: what perfect sparse kernels would give at "
+              "the sparsity measured in the saved weights, with everything but the encoder linears dense "
+              "(INT8 can pass it: it makes the same FLOPs cheaper).", "",
+              "| model | variant | threads | batch | FLOP bound (sparsity) | " + " | ".join(h for _, h in columns) + " |",
+              "|---|---|---|---|---|" + "---|" * len(columns)]
     for r in report["ratios"]:
         prefix = "sparse_int8" if r.get("precision") == "int8" else "sparse"
-        cells = [f"{r[f'{prefix}_{k}']:.2f}x" if f"{prefix}_{k}" in r else "-" for k, _ in columns]
+        bound = r.get("flop_bound")
+        cells = [_ratio_cell(r.get(f"{prefix}_{k}"), bound) for k, _ in columns]
+        bound_cell = f"{bound:.2f}x ({r['sparsity']:.1%})" if bound else "-"
         lines.append(f"| {r['family']} | {r['variant']} | {r.get('threads', 'all')} | {r['batch_size']} | "
-                     + " | ".join(cells) + " |")
+                     f"{bound_cell} | " + " | ".join(cells) + " |")
     if report.get("real_text"):
         lines += ["", real_text_markdown(report["real_text"])]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(ratio: float | None, bound: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x ({ratio / bound:.0%})" if bound else f"{ratio:.2f}x"
 
 
 def real_text_markdown(real: dict) -> str:

@@ -227,8 +227,9 @@ def speed_gates(run: RunFolder, floors: dict) -> list[Gate]:
 
 def _floor_cap(run: RunFolder, floors: dict) -> float:
     """The most a speed floor may ask of this student: a share of its FLOP bound (the dense over
-    sparse encoder FLOPs in metrics.json: 4.1x at 80%, 9.2x at 95% for the default model). The
-    floors are set for 90-95%; an 80% student cannot be asked for what only a sparser one gives."""
+    sparse forward-pass FLOPs in metrics.json, sparsebert/flops.py: 4.0x at 80%, 9.3x at 95% for
+    the default model). The floors are set for 90-95%; an 80% student cannot be asked for what
+    only a sparser one gives."""
     share = floors.get("max_floor_share_of_flop_bound")
     bound = run.metrics["student"].get("flops", {}).get("encoder_flops_reduction")
     return share * bound if share and bound else float("inf")

@@ -3,33 +3,12 @@ its parameter counts and its encoder FLOPs."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
-from sparsebert import glue
-from sparsebert.checkpoint import is_pruned
-from sparsebert.errors import UserError
-
-
-def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:
-    """Per-matrix and overall zero fraction of the recipe's pruned matrices, and parameter counts."""
-    per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if is_pruned(n, patterns)}
-    if not per_matrix:
-        raise UserError(f"the recipe's pruned params {patterns} match no weight of the checkpoint")
-    prunable = sum(weights[n].size for n in per_matrix)
-    zeros = sum(int((weights[n] == 0).sum()) for n in per_matrix)
-    total = sum(w.size for w in weights.values())
-    return {
-        "encoder_linear_sparsity": zeros / prunable if prunable else 0.0,
-        "per_matrix_sparsity": per_matrix,
-        "min_matrix_sparsity": min(per_matrix.values()) if per_matrix else 0.0,
-        "parameters_total": int(total),
-        "parameters_encoder_linears": int(prunable),
-        "parameters_nonzero_encoder_linears": int(prunable - zeros),
-        "parameters_nonzero_total": int(total - zeros),
-    }
+from sparsebert import flops, glue
+from sparsebert.checkpoint import is_pruned, sparsity_report  # noqa: F401 (sparsity_report: stage reads it here)
 
 
 def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.ndarray],
@@ -48,20 +27,20 @@ def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.
     return moved / kept if kept else None
 
 
-def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, hidden_size: int) -> dict:
-    """Multiply-adds x2 per sequence of ``seq_len`` tokens: the encoder linears (dense vs. only
-    their non-zeros) plus attention's two seq x seq products, which pruning does not touch."""
-    linears = {n: w for n, w in weights.items() if is_pruned(n, patterns)}
-    dense_linear = 2 * seq_len * sum(w.size for w in linears.values())
-    sparse_linear = 2 * seq_len * sum(int(np.count_nonzero(w)) for w in linears.values())
-    layers = len({re.search(r"layer\.(\d+)\.", n).group(1) for n in linears})
-    attention = layers * 2 * (2 * seq_len * seq_len * hidden_size)
+def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, config: dict) -> dict:
+    """FLOPs per sequence of ``seq_len`` tokens (sparsebert.flops): dense, and with the pruned
+    linears costing only their non-zeros; their ratio is the checkpoint's FLOP bound on speed."""
+    linears = [w for n, w in weights.items() if is_pruned(n, patterns)]
+    kept = sum(int(np.count_nonzero(w)) for w in linears) / max(sum(w.size for w in linears), 1)
+    parts = flops.forward_flops(config, seq_len)
+    dense = sum(parts.values())
+    sparse = dense - parts["encoder_linears"] * (1 - kept)
     return {
         "sequence_length": seq_len,
-        "dense_encoder_flops": dense_linear + attention,
-        "sparse_encoder_flops": sparse_linear + attention,
-        "encoder_flops_reduction": (dense_linear + attention) / max(sparse_linear + attention, 1),
-        "linear_flops_reduction": dense_linear / max(sparse_linear, 1),
+        "dense_encoder_flops": dense,
+        "sparse_encoder_flops": sparse,
+        "encoder_flops_reduction": dense / max(sparse, 1),
+        "linear_flops_reduction": 1 / max(kept, 1e-12),
     }
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,26 +40,19 @@ class StageOptions:
     student_layers: int | None = None  # keep only the first K layers: a small dense student
 
 
-def _sizes(model_dir: Path) -> tuple[int, int]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    return config.hidden_size, config.num_hidden_layers
-
-
 def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str],
              pretrained: dict | None) -> dict:
     """Dev metrics, measured sparsity (on the recipe's pruned matrices), parameter counts,
     FLOPs of one saved checkpoint, and how many of its kept weights training moved."""
     weights = checkpoint.load_weights(model_dir)
-    hidden, _ = _sizes(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     moved = report.kept_weights_moved(weights, pretrained, patterns) if pretrained else None
     return {
         "path": str(model_dir),
         "dev": report.evaluate(task, model_dir, dev_sets, seq_len),
         **report.sparsity_report(weights, patterns),
         "kept_weights_moved": moved,
-        "flops": report.encoder_flops(weights, patterns, seq_len, hidden),
+        "flops": report.encoder_flops(weights, patterns, seq_len, config),
     }
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsebert.errors import UserError
+
 # The files a checkpoint's weights are in: safetensors (possibly sharded), else PyTorch's pickle.
 SAFETENSORS = "*.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
@@ -114,3 +116,22 @@ def is_pruned(name: str, patterns: list[str]) -> bool:
 
     return any(any_str_or_regex_matches_param_name(candidate, patterns)
                for candidate in (name, f"bert.{name}"))
+
+
+def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:
+    """Per-matrix and overall zero fraction of the recipe's pruned matrices, and parameter counts."""
+    per_matrix = {n: float((w == 0).mean()) for n, w in weights.items() if is_pruned(n, patterns)}
+    if not per_matrix:
+        raise UserError(f"the recipe's pruned params {patterns} match no weight of the checkpoint")
+    prunable = sum(weights[n].size for n in per_matrix)
+    zeros = sum(int((weights[n] == 0).sum()) for n in per_matrix)
+    total = sum(w.size for w in weights.values())
+    return {
+        "encoder_linear_sparsity": zeros / prunable if prunable else 0.0,
+        "per_matrix_sparsity": per_matrix,
+        "min_matrix_sparsity": min(per_matrix.values()) if per_matrix else 0.0,
+        "parameters_total": int(total),
+        "parameters_encoder_linears": int(prunable),
+        "parameters_nonzero_encoder_linears": int(prunable - zeros),
+        "parameters_nonzero_total": int(total - zeros),
+    }
