@@ -340,6 +340,8 @@ async def read_json(request: Request):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidInput(f"malformed JSON body: {error}") from None
+    except RecursionError:  # arrays or objects thousands deep: Python's parser gives up, not the server
+        raise InvalidInput("malformed JSON body: nested too deeply") from None
 
 
 # ---------------------------------------------------------------- model and app

@@ -6,6 +6,7 @@ never rewritten."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -208,6 +209,10 @@ BAD_REQUESTS = [
     ("empty-list", as_json({"sequences": []}), "application/json", None, 400, "empty list"),
     ("text-too-long", as_json(TOO_LONG), "application/json", None, 400, f"limit is {MAX_TEXT_CHARS:,}"),
     ("body-too-large", as_json({"sequences": "x" * MAX_BODY_BYTES}), "application/json", None, 413, "limit"),
+    ("nested-20000-deep", b'{"sequences": ' + b"[" * 20000 + b"]" * 20000 + b"}", "application/json", None, 400,
+     "nested too deeply"),
+    ("nested-900-deep", as_json({"sequences": functools.reduce(lambda inner, _: [inner], range(900), "a")}),
+     "application/json", None, 400, "sequences"),
     ("text-plain", b"a text", "text/plain", None, 415, "application/json"),
     ("form-encoded", as_json({"sequences": "hi"}), "application/x-www-form-urlencoded", None, 415, "Content-Type"),
     ("unknown-model", as_json({"sequences": PAIR}), "application/json", "/v2/models/nope/infer", 404, "nope"),
