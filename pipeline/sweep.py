@@ -254,10 +254,11 @@ def mean_retention(rows: list[dict]) -> list[str]:
             groups.setdefault((r["variant"], r["sparsity"]), []).append(r)
     if not groups:
         return []
-    lines = ["", "## Mean retention over the tasks", "", "| variant | sparsity | tasks | mean kept | target | "
-             "tasks not beating their baseline |", "|---|---|---|---|---|---|"]
+    lines = ["", "## Mean retention over the tasks", "", "| variant | sparsity | tasks | mean kept | mean margin kept | "
+             "target | tasks not beating their baseline |", "|---|---|---|---|---|---|---|"]
     for (variant, sparsity), cells in groups.items():
         mean = sum(r["retention"] for r in cells) / len(cells)
+        margins = [r["margin_kept"] for r in cells if r.get("margin_kept") is not None]
         target, ran = cells[0]["target_retention"], {r["task"] for r in cells}
         losers = ", ".join(r["task"] for r in cells if not r["beats_baseline"]) or "none"
         verdict = (f"not judged: {len(ran & set(TARGET_TASKS))} of the target's {len(TARGET_TASKS)} tasks run"
@@ -265,7 +266,8 @@ def mean_retention(rows: list[dict]) -> list[str]:
                    "met" if mean >= target and losers == "none" else
                    ("not met" if mean >= target else f"short by {(target - mean) * 100:.1f} pts")
                    + (f"; {losers} below the baseline" if losers != "none" else ""))
-        lines.append(f"| {variant} | {sparsity:.0%} | {', '.join(r['task'] for r in cells)} | {mean:.1%} | "
+        margin = _share(sum(margins) / len(margins) if len(margins) == len(cells) else None)
+        lines.append(f"| {variant} | {sparsity:.0%} | {', '.join(r['task'] for r in cells)} | {mean:.1%} | {margin} | "
                      f"{target:.0%} {verdict} | {losers} |")
     return lines
 

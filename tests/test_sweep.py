@@ -146,6 +146,10 @@ def test_margin_kept_says_what_the_student_learned():
     assert margin_share(70.0, 60.0, 60.0) is None  # a teacher no better than the baseline
     row = {**_row("sst2", 0.9, True), "margin_kept": margin_share(72.0, 80.0, 50.0)}
     assert "| 90.0% | 73.3% |" in markdown([row])
+    guess = {**_row("mrpc", 0.96, False), "margin_kept": 0.0}
+    other = {**_row("stsb", 0.97, True), "margin_kept": 0.5}
+    assert "| mrpc, stsb | 96.5% | 25.0% |" in markdown([guess, other])  # the mean margin beside the mean kept
+    assert "| mrpc, stsb | 96.5% | - |" in markdown([guess, _row("stsb", 0.97, True)])  # not every cell has one
 
 
 def test_cell_request_keeps_a_given_teacher_and_refuses_clashes(tmp_path):
