@@ -173,13 +173,19 @@ def plan(request: TrainRequest):
         if request.student_layers > depth:
             raise TrainingRefused(f"--student-layers {request.student_layers}: {request.model} has only {depth} layers")
     recipe = recipe_path(request.recipe)
+    # A recipe that sets the learning rate itself (sparsebert-cyclic) gets --student-lr, unless
+    # only --recipe-args names one (the flag's default is not a choice that could disagree).
+    rate = []
+    if "learning_rate" in recipe_variables(recipe) and ("learning_rate" not in request.recipe_args
+                                                         or request.student_lr != TrainRequest.default("student_lr")):
+        rate = [("--student-lr", "learning_rate", request.student_lr)]
     recipe_args, epochs = schedule(recipe, request.recipe_args,
                                    [("--sparsity", "final_sparsity", request.sparsity),
-                                    ("--student-epochs", "num_epochs", request.student_epochs)])
+                                    ("--student-epochs", "num_epochs", request.student_epochs), *rate])
     common = dict(batch_size=request.batch_size, max_seq_length=request.max_seq_length, seed=request.seed,
                   precision=resolve_precision(request.precision))
     teacher_cfg = TrainConfig(epochs=request.teacher_epochs, learning_rate=request.teacher_lr, **common)
-    student_cfg = TrainConfig(epochs=epochs, learning_rate=request.student_lr,
+    student_cfg = TrainConfig(epochs=epochs, learning_rate=recipe_args.get("learning_rate", request.student_lr),
                               recipe=str(recipe), recipe_args=recipe_args, **common)
     int8_cfg = None
     if request.int8:

@@ -196,6 +196,22 @@ def mend_quantization_scheme(module) -> None:
         *make_qconfig(activation_args, weight_args))
 
 
+def mend_cyclic_learning_rate(module) -> None:
+    """``LearningRateFunctionModifier``'s ``cyclic_linear`` counts a cycle in whole steps and
+    divides by ``cycle_steps - 1``: when a cycle is not a whole number of steps (0.6 epoch of 32
+    steps: 19.2) the rate fell below ``final_lr`` at a cycle's end (1.2e-5 for a 2e-5 floor), it
+    went negative for cycles under 2 steps, and a 1-step cycle divided by zero. The rate is now
+    read from where the epoch lies in its cycle: ``init_lr`` at each cycle's start, falling
+    linearly toward ``final_lr``, never past it."""
+    def cyclic_linear(self, epoch: float, steps_per_epoch: int) -> float:
+        start = max(self.start_epoch, 0.0)
+        cycle = min(self.cycle_epochs, max(self.end_epoch - start, 1e-12))
+        position = ((epoch - start + 1e-9) % cycle) / cycle  # 1e-9: a restart's epoch, rounded, is no cycle's end
+        return self.init_lr - position * (self.init_lr - self.final_lr)
+
+    module.LearningRateFunctionModifier._cyclic_linear = cyclic_linear
+
+
 def mend_task_model_loading(module) -> None:
     """``sparseml.export`` (and its console script) load a text-classification checkpoint with
     ``SparseAutoModel.text_classification_from_pretrained``, which never applies the recipe saved
@@ -270,6 +286,7 @@ AFTER_IMPORT = {
     "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
     "sparseml.pytorch.sparsification": register_modifiers,
     "sparseml.pytorch.sparsification.quantization.quantization_scheme": mend_quantization_scheme,
+    "sparseml.pytorch.sparsification.training.modifier_lr": mend_cyclic_learning_rate,
     "sparseml.transformers.text_classification": mend_text_classification,
     "sparseml.transformers.utils.load_task_model": mend_task_model_loading,
     "sparseml.transformers.sparsification.trainer": mend_trainer,

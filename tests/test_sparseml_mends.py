@@ -337,3 +337,24 @@ print("cli exit", cli.main(["train", "--task", "sst2", "--glue-dir", "/nonexiste
     assert "cli exit 2" in result.stdout
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("sparsebert train: error:")]
     assert len(error_lines) == 1 and "learning rate 0" in error_lines[0]
+
+
+def test_cyclic_learning_rate_stays_within_its_bounds_when_a_cycle_is_not_whole_steps():
+    """mend_cyclic_learning_rate: SparseML's cyclic_linear fell below final_lr at the end of a
+    19.2-step cycle, went negative under 2 steps and divided by zero at 1."""
+    from sparseml.pytorch.sparsification.training.modifier_lr import LearningRateFunctionModifier
+
+    def rates(cycle_epochs, steps=32, end=1.8):
+        modifier = LearningRateFunctionModifier(lr_func="cyclic_linear", init_lr=2e-4, final_lr=2e-5,
+                                                start_epoch=0.0, end_epoch=end, cycle_epochs=cycle_epochs)
+        return [modifier._cyclic_linear(step / steps, steps) for step in range(int(end * steps))]
+
+    fractional = rates(0.6)  # 19.2 steps per cycle
+    assert fractional[0] == pytest.approx(2e-4) and all(2e-5 <= r <= 2e-4 for r in fractional)
+    restarts = [step for step in range(1, len(fractional)) if fractional[step] > fractional[step - 1]]
+    assert restarts == [20, 39]  # the first step of each new cycle
+    assert all(2e-5 <= r <= 2e-4 for r in rates(1.5 / 32) + rates(1 / 32))  # no negative rate, no ZeroDivisionError
+    whole = rates(0.5)  # 16 steps: restarts exactly at 16, 32, 48, falling linearly in between
+    assert [step for step in range(1, len(whole)) if whole[step] > whole[step - 1]] == [16, 32, 48]
+    assert whole[8] == pytest.approx(2e-4 - 0.5 * 1.8e-4)
+
