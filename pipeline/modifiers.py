@@ -181,7 +181,8 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
             return
         if distillation_teacher == "self":
             raise ValueError("SparseBertDistillationModifier needs a fine-tuned teacher (--distill_teacher)")
-        self._handles = _hook(module, self._student_cache) + _hook(self._teacher, self._teacher_cache)
+        self._handles = (_hook(module, self._student_cache, self._attention_scores)
+                         + _hook(self._teacher, self._teacher_cache, self._attention_scores))
         self._student_params = [p for p in module.parameters() if p.requires_grad]
         student_layers = len(self._student_cache["_names_hidden"])
         teacher_layers = len(self._teacher_cache["_names_hidden"])
@@ -238,6 +239,10 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for cache in (self._student_cache, self._teacher_cache):  # the last step's tensors
+            for value in cache.values():
+                if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                    value.clear()
         super().finalize(module, reset_loggers, **kwargs)
 
 
@@ -273,17 +278,21 @@ def sync_weight_properties() -> None:
 sync_weight_properties()
 
 
-def _hook(model: torch.nn.Module, cache: Dict[str, list]) -> list:
-    """Hooks that keep, for each forward pass, the embeddings output, each layer's hidden state,
-    attention probabilities and query and key projections (in layer order) in ``cache``."""
+def _hook(model: torch.nn.Module, cache: Dict[str, list], projections: bool = False) -> list:
+    """Hooks that keep, for each forward pass, the embeddings output, each layer's hidden state
+    and attention probabilities and, with ``projections`` (for the attention scores), its query
+    and key projections, in layer order, in ``cache``."""
     named = list(model.named_modules())
     embeddings = [m for n, m in named if _EMBEDDINGS.search(n) and "encoder" not in n][:1]
     hidden = [m for n, m in named if _HIDDEN.search(n)]
     attention = [m for n, m in named if _ATTENTION.search(n)]
-    queries = [m for n, m in named if _PROJECTION.search(n) and n.endswith("query")]
-    keys = [m for n, m in named if _PROJECTION.search(n) and n.endswith("key")]
-    heads = [m.num_attention_heads for n, m in named if _SELF_ATTENTION.search(n)][:1]
-    cache.update(hidden=[], attention=[], queries=[], keys=[], heads=heads[0] if heads else 1,
+    queries = [m for n, m in named if projections and _PROJECTION.search(n) and n.endswith("query")]
+    keys = [m for n, m in named if projections and _PROJECTION.search(n) and n.endswith("key")]
+    heads = {getattr(m, "num_attention_heads", None) for n, m in named if _SELF_ATTENTION.search(n)}
+    if projections and (not queries or len(queries) != len(keys) or len(heads) != 1 or None in heads):
+        raise ValueError("attention_scores: the model has no BERT self-attention (query, key, num_attention_heads) "
+                         "to rebuild the scores from")
+    cache.update(hidden=[], attention=[], queries=[], keys=[], heads=heads.pop() if projections else None,
                  _names_hidden=[n for n, _ in named if _HIDDEN.search(n)])
 
     def start_pass(module, args):  # a new forward pass begins at the embeddings

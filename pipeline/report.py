@@ -28,19 +28,18 @@ def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.
 
 
 def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, config: dict) -> dict:
-    """FLOPs per sequence of ``seq_len`` tokens (sparsebert.flops): dense, and with the pruned
-    linears costing only their non-zeros; their ratio is the checkpoint's FLOP bound on speed."""
+    """FLOPs per sequence of ``seq_len`` tokens (sparsebert.flops): dense, and with the zeros of
+    the pruned matrices costing nothing; their ratio is the checkpoint's FLOP bound on speed."""
     linears = [w for n, w in weights.items() if is_pruned(n, patterns)]
-    kept = sum(int(np.count_nonzero(w)) for w in linears) / max(sum(w.size for w in linears), 1)
-    parts = flops.forward_flops(config, seq_len)
-    dense = sum(parts.values())
-    sparse = dense - parts["encoder_linears"] * (1 - kept)
+    size = sum(w.size for w in linears)
+    zeros = size - sum(int(np.count_nonzero(w)) for w in linears)
+    dense, sparse = flops.sparse_flops(config, seq_len, zeros)
     return {
         "sequence_length": seq_len,
         "dense_encoder_flops": dense,
         "sparse_encoder_flops": sparse,
         "encoder_flops_reduction": dense / max(sparse, 1),
-        "linear_flops_reduction": 1 / max(kept, 1e-12),
+        "linear_flops_reduction": size / max(size - zeros, 1),
     }
 
 

@@ -304,9 +304,11 @@ def test_speed_floor_is_capped_by_the_students_flop_bound(exported_run, tmp_path
     run = _copy(exported_run, tmp_path)
     name = "sparse_deepsparse_vs_dense_onnxruntime"
 
-    def judged(bound, ratio):
-        _edit(run / "metrics.json", lambda m: m["student"]["flops"].update(encoder_flops_reduction=bound))
-        _edit(run / "bench" / "bench.json", lambda r: [row.update({name: ratio, "sparse_vs_dense_deepsparse": 9.0})
+    def judged(bound, ratio, in_bench=True, in_metrics=None):
+        metrics_bound = bound if in_metrics is None else in_metrics
+        _edit(run / "metrics.json", lambda m: m["student"]["flops"].update(encoder_flops_reduction=metrics_bound))
+        _edit(run / "bench" / "bench.json", lambda r: [row.update({name: ratio, "sparse_vs_dense_deepsparse": 9.0,
+                                                                   "flop_bound": bound if in_bench else None})
                                                       for row in r["ratios"]])
         return [g for g in gates.check(run, thresholds.load()) if g.name.startswith("speed") and name in g.name]
 
@@ -314,3 +316,5 @@ def test_speed_floor_is_capped_by_the_students_flop_bound(exported_run, tmp_path
     assert not any(g.passed for g in judged(4.0, 1.5))
     assert not any(g.passed for g in judged(9.0, 1.7))  # the 2x floor holds for a sparser student
     assert all(g.passed and "floor 2.0x" in g.detail for g in judged(9.0, 2.1))
+    assert all(g.passed and "floor 1.6x" in g.detail for g in judged(4.0, 1.7, in_metrics=9.0))  # the row's own bound
+    assert all(g.passed and "floor 1.6x" in g.detail for g in judged(4.0, 1.7, in_bench=False))  # an older bench.json

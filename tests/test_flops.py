@@ -10,6 +10,16 @@ from sparsebert.deploy import bench
 from sparsebert.flops import bound_for, forward_flops, speed_bound
 
 MINILM = {"hidden_size": 384, "intermediate_size": 1536, "num_attention_heads": 12, "num_hidden_layers": 6}
+FFN_ONLY_RECIPE = r"""version: 1.1.0
+modifiers:
+  - !GMPruningModifier
+    params: ['re:bert\.encoder\.layer\.\d+\.intermediate\.dense\.weight', 're:bert\.encoder\.layer\.\d+\.output\.dense\.weight']
+    init_sparsity: 0.0
+    final_sparsity: 0.9
+    start_epoch: 0.0
+    end_epoch: 1.0
+    update_frequency: 0.1
+"""
 BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}
 
 
@@ -41,6 +51,25 @@ def test_bound_of_a_saved_checkpoint_uses_its_measured_sparsity(tmp_path):
     found = bound_for(tmp_path, 16)
     assert found["sparsity"] == pytest.approx(0.75, abs=0.03)
     assert found["flop_bound"] == pytest.approx(speed_bound(model.config.to_dict(), 16, found["sparsity"]))
+
+
+def test_bound_counts_only_the_zeros_of_the_matrices_pruned(tmp_path):
+    """A recipe that prunes the feed-forward linears alone: the attention linears' FLOPs stay."""
+    model = tiny_bert(0)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            for linear in (layer.intermediate.dense, layer.output.dense):
+                linear.weight.zero_()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(FFN_ONLY_RECIPE)  # what SparseML saves beside a student
+    config, n = model.config.to_dict(), 16
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    dense = sum(forward_flops(config, n).values())
+    expected = dense / (dense - layers * 2 * n * 2 * h * i)  # the two FFN matrices' weights, once per token
+    found = bound_for(tmp_path, n)
+    assert found["sparsity"] == 1.0  # of the matrices the recipe prunes
+    assert found["flop_bound"] == pytest.approx(expected)
+    assert found["flop_bound"] < speed_bound(config, n, 1.0) / 2  # not the six linears at 100%
 
 
 def test_bench_prints_each_ratio_with_its_share_of_the_bound():

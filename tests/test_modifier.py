@@ -194,6 +194,9 @@ def test_attention_scores_are_the_ones_softmax_turns_into_the_probabilities():
     same = make_modifier(student, copy.deepcopy(student), attention_scores=True)
     distill_step(same, student, inputs)
     assert same._logged_loss_terms["attention_loss"].item() == pytest.approx(0.0, abs=1e-10)
+    plain = make_modifier(student, teacher)  # off: the projections are not hooked nor kept
+    distill_step(plain, student, inputs)
+    assert plain._student_cache["queries"] == [] and plain._teacher_cache["keys"] == []
 
 
 def test_logits_kl_is_the_cross_entropy_less_the_teachers_entropy():
