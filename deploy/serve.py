@@ -403,7 +403,13 @@ class ServedModel:
                                  'send "text" or ["text", ...]')
 
     def load(self) -> None:
-        self.pipeline = load_pipeline(self.config_path)
+        """Load the pipeline and answer one warm-up request with it before calling the model
+        ready: the engine's first call (buffers, kernels) is paid here, not by a user, and a
+        model that cannot answer never reads as ready."""
+        pipeline = load_pipeline(self.config_path)
+        warm_up = [["A warm-up sentence.", "Another one."]] if self.text_inputs == 2 else ["A warm-up sentence."]
+        pipeline(sequences=warm_up)
+        self.pipeline = pipeline
 
     def require_ready(self) -> None:
         if self.pipeline is None:

@@ -388,6 +388,34 @@ def test_percentile_is_nearest_rank():
     assert (percentile(values, 50), percentile(values, 99), percentile([7.0], 99)) == (50.0, 99.0, 7.0)
 
 
+@pytest.mark.parametrize("text_inputs", [1, 2])
+def test_a_model_is_ready_only_once_it_answered_a_warm_up(tmp_path, monkeypatch, text_inputs):
+    from sparsebert.deploy import serve
+    from sparsebert.deploy.errors import ModelNotReady
+
+    calls = []
+
+    def pipeline(sequences):
+        calls.append(sequences)
+        if fail:
+            raise RuntimeError("engine failed")
+
+    monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / SERVING_FILE).write_text(json.dumps({"task": "rte", "text_inputs": text_inputs}))
+    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME)))
+    fail = True
+    with pytest.raises(RuntimeError):
+        model.load()
+    with pytest.raises(ModelNotReady):
+        model.require_ready()  # its warm-up failed: never ready
+    fail = False
+    model.load()
+    model.require_ready()
+    assert len(calls) == 2 and all(isinstance(s, list) and len(s) == 1 for s in calls)
+    assert all(len(s[0]) == 2 if text_inputs == 2 else isinstance(s[0], str) for s in calls)  # the model's own kind
+
+
 def test_model_not_loaded_answers_503(tmp_path):
     """The app before ``load()``: ready and infer answer 503 in the error shape, live answers 200."""
     import uvicorn
