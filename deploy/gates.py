@@ -21,11 +21,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsebert import hardware
 from sparsebert.errors import UserError
 from sparsebert.runfolder import INT8, RunFolder
 
-# CPU features with which DeepSparse runs INT8 natively (its docs: emulated on AVX2).
-NATIVE_INT8_FLAGS = {"avx512_vnni", "amx_int8"}
 
 
 class MissingReport(UserError):
@@ -197,7 +196,7 @@ def speed_gates(run: RunFolder, floors: dict) -> list[Gate]:
     rows = [r for r in report["ratios"] if r["batch_size"] == 1]
     if not rows:
         return [Gate("speed at batch 1", False, "not measured (no batch-1 ratio in bench.json)")]
-    native_int8 = bool(NATIVE_INT8_FLAGS & set(report["machine"].get("cpu_features", [])))
+    native_int8 = hardware.native_int8(report["machine"].get("cpu_features", []))
     gates = []
     for ratios in rows:
         cap = _floor_cap(run, floors, ratios)

@@ -230,9 +230,13 @@ def cmd_train(args) -> int:
     offline.configure(hub=models.is_hub_name(request.model) or request.glue_dir is None)
     from sparsebert.pipeline import stage
 
+    from sparsebert import hardware
+
     metrics = training.train(request)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {request.out / 'metrics.json'}")
+    if request.int8 and hardware.int8_note():
+        print(f"[sparsebert] {hardware.int8_note()}", file=sys.stderr)
     return 0
 
 
@@ -417,8 +421,13 @@ def _judge(args) -> list[str]:
 def cmd_serve(args) -> int:
     from sparsebert.deploy import serve
 
+    from sparsebert import hardware
+
     run = RunFolder(args.run)
     name = args.name or run.task.name
+    note = hardware.int8_note() if args.checkpoint == INT8 and args.engine == "deepsparse" else None
+    if note:  # served as asked, but the user should know it is the slower one here
+        print(f"[sparsebert] {note}", file=sys.stderr)
     return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--threads", str(args.threads)] if args.threads else [])])

@@ -12,6 +12,8 @@ import platform
 from pathlib import Path
 
 _BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+# CPU features with which DeepSparse runs INT8 natively (its docs: emulated on AVX2).
+NATIVE_INT8_FLAGS = {"avx512_vnni", "amx_int8"}
 _SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -63,6 +65,20 @@ def native_bf16() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return bool(_BF16_FLAGS & cpu_flags())
+
+
+def native_int8(flags: set[str] | None = None) -> bool:
+    """True where DeepSparse's INT8 kernels run natively (AVX512-VNNI or AMX); on AVX2 alone it
+    emulates them, and an INT8 model runs slower than the FP32 one."""
+    return bool(NATIVE_INT8_FLAGS & (cpu_flags() if flags is None else set(flags)))
+
+
+def int8_note(flags: set[str] | None = None) -> str | None:
+    """One line for a user about to run INT8 on DeepSparse where it is emulated, else None."""
+    if native_int8(flags):
+        return None
+    return (f"{cpu_model()} has no AVX512-VNNI or AMX: DeepSparse emulates INT8 on it, so the INT8 student "
+            "runs slower than the FP32 one here (serve --checkpoint student)")
 
 
 def resolve_precision(choice: str) -> str:

@@ -107,3 +107,23 @@ def test_ratio_columns_keep_the_keys_the_speed_floors_name():
                              "deepsparse_vs_dense_pytorch", "pytorch_csr_vs_dense_onnxruntime"}
     floors = [k.removeprefix("min_") for k in thresholds.load()["speed"] if k.startswith("min_")]
     assert floors and all(f.removeprefix("sparse_int8_").removeprefix("sparse_") in suffixes for f in floors)
+
+
+def test_int8_on_a_cpu_that_emulates_it_is_said(monkeypatch, capsys, tmp_path):
+    """DeepSparse runs INT8 natively with AVX512-VNNI or AMX only; serving the INT8 student on an
+    AVX2 CPU says it is the slower one there (and says nothing where INT8 is native)."""
+    from sparsebert import cli, hardware
+    from sparsebert.deploy import serve
+
+    assert hardware.native_int8({"avx2", "avx512_vnni"}) and hardware.native_int8({"amx_int8"})
+    assert not hardware.native_int8({"avx2", "avx512f"}) and hardware.int8_note({"avx2"}) is not None
+    assert hardware.int8_note({"avx512_vnni"}) is None
+    served = []
+    monkeypatch.setattr(serve, "main", lambda argv: served.append(argv) or 0)
+    monkeypatch.setattr(cli, "RunFolder", lambda path: type("Run", (), {
+        "task": glue.get_task("rte"), "deployment": lambda self, which: tmp_path / which})())
+    for flags, said in [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False)]:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        assert cli.main(["serve", str(tmp_path), "--checkpoint", "student-int8"]) == 0
+        assert ("emulates INT8" in capsys.readouterr().err) == said
+    assert served[-1][0] == str(tmp_path / "student-int8")  # served as asked
