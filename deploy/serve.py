@@ -24,6 +24,7 @@ exported and parity-checked with.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -376,10 +377,33 @@ def text_inputs(sequences) -> int:
     return 1
 
 
+class FifoLock:
+    """A lock taken in the order it was asked for. ``threading.Lock`` promises no order: a thread
+    that releases it and asks again at once (a large request's next chunk) may take it back ahead
+    of one that has been waiting (a small request)."""
+
+    def __init__(self):
+        self._state = threading.Condition()
+        self._tickets = itertools.count()
+        self._serving = 0
+
+    def __enter__(self):
+        with self._state:
+            ticket = next(self._tickets)
+            self._state.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc):
+        with self._state:
+            self._serving += 1
+            self._state.notify_all()
+
+
 class ServedModel:
     """One pipeline, loaded from a server config, called by one request at a time: Hugging Face
     fast tokenizers fail when called from several threads at once ("Already borrowed"), and one
-    engine call already spreads over all cores, so on a small CPU queueing costs little."""
+    engine call already spreads over all cores, so on a small CPU queueing costs little. A
+    request is answered a batch (the config's ``batch_size``) at a time, each batch taking its
+    turn in order, so a small request waits for one batch of a large one, not the whole of it."""
 
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
@@ -389,7 +413,8 @@ class ServedModel:
         self.task = serving.get("task") or self.name
         self.text_inputs = serving.get("text_inputs")  # None: unknown, both kinds accepted
         self.pipeline = None
-        self._lock = threading.Lock()
+        self.batch_size = int(endpoint.get("batch_size") or 1)
+        self._lock = FifoLock()
 
     def check_text_inputs(self, request: InferenceRequest) -> None:
         """UnprocessableInput for single texts sent to a pair model or pairs to a single-text
@@ -417,10 +442,15 @@ class ServedModel:
 
     def predict(self, request: InferenceRequest) -> dict:
         self.require_ready()
-        with self._lock:
-            output = self.pipeline(sequences=unwrap_single_texts(request.sequences))
-        return {"labels": [str(label) for label in output.labels],
-                "scores": [float(score) for score in output.scores]}
+        sequences = unwrap_single_texts(request.sequences)
+        items = sequences if isinstance(sequences, list) else [sequences]
+        labels, scores = [], []
+        for start in range(0, len(items), self.batch_size):
+            with self._lock:  # one batch per turn
+                output = self.pipeline(sequences=items[start:start + self.batch_size])
+            labels += [str(label) for label in output.labels]
+            scores += [float(score) for score in output.scores]
+        return {"labels": labels, "scores": scores}
 
 
 def create_app(model: ServedModel) -> FastAPI:

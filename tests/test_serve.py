@@ -388,6 +388,46 @@ def test_percentile_is_nearest_rank():
     assert (percentile(values, 50), percentile(values, 99), percentile([7.0], 99)) == (50.0, 99.0, 7.0)
 
 
+def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
+    """A request is answered a batch at a time and the batches of concurrent requests take their
+    turns in order: a one-text request sent while a 12-text one is being answered waits for one
+    batch of it, not for all of it, and each request gets its own answers in its own order."""
+    from types import SimpleNamespace
+
+    from sparsebert.deploy import serve
+
+    calls = []
+
+    def pipeline(sequences):
+        calls.append(list(sequences))
+        time.sleep(0.05)
+        return SimpleNamespace(labels=[f"label of {text}" for text in sequences], scores=[0.5] * len(sequences))
+
+    monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
+    (tmp_path / "model").mkdir()
+    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME, batch_size=2)))
+    model.load()
+    calls.clear()
+    large = [f"text {i}" for i in range(12)]
+    answers, finished = {}, {}
+
+    def ask(name, sequences):
+        answers[name] = model.predict(serve.InferenceRequest(sequences=sequences))
+        finished[name] = time.perf_counter()
+
+    worker = threading.Thread(target=ask, args=("large", large))
+    worker.start()
+    while not calls:
+        time.sleep(0.001)
+    ask("small", "the small one")
+    worker.join()
+    assert answers["large"]["labels"] == [f"label of {text}" for text in large]  # batched, in order
+    assert answers["small"]["labels"] == ["label of the small one"]
+    assert calls.index(["the small one"]) <= 2  # behind at most the large one's batch in hand and the next
+    assert finished["small"] < finished["large"]
+    assert all(len(call) <= 2 for call in calls)
+
+
 @pytest.mark.parametrize("text_inputs", [1, 2])
 def test_a_model_is_ready_only_once_it_answered_a_warm_up(tmp_path, monkeypatch, text_inputs):
     from sparsebert.deploy import serve
