@@ -47,6 +47,8 @@ def cell_row(folder: Path, root: Path) -> dict:
         "epochs": cell["student_epochs"],
         "learning_rate": cfg["learning_rate"],
         "train_examples": cell["train_examples"],
+        "augmented_examples": cell.get("augmented_examples"),  # originals + teacher-labelled variants
+        "recipe": Path(cfg["recipe"]).stem if cfg.get("recipe") else None,
         "recipe_args": {k: v for k, v in cfg["recipe_args"].items() if k not in ("num_epochs", "final_sparsity")},
         "student_minutes": cell["student_minutes"],
         "machine": cell["machine"] + (f", {'/'.join(metrics['machine']['cpu_features'])}"
@@ -108,7 +110,11 @@ def markdown(rows: list[dict], summary: list[dict], previous: list[dict]) -> str
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["task"] == task), key=lambda r: r["cell"]):
             args = json.dumps(r["recipe_args"]) if r["recipe_args"] else "defaults"
-            lines.append(f"| {r['cell']} | {r['seed']} | `{args}` | {r['learning_rate']:g} | {r['epochs']:g} | {r['train_examples']} "
+            if r.get("recipe") not in (None, "sparsebert"):
+                args = f"{r['recipe']}: {args}"
+            extra = (r.get("augmented_examples") or r["train_examples"]) - r["train_examples"]
+            examples = f"{r['train_examples']}" + (f" + {extra}" if extra else "")
+            lines.append(f"| {r['cell']} | {r['seed']} | `{args}` | {r['learning_rate']:g} | {r['epochs']:g} | {examples} "
                          f"| {r['sparsity'] * 100:.2f}% | {r['student']:.2f} | {r['teacher']:.2f} | {r['baseline']:.2f} "
                          f"| {_pct(r['retention'])} | {_pct(r['margin_share'])} | {r['student_minutes']:.1f} "
                          f"| {r['machine']}, {r['precision']} |")

@@ -26,7 +26,6 @@ from sparsebert.errors import UserError
 from sparsebert.runfolder import INT8, RunFolder
 
 
-
 class MissingReport(UserError):
     pass
 

@@ -379,23 +379,44 @@ def text_inputs(sequences) -> int:
 
 class FifoLock:
     """A lock taken in the order it was asked for. ``threading.Lock`` promises no order: a thread
-    that releases it and asks again at once (a large request's next chunk) may take it back ahead
+    that releases it and asks again at once (a large request's next batch) may take it back ahead
     of one that has been waiting (a small request)."""
 
     def __init__(self):
         self._state = threading.Condition()
         self._tickets = itertools.count()
-        self._serving = 0
+        self._serving = 0  # the ticket whose turn it is
+        self._abandoned: set[int] = set()  # tickets whose thread stopped waiting (interrupted)
+        self._waiting = 0
+
+    def waiting(self) -> int:
+        """How many threads wait for their turn."""
+        with self._state:
+            return self._waiting
 
     def __enter__(self):
         with self._state:
             ticket = next(self._tickets)
-            self._state.wait_for(lambda: self._serving == ticket)
+            self._waiting += 1
+            try:
+                self._state.wait_for(lambda: self._serving == ticket)
+            except BaseException:  # its turn must not stay owed to a thread that left
+                self._abandoned.add(ticket)
+                self._skip_abandoned()
+                raise
+            finally:
+                self._waiting -= 1
 
     def __exit__(self, *exc):
         with self._state:
             self._serving += 1
-            self._state.notify_all()
+            self._skip_abandoned()
+
+    def _skip_abandoned(self) -> None:
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._state.notify_all()
 
 
 class ServedModel:
@@ -433,7 +454,10 @@ class ServedModel:
         model that cannot answer never reads as ready."""
         pipeline = load_pipeline(self.config_path)
         warm_up = [["A warm-up sentence.", "Another one."]] if self.text_inputs == 2 else ["A warm-up sentence."]
-        pipeline(sequences=warm_up)
+        # With sequence-length buckets DeepSparse holds one pipeline per length and routes a short
+        # text to the shortest: each is called, as each pads the text to its own length.
+        for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
+            bucket(sequences=warm_up)
         self.pipeline = pipeline
 
     def require_ready(self) -> None:

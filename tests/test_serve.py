@@ -400,7 +400,10 @@ def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatc
 
     def pipeline(sequences):
         calls.append(list(sequences))
-        time.sleep(0.05)
+        if len(calls) == 1 and model.pipeline:  # the large request's first batch: hold it until the small one waits
+            deadline = time.monotonic() + 10
+            while model._lock.waiting() < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
         return SimpleNamespace(labels=[f"label of {text}" for text in sequences], scores=[0.5] * len(sequences))
 
     monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
@@ -419,13 +422,63 @@ def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatc
     worker.start()
     while not calls:
         time.sleep(0.001)
-    ask("small", "the small one")
+    ask("small", "the small one")  # queued while the large one's first batch is answered
     worker.join()
     assert answers["large"]["labels"] == [f"label of {text}" for text in large]  # batched, in order
     assert answers["small"]["labels"] == ["label of the small one"]
-    assert calls.index(["the small one"]) <= 2  # behind at most the large one's batch in hand and the next
+    assert calls.index(["the small one"]) == 1  # right after the large one's batch in hand
     assert finished["small"] < finished["large"]
     assert all(len(call) <= 2 for call in calls)
+
+
+def test_fifo_lock_serves_in_order_and_skips_a_thread_that_left():
+    from sparsebert.deploy.serve import FifoLock
+
+    lock, order = FifoLock(), []
+
+    def take(name, hold=0.0):
+        with lock:
+            order.append(name)
+            time.sleep(hold)
+
+    with lock:  # held: the others queue in the order they ask
+        waiters = []
+        for name in ("b", "c"):
+            waiters.append(threading.Thread(target=take, args=(name,)))
+            waiters[-1].start()
+            while lock.waiting() < len(waiters):
+                time.sleep(0.001)
+    again = threading.Thread(target=take, args=("a again",))  # asks again at once after releasing
+    again.start()
+    for thread in (*waiters, again):
+        thread.join(5)
+    assert order == ["b", "c", "a again"]
+    with lock:  # a waiter interrupted while queued gives its turn up instead of blocking the rest
+        left = threading.Thread(target=lambda: _interrupted_wait(lock))
+        left.start()
+        left.join(5)
+    finished = threading.Thread(target=take, args=("after",))
+    finished.start()
+    finished.join(5)
+    assert order[-1] == "after" and lock.waiting() == 0
+
+
+def _interrupted_wait(lock):
+    """Ask for the lock and be interrupted while waiting (as a KeyboardInterrupt would)."""
+    import unittest.mock
+
+    class Interrupted(BaseException):
+        pass
+
+    def wait_then_interrupt(self, predicate, timeout=None):
+        raise Interrupted
+
+    with unittest.mock.patch.object(threading.Condition, "wait_for", wait_then_interrupt):
+        try:
+            lock.__enter__()
+        except Interrupted:
+            return
+    raise AssertionError("the wait was not interrupted")
 
 
 @pytest.mark.parametrize("text_inputs", [1, 2])
