@@ -104,14 +104,14 @@ def test_a_recipe_that_sets_the_rate_gets_the_students(glue_dir, tmp_path, capsy
                                **fields)
         return plan(check(request))[2]
 
-    assert student(student_lr=3e-4).recipe_args["learning_rate"] == student(student_lr=3e-4).learning_rate == 3e-4
+    assert student(student_lr=2e-4).recipe_args["learning_rate"] == student(student_lr=2e-4).learning_rate == 2e-4
     alone = student(recipe_args={"learning_rate": 5e-5})
     assert alone.recipe_args["learning_rate"] == alone.learning_rate == 5e-5
     assert student().recipe_args["learning_rate"] == TrainRequest.default("student_lr")
     base = ["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "r"), "--recipe",
             "sparsebert-cyclic"]
-    err = _one_line_error(base + ["--student-lr", "3e-4", "--recipe-args", '{"learning_rate": 5e-5}'], capsys)
-    assert "--student-lr 0.0003 disagrees with --recipe-args learning_rate=5e-05" in err
+    err = _one_line_error(base + ["--student-lr", "2e-4", "--recipe-args", '{"learning_rate": 5e-5}'], capsys)
+    assert "--student-lr 0.0002 disagrees with --recipe-args learning_rate=5e-05" in err
 
 
 def test_rerun_never_overwrites_silently(trained_run, glue_dir, capsys):
