@@ -85,6 +85,11 @@ def groups(rows: list[dict]) -> list[dict]:
         members = [r for r in rows if (r["task"], r["group"]) == key]
         if len(members) < 2:
             continue
+        settings = {json.dumps([r["learning_rate"], r.get("recipe"), r["recipe_args"], r["epochs"],
+                                r["train_examples"], r.get("augmented_examples")], sort_keys=True) for r in members}
+        if len(settings) > 1:  # seeds of one cell differ only in their seed
+            raise SystemExit(f"{key[0]}/{key[1]}: its seeds were trained with different settings "
+                             "(learning rate, recipe, recipe args, epochs or data); name the cells apart")
         scores = [r["student"] for r in members]
         out.append({"task": key[0], "group": key[1], "seeds": sorted(r["seed"] for r in members),
                     "mean": statistics.mean(scores), "stdev": statistics.stdev(scores),
@@ -102,7 +107,9 @@ def markdown(rows: list[dict], summary: list[dict], previous: list[dict]) -> str
     lines = ["# Study results log", "",
              "Written by `python benchmarks/study_log.py`; one row per trained cell. Metric: the final "
              "model's dev score (never a best epoch); sparsity: measured in the saved weights; "
-             "margin kept: (student - baseline) / (teacher - baseline).", ""]
+             "margin kept: (student - baseline) / (teacher - baseline). The lr column is the rate each cell ran "
+             "at: a command without `--student-lr` ran at the default of its day (1e-4 before 2026-12-02 16:16, "
+             "3e-4 since).", ""]
     for task in sorted({r["task"] for r in rows}):
         lines += [f"## {task}", "",
                   "| cell | seed | recipe args | lr | epochs | train ex. | sparsity | student | teacher | baseline "

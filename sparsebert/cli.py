@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sparsebert import offline, sparseml_mends
 from sparsebert.errors import UserError
-from sparsebert.pipeline.request import TrainRequest
+from sparsebert.pipeline.request import STUDENT_LR, TrainRequest
 from sparsebert.runfolder import CHECKPOINTS, INT8, RunFolder
 
 
@@ -48,7 +48,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-epochs", type=float,
                    help="student epochs (default: the recipe's num_epochs, 10); the recipe's schedule "
                         "and the trainer both follow it")
-    p.add_argument("--student-lr", type=float, default=TrainRequest.default("student_lr"))
+    p.add_argument("--student-lr", type=float, help=f"the student's learning rate (default {STUDENT_LR:g})")
     p.add_argument("--batch-size", type=int, default=TrainRequest.default("batch_size"))
     p.add_argument("--max-seq-length", type=int, default=TrainRequest.default("max_seq_length"))
     p.add_argument("--recipe", default=TrainRequest.default("recipe"), help="recipe file or name in recipes/")

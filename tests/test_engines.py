@@ -115,6 +115,7 @@ def test_int8_on_a_cpu_that_emulates_it_is_said(monkeypatch, capsys, tmp_path):
     from sparsebert import cli, hardware
     from sparsebert.deploy import serve
 
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")  # the note is for x86 CPUs
     assert hardware.native_int8({"avx2", "avx512_vnni"}) and hardware.native_int8({"amx_int8"})
     assert not hardware.native_int8({"avx2", "avx512f"}) and hardware.int8_note({"avx2"}) is not None
     assert hardware.int8_note({"avx512_vnni"}) is None

@@ -418,12 +418,13 @@ def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatc
         answers[name] = model.predict(serve.InferenceRequest(sequences=sequences))
         finished[name] = time.perf_counter()
 
-    worker = threading.Thread(target=ask, args=("large", large))
+    worker = threading.Thread(target=ask, args=("large", large), daemon=True)
     worker.start()
     while not calls:
         time.sleep(0.001)
     ask("small", "the small one")  # queued while the large one's first batch is answered
-    worker.join()
+    worker.join(10)
+    assert not worker.is_alive()
     assert answers["large"]["labels"] == [f"label of {text}" for text in large]  # batched, in order
     assert answers["small"]["labels"] == ["label of the small one"]
     assert calls.index(["the small one"]) == 1  # right after the large one's batch in hand
@@ -436,48 +437,53 @@ def test_fifo_lock_serves_in_order_and_skips_a_thread_that_left():
 
     lock, order = FifoLock(), []
 
-    def take(name, hold=0.0):
+    def take(name):
         with lock:
             order.append(name)
-            time.sleep(hold)
 
-    with lock:  # held: the others queue in the order they ask
-        waiters = []
-        for name in ("b", "c"):
-            waiters.append(threading.Thread(target=take, args=(name,)))
-            waiters[-1].start()
-            while lock.waiting() < len(waiters):
-                time.sleep(0.001)
-    again = threading.Thread(target=take, args=("a again",))  # asks again at once after releasing
-    again.start()
-    for thread in (*waiters, again):
+    def started(name, target=take):
+        thread = threading.Thread(target=target, args=(name,), daemon=True)  # a hung lock fails, not hangs
+        thread.start()
+        return thread
+
+    lock.__enter__()  # held: the others queue in the order they ask
+    waiters = []
+    for name in ("b", "c"):
+        waiters.append(started(name))
+        while lock.waiting() < len(waiters):
+            time.sleep(0.001)
+    lock.__exit__(None, None, None)
+    with lock:  # the releasing thread asks again at once: it queues behind b and c
+        order.append("a again")
+    for thread in waiters:
         thread.join(5)
+        assert not thread.is_alive()
     assert order == ["b", "c", "a again"]
+
     with lock:  # a waiter interrupted while queued gives its turn up instead of blocking the rest
-        left = threading.Thread(target=lambda: _interrupted_wait(lock))
-        left.start()
+        left = started("left", target=lambda name: _interrupted_wait(lock))
         left.join(5)
-    finished = threading.Thread(target=take, args=("after",))
-    finished.start()
-    finished.join(5)
-    assert order[-1] == "after" and lock.waiting() == 0
+    after = started("after")
+    after.join(5)
+    assert not after.is_alive() and order[-1] == "after" and lock.waiting() == 0
 
 
 def _interrupted_wait(lock):
-    """Ask for the lock and be interrupted while waiting (as a KeyboardInterrupt would)."""
-    import unittest.mock
-
+    """Ask for the lock and be interrupted while waiting (as an exception raised in that thread
+    would be)."""
     class Interrupted(BaseException):
         pass
 
-    def wait_then_interrupt(self, predicate, timeout=None):
+    def wait_then_interrupt(predicate, timeout=None):
         raise Interrupted
 
-    with unittest.mock.patch.object(threading.Condition, "wait_for", wait_then_interrupt):
-        try:
-            lock.__enter__()
-        except Interrupted:
-            return
+    lock._state.wait_for = wait_then_interrupt  # this lock's condition only
+    try:
+        lock.__enter__()
+    except Interrupted:
+        return
+    finally:
+        del lock._state.wait_for
     raise AssertionError("the wait was not interrupted")
 
 

@@ -97,21 +97,24 @@ def test_one_source_of_truth_for_epochs_and_sparsity(trained_run, glue_dir, tmp_
 def test_a_recipe_that_sets_the_rate_gets_the_students(glue_dir, tmp_path, capsys):
     """sparsebert-cyclic declares learning_rate: --student-lr fills it; --recipe-args alone sets it
     (the flag's default is no choice); the two disagreeing are refused."""
-    from sparsebert.pipeline.request import TrainRequest, check, plan
+    from sparsebert.pipeline.request import STUDENT_LR, TrainRequest, check, plan
 
     def student(**fields):
-        request = TrainRequest(task="rte", out=tmp_path / "r", glue_dir=str(glue_dir), recipe="sparsebert-cyclic",
-                               **fields)
+        request = TrainRequest(task="rte", out=tmp_path / "r", glue_dir=str(glue_dir),
+                               **{"recipe": "sparsebert-cyclic", **fields})
         return plan(check(request))[2]
 
     assert student(student_lr=2e-4).recipe_args["learning_rate"] == student(student_lr=2e-4).learning_rate == 2e-4
     alone = student(recipe_args={"learning_rate": 5e-5})
     assert alone.recipe_args["learning_rate"] == alone.learning_rate == 5e-5
-    assert student().recipe_args["learning_rate"] == TrainRequest.default("student_lr")
+    assert student().recipe_args["learning_rate"] == student().learning_rate == STUDENT_LR
+    assert student(recipe="sparsebert").learning_rate == STUDENT_LR  # a recipe without the variable
     base = ["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "r"), "--recipe",
             "sparsebert-cyclic"]
     err = _one_line_error(base + ["--student-lr", "2e-4", "--recipe-args", '{"learning_rate": 5e-5}'], capsys)
     assert "--student-lr 0.0002 disagrees with --recipe-args learning_rate=5e-05" in err
+    err = _one_line_error(base + ["--student-lr", str(STUDENT_LR), "--recipe-args", '{"learning_rate": 5e-5}'], capsys)
+    assert "disagrees" in err  # typed, the default's own value is a choice too
 
 
 def test_rerun_never_overwrites_silently(trained_run, glue_dir, capsys):
