@@ -13,10 +13,9 @@ query and key projections), ``heads`` (attention heads per layer), and the ``Los
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict
-
-import math
 
 import torch
 import torch.nn.functional as F
