@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import flops, glue
-from sparsebert.checkpoint import is_pruned, sparsity_report  # noqa: F401 (sparsity_report: stage reads it here)
+from sparsebert import glue
+from sparsebert.checkpoint import is_pruned
 
 
 def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.ndarray],
@@ -25,22 +25,6 @@ def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.
         kept += int(mask.sum())
         moved += int((weight[mask] != before[mask]).sum())
     return moved / kept if kept else None
-
-
-def encoder_flops(weights: dict[str, np.ndarray], patterns: list[str], seq_len: int, config: dict) -> dict:
-    """FLOPs per sequence of ``seq_len`` tokens (sparsebert.flops): dense, and with the zeros of
-    the pruned matrices costing nothing; their ratio is the checkpoint's FLOP bound on speed."""
-    linears = [w for n, w in weights.items() if is_pruned(n, patterns)]
-    size = sum(w.size for w in linears)
-    zeros = size - sum(int(np.count_nonzero(w)) for w in linears)
-    dense, sparse = flops.sparse_flops(config, seq_len, zeros)
-    return {
-        "sequence_length": seq_len,
-        "dense_encoder_flops": dense,
-        "sparse_encoder_flops": sparse,
-        "encoder_flops_reduction": dense / max(sparse, 1),
-        "linear_flops_reduction": size / max(size - zeros, 1),
-    }
 
 
 def evaluate(task: glue.GlueTask, model_dir: Path, dev_sets: dict[str, list[dict]],

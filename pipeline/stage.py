@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsebert import checkpoint, glue, hardware
+from sparsebert import checkpoint, flops, glue, hardware
 from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
@@ -50,9 +50,9 @@ def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int,
     return {
         "path": str(model_dir),
         "dev": report.evaluate(task, model_dir, dev_sets, seq_len),
-        **report.sparsity_report(weights, patterns),
+        **checkpoint.sparsity_report(weights, patterns),
         "kept_weights_moved": moved,
-        "flops": report.encoder_flops(weights, patterns, seq_len, config),
+        "flops": flops.encoder_flops(weights, patterns, seq_len, config),
     }
 
 

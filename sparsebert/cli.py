@@ -235,8 +235,9 @@ def cmd_train(args) -> int:
     metrics = training.train(request)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {request.out / 'metrics.json'}")
-    if request.int8 and hardware.int8_note():
-        print(f"[sparsebert] {hardware.int8_note()}", file=sys.stderr)
+    note = hardware.int8_note() if request.int8 else None
+    if note:
+        print(f"[sparsebert] {note}", file=sys.stderr)
     return 0
 
 
