@@ -68,6 +68,26 @@ def test_an_engine_added_to_the_table_reaches_the_cli_bench_and_parity(deployed,
     assert "fake" in parity.table(report)
 
 
+def test_bench_times_every_thread_setting_it_is_given(deployed):
+    """`--threads 1 all` is one pass per setting, fixed-length and real-text rows alike, and each
+    ratio compares rows of the same setting (tiny model; tests/test_deploy.py times the real one at
+    one thread)."""
+    _, checkpoint, deployment, examples = deployed
+    assert build_parser().parse_args(["bench", "run", "--threads", "1", "all"]).threads == [1, "all"]
+    models = [bench.Model("tiny (rte)", "dense", checkpoint, deployment),
+              bench.Model("tiny (rte)", "sparse 90%", checkpoint, deployment)]
+    report = bench.benchmark(models, [1], sequence_length=LENGTH, seconds=0.0, engines=["onnxruntime", "deepsparse"],
+                             threads=[1, "all"], progress=lambda line: None)
+    assert {(r["engine"], r["variant"], r["threads"]) for r in report["rows"]} == {
+        (e, v, t) for e in ("onnxruntime", "deepsparse") for v in ("dense", "sparse 90%") for t in (1, "all")}
+    assert [r["threads"] for r in report["ratios"]] == [1, "all"]
+    assert all(r["sparse_deepsparse_vs_dense_onnxruntime"] > 0 for r in report["ratios"])
+    real = bench.real_text_benchmark(models, examples, [16, LENGTH], seconds=0.0, engines=["onnxruntime"],
+                                     threads=[1, "all"], progress=lambda line: None)
+    assert {(r["input"], r["threads"]) for r in real["rows"]} == {
+        (i, t) for i in ("padded", "bucketed") for t in (1, "all")}
+
+
 def test_a_served_engine_is_served_by_the_pipeline_its_row_names(deployed, fake, tmp_path):
     """`serves_as` is what deepsparse.server's config gets as the pipeline's engine_type, so a row
     that says it serves does: the fake engine answers over HTTP as ONNX Runtime does."""

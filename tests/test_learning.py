@@ -23,7 +23,7 @@ def _train(glue_dir, out, task, limit, teacher_epochs, student_epochs, sparsity,
 @pytest.fixture(scope="module")
 def sst2_run(glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning") / "sst2"
-    return out, _train(glue_dir, out, "sst2", limit=2000, teacher_epochs=2, student_epochs=4, sparsity=0.8)
+    return out, _train(glue_dir, out, "sst2", limit=2000, teacher_epochs=2, student_epochs=3, sparsity=0.8)
 
 
 def test_distillation_loss_falls(sst2_run):
@@ -47,7 +47,7 @@ def test_student_beats_the_majority_baseline(sst2_run):
 @pytest.fixture(scope="module")
 def stsb_run(glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning") / "stsb"
-    return out, _train(glue_dir, out, "stsb", limit=400, teacher_epochs=6, student_epochs=3, sparsity=0.5,
+    return out, _train(glue_dir, out, "stsb", limit=400, teacher_epochs=4, student_epochs=3, sparsity=0.5,
                        batch_size=16, extra=["--teacher-lr", "1e-4"])
 
 
@@ -66,25 +66,37 @@ def test_stsb_trains_teacher_and_student(stsb_run):
 
 def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
     out, _ = stsb_run
-    student = sparseml_script(out, tmp_path / "student", epochs=2, sparsity=0.5, batch_size=16)
+    # Padded per batch, as `sparsebert train` pads (SparseML pads to --max_seq_length by default):
+    # these STS-B pairs average about 20 of the 64 tokens.
+    student = sparseml_script(out, tmp_path / "student", 2, 0.5, 16, "--pad_to_max_length", "False")
     dev = {"dev": read_jsonl(out / "data" / "dev.json")}
     pearson = evaluate(glue.get_task("stsb"), student, dev, 64)["dev"]["pearson"]
     assert pearson > 10, pearson
 
 
-def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
-    """The loss options in one short real run (the SST-2 run's teacher): hidden-state MSE over the
-    teacher's variance, attention MSE on the scores, temperature 2, logits only from 60% of
-    training on (TinyBERT's prediction stage), gradient norms every 5 steps. The loss falls, the
-    layer terms leave the loss (and stop pushing the weights) when they should, and the student
-    beats the baseline."""
+def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
+    """One short real run (the SST-2 run's teacher) for the loss options and recipes/sparsebert-cyclic.yaml
+    (oBERT's schedule), which share the distillation block: hidden-state MSE over the teacher's
+    variance, attention MSE on the scores, temperature 2, logits only from 60% of training on
+    (TinyBERT's prediction stage), gradient norms every 10 steps; 3 pruning steps over the first
+    half, the rate falling from --student-lr to a tenth within each and restarting at the next mask
+    update, then falling once more over the recovery. The rate is applied (not left at 0), the loss
+    falls, the layer terms leave the loss (and stop pushing the weights) when they should, and the
+    student beats the baseline at the target sparsity."""
     teacher_run, _ = sst2_run
+    rate = 2e-4
     options = {"hidden_normalize": True, "attention_scores": True, "temperature": 2.0,
-               "layer_distill_end_fraction": 0.6, "grad_norm_every": 5}
+               "layer_distill_end_fraction": 0.6, "grad_norm_every": 10,
+               "mask_updates": 3, "prune_end_fraction": 0.5}  # 16-step cycles
     metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
-                     sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe-args", json.dumps(options)])
-    assert metrics["config"]["student"]["recipe_args"]["hidden_normalize"] is True
+                     sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe", "sparsebert-cyclic",
+                                          "--student-lr", str(rate), "--recipe-args", json.dumps(options)])
+    recipe_args = metrics["config"]["student"]["recipe_args"]
+    assert recipe_args["hidden_normalize"] is True and recipe_args["learning_rate"] == rate
     curve = json.loads((tmp_path / "sst2" / "student" / "curve.json").read_text())
+    assert curve[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+    # The loss options.
     early = [p for p in curve if p["epoch"] < 0.5 * 3]
     late = [p for p in curve if p["epoch"] > 0.65 * 3]
     assert early and late
@@ -103,24 +115,9 @@ def test_loss_options_learn(sst2_run, glue_dir, tmp_path):
     first_kl, last_kl = (sum(p["logits_kl"] for p in part) / tenth for part in (curve[:tenth], curve[-tenth:]))
     assert last_kl < 0.8 * first_kl, (first_kl, last_kl)  # the student took on the teacher's answers
     saved = (tmp_path / "sst2" / "student" / "recipe.yaml").read_text()  # what SparseML ran
-    assert "hidden_normalize: True" in saved and "attention_scores: True" in saved and "grad_norm_every: 5\n" in saved
-    student, baseline = metrics["student"]["dev"]["dev"]["accuracy"], metrics["baseline"]["dev"]["accuracy"]
-    assert student > baseline + 10, (student, baseline)
+    assert "hidden_normalize: True" in saved and "attention_scores: True" in saved and "grad_norm_every: 10\n" in saved
 
-
-def test_cyclic_recipe_restarts_the_rate_at_each_pruning_step_and_learns(sst2_run, glue_dir, tmp_path):
-    """recipes/sparsebert-cyclic.yaml (oBERT's schedule): 3 pruning steps, the rate falling from
-    --student-lr to a tenth within each and restarting at the next mask update, then falling once
-    more over the recovery. The rate is applied (not left at 0), the loss falls over the recovery,
-    the student beats the baseline at the target sparsity."""
-    teacher_run, _ = sst2_run
-    rate = 2e-4
-    metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
-                     sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe", "sparsebert-cyclic",
-                                          "--student-lr", str(rate), "--recipe-args",
-                                          '{"mask_updates": 3, "prune_end_fraction": 0.5}'])  # 16-step cycles
-    assert metrics["config"]["student"]["recipe_args"]["learning_rate"] == rate
-    curve = json.loads((tmp_path / "sst2" / "student" / "curve.json").read_text())
+    # The cyclic schedule.
     pruning = [p for p in curve if p["epoch"] <= 0.5 * 3]
     recovery = [p for p in curve if p["epoch"] > 0.5 * 3 + 0.1]
     rates = [p["applied_learning_rate"] for p in pruning]
@@ -129,10 +126,10 @@ def test_cyclic_recipe_restarts_the_rate_at_each_pruning_step_and_learns(sst2_ru
     assert restarts >= 2, rates  # one per mask update after the first
     tail = [p["applied_learning_rate"] for p in recovery]
     assert tail and all(b <= a for a, b in zip(tail, tail[1:])) and tail[-1] < 0.5 * rate, tail
-    assert curve[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
-    # Each large step sets the loss back (1.0 -> 1.9 at 77% here); over the recovery it falls.
+    # Each large step sets the loss back; over the recovery the logits term falls (the total
+    # drops anyway where the layer terms leave it).
     fifth = max(len(recovery) // 5, 1)
-    start, end = (sum(p["distillation_loss"] for p in part) / fifth for part in (recovery[:fifth], recovery[-fifth:]))
+    start, end = (sum(p["logits_loss"] for p in part) / fifth for part in (recovery[:fifth], recovery[-fifth:]))
     assert end < 0.9 * start, (start, end)
     student, baseline = metrics["student"]["dev"]["dev"]["accuracy"], metrics["baseline"]["dev"]["accuracy"]
     assert student > baseline + 10, (student, baseline)
