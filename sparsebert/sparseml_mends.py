@@ -212,6 +212,25 @@ def mend_cyclic_learning_rate(module) -> None:
     module.LearningRateFunctionModifier._cyclic_linear = cyclic_linear
 
 
+def mend_mask_threshold(module) -> None:
+    """Gradual magnitude pruning finds each matrix's threshold at every mask update with
+    ``memory_aware_threshold``, which sorts the whole matrix (``torch.sort``) to read one element
+    unless ``MEMORY_BOUNDED`` is set. On a CPU that sort took 36.5 s of a 100 s SST-2 student
+    (100 mask updates of 36 matrices; cProfile, AMD EPYC, 2 cores): most of a short run's time.
+    ``torch.kthvalue`` selects the same element, so the same masks, 6-15x faster on these
+    matrices (147k weights: 11.8 ms -> 1.9; 590k: 48.8 -> 3.4). CUDA tensors keep the sort."""
+    import torch
+
+    sort_threshold = module.memory_aware_threshold
+
+    def select_threshold(tensor, idx):
+        if tensor.is_cuda:
+            return sort_threshold(tensor, idx)
+        return torch.kthvalue(tensor.reshape(-1), idx + 1)[0]
+
+    module.memory_aware_threshold = select_threshold
+
+
 def mend_task_model_loading(module) -> None:
     """``sparseml.export`` (and its console script) load a text-classification checkpoint with
     ``SparseAutoModel.text_classification_from_pretrained``, which never applies the recipe saved
@@ -285,6 +304,7 @@ AFTER_IMPORT = {
     "sparseml.optim.modifier": mend_recipe_serialization,
     "sparseml.pytorch.optim.optimizer": mend_scheduled_optimizer,
     "sparseml.pytorch.sparsification": register_modifiers,
+    "sparseml.pytorch.sparsification.pruning.mask_creator": mend_mask_threshold,
     "sparseml.pytorch.sparsification.quantization.quantization_scheme": mend_quantization_scheme,
     "sparseml.pytorch.sparsification.training.modifier_lr": mend_cyclic_learning_rate,
     "sparseml.transformers.text_classification": mend_text_classification,
