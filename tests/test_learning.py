@@ -23,7 +23,7 @@ def _train(glue_dir, out, task, limit, teacher_epochs, student_epochs, sparsity,
 @pytest.fixture(scope="module")
 def sst2_run(glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning") / "sst2"
-    return out, _train(glue_dir, out, "sst2", limit=2000, teacher_epochs=2, student_epochs=3, sparsity=0.8)
+    return out, _train(glue_dir, out, "sst2", limit=2000, teacher_epochs=2, student_epochs=2, sparsity=0.8)
 
 
 def test_distillation_loss_falls(sst2_run):
