@@ -215,8 +215,8 @@ def mend_cyclic_learning_rate(module) -> None:
 def mend_mask_threshold(module) -> None:
     """Gradual magnitude pruning finds each matrix's threshold at every mask update with
     ``memory_aware_threshold``, which sorts the whole matrix (``torch.sort``) to read one element
-    unless ``MEMORY_BOUNDED`` is set. On a CPU that sort took 36.5 s of a 100 s SST-2 student
-    (100 mask updates of 36 matrices; cProfile, AMD EPYC, 2 cores): most of a short run's time.
+    unless ``MEMORY_BOUNDED`` is set. On a CPU that sort took 36.5 s of a 100 s SST-2 student's
+    training loop (77 mask updates of 36 matrices; cProfile, AMD EPYC, 2 cores).
     ``torch.kthvalue`` selects the same element, so the same masks, 6-15x faster on these
     matrices (147k weights: 11.8 ms -> 1.9; 590k: 48.8 -> 3.4). CUDA tensors keep the sort."""
     import torch

@@ -139,6 +139,7 @@ def test_bench_measures_and_plots(exported_run):
     assert "sparse_deepsparse_vs_dense_onnxruntime" in report["ratios"][0]
     real = report["real_text"]
     assert real["examples"] == 12 and real["buckets"] == [32, 128]
+    assert {r["threads"] for r in real["rows"]} == {1}  # --threads reaches the real-text pass
     assert {(r["input"], r["engine"]) for r in real["rows"]} == {
         (i, e) for i in ("padded", "bucketed") for e in ("onnxruntime", "deepsparse")}
     assert (exported_run / "bench" / "bench.png").stat().st_size > 10_000
