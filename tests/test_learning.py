@@ -77,7 +77,7 @@ def test_stsb_through_sparseml_console_script(stsb_run, tmp_path):
 def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
     """One short real run (the SST-2 run's teacher) for the loss options and recipes/sparsebert-cyclic.yaml
     (oBERT's schedule), which share the distillation block: hidden-state MSE over the teacher's
-    variance, attention MSE on the scores, temperature 2, logits only once pruning ends (half of training)
+    variance, attention MSE on the scores, temperature 2, logits only from 60% of training on
     (TinyBERT's prediction stage), gradient norms every 10 steps; 3 pruning steps over the first
     half, the rate falling from --student-lr to a tenth within each and restarting at the next mask
     update, then falling once more over the recovery. The rate is applied (not left at 0), the loss
@@ -86,7 +86,7 @@ def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
     teacher_run, _ = sst2_run
     rate = 2e-4
     options = {"hidden_normalize": True, "attention_scores": True, "temperature": 2.0,
-               "layer_distill_end_fraction": 0.5, "grad_norm_every": 10,
+               "layer_distill_end_fraction": 0.6, "grad_norm_every": 10,
                "mask_updates": 3, "prune_end_fraction": 0.5}  # 16-step cycles
     metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
                      sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe", "sparsebert-cyclic",
@@ -98,8 +98,8 @@ def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
 
     # The loss options.
     early = [p for p in curve if p["epoch"] < 0.5 * 3]
-    late = [p for p in curve if p["epoch"] > 0.55 * 3]
-    assert early and late and any("logits_grad_norm" in p for p in late)
+    late = [p for p in curve if p["epoch"] > 0.65 * 3]
+    assert early and late
     for point in early:  # every term in the total, each pushing the weights
         assert point["distillation_loss"] > point["logits_loss"] + 0.99 * point["hidden_loss"]
     # On the scores, not the probabilities (whose MSE, summed over the layers, stays near 0.01).
@@ -126,9 +126,10 @@ def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
     assert restarts >= 2, rates  # one per mask update after the first
     tail = [p["applied_learning_rate"] for p in recovery]
     assert tail and all(b <= a for a, b in zip(tail, tail[1:])) and tail[-1] < 0.5 * rate, tail
-    # Each large step sets the loss back; over the recovery (logits alone throughout) it falls.
+    # Each large step sets the loss back; over the recovery the logits term falls (the total
+    # drops anyway where the layer terms leave it).
     fifth = max(len(recovery) // 5, 1)
-    start, end = (sum(p["distillation_loss"] for p in part) / fifth for part in (recovery[:fifth], recovery[-fifth:]))
+    start, end = (sum(p["logits_loss"] for p in part) / fifth for part in (recovery[:fifth], recovery[-fifth:]))
     assert end < 0.9 * start, (start, end)
     student, baseline = metrics["student"]["dev"]["dev"]["accuracy"], metrics["baseline"]["dev"]["accuracy"]
     assert student > baseline + 10, (student, baseline)
