@@ -363,26 +363,22 @@ def test_cyclic_learning_rate_stays_within_its_bounds_when_a_cycle_is_not_whole_
 def test_magnitude_masks_are_found_by_selection_not_by_sorting_each_matrix(monkeypatch):
     """mend_mask_threshold: every GMP mask update sorted each whole matrix to read one element
     (36.5 s of a 100 s student on 2 cores). The mended threshold selects it with kthvalue: the
-    same masks, ties included, and no sort."""
-    from sparseml.pytorch.sparsification.pruning.mask_creator import UnstructuredPruningMaskCreator
+    masks SparseML's own sort gives, ties included, and no sort."""
+    from sparseml.pytorch.sparsification.pruning import mask_creator
+    from sparseml.pytorch.utils import memory_aware_threshold  # SparseML's own, unmended
 
     generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(384, 1536, generator=generator).abs(), torch.randn(64, 64, generator=generator).abs()]
-    weights[1][:8] = weights[1][0, 0]  # 512 equal magnitudes around the threshold
-    weights[1] = weights[1].round(decimals=1)  # and many ties everywhere
-    expected = []
-    for tensor, sparsity in zip(weights, (0.8, 0.5)):
-        index = round(sparsity * tensor.numel()) - 1
-        threshold = torch.sort(tensor.reshape(-1))[0][index]  # what SparseML read
-        expected.append(threshold)
+    weights = [torch.randn(384, 1536, generator=generator).abs(),
+               torch.randn(64, 64, generator=generator).abs().round(decimals=1)]  # many ties
+    creator = mask_creator.UnstructuredPruningMaskCreator()
+    with monkeypatch.context() as unmended:
+        unmended.setattr(mask_creator, "memory_aware_threshold", memory_aware_threshold)
+        expected = [creator.create_sparsity_masks([t], s)[0] for t, s in zip(weights, (0.8, 0.5))]
 
     sorts = []
     real_sort = torch.sort
     monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
-    creator = UnstructuredPruningMaskCreator()
-    for tensor, sparsity, threshold in zip(weights, (0.8, 0.5), expected):
-        assert creator._threshold_from_sparsity(tensor, sparsity) == threshold
-        (mask,) = creator.create_sparsity_masks([tensor], sparsity)
-        assert int((mask == 0).sum()) == round(sparsity * tensor.numel())  # ties reconciled to the target
-        assert torch.equal(mask.bool(), (tensor > threshold) | ((tensor == threshold) & mask.bool()))
+    for tensor, sparsity, mask in zip(weights, (0.8, 0.5), expected):
+        assert torch.equal(creator.create_sparsity_masks([tensor], sparsity)[0], mask)
+        assert int((mask == 0).sum()) == round(sparsity * tensor.numel())
     assert sorts == []
