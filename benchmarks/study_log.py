@@ -1,7 +1,7 @@
 """The study's results log: one row per trained cell (command, machine, minutes, seed, metric,
 sparsity measured in the saved weights, the baseline beside it), written to docs/study/.
 
-    python benchmarks/study_log.py runs/study [--out docs/study] [--previous docs/frontier/frontier.json]
+    python benchmarks/study_log.py runs/study [--out docs/study] [--previous docs/frontier/h100-2026-11-26/frontier.json]
 
 A cell is any run folder under the given folder that holds a ``metrics.json`` (written by
 `sparsebert train`); its ``command.txt``, when present, is the command that trained it. Cells
@@ -36,7 +36,7 @@ def cell_row(folder: Path, root: Path) -> dict:
         "task": cell["task"],
         "cell": str(folder.relative_to(root)),
         "group": _SEED_SUFFIX.sub("", folder.name),
-        "seed": cfg["seed"],
+        "seed": cell["seed"],
         "metric": cell["metric"],
         "baseline": cell["baseline"],
         "teacher": cell["teacher"],
@@ -45,7 +45,7 @@ def cell_row(folder: Path, root: Path) -> dict:
         "margin_share": cell["margin_kept"],
         "sparsity": cell["measured_sparsity"],
         "epochs": cell["student_epochs"],
-        "learning_rate": cfg["learning_rate"],
+        "learning_rate": cell["student_lr"],
         "train_examples": cell["train_examples"],
         "augmented_examples": cell.get("augmented_examples"),  # originals + teacher-labelled variants
         "recipe": Path(cfg["recipe"]).stem if cfg.get("recipe") else None,

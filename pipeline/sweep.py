@@ -204,11 +204,18 @@ def row(metrics: dict, variant: str, sparsity: float) -> dict:
             "train_examples": metrics["data"]["splits"]["train"]["examples"],
             "augmented_examples": (metrics.get("augmentation") or {}).get("student_train_examples"),
             "student_epochs": metrics["config"]["student"]["epochs"],
+            "student_lr": metrics["config"]["student"]["learning_rate"],
+            "seed": metrics["config"]["student"]["seed"],
             "machine": machine(metrics["machine"])}
 
 
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _given(value) -> str:
+    """A figure an older page's rows may lack (they were written before it was recorded)."""
+    return "-" if value is None else f"{value:g}"
 
 
 def machine(described: dict) -> str:
@@ -220,8 +227,8 @@ def machine(described: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| task | variant | sparsity (measured) | metric | baseline | teacher | student | kept | margin kept | "
-             "target | beats baseline | train examples | epochs | student min | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "target | beats baseline | train examples | epochs | student lr | seed | student min | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for r in rows:
         if r["variant"] == "small":  # one small cell serves several sparsities: shown once
@@ -236,7 +243,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['variant']} | {sparsity} | {r['metric']} | "
                      f"{r['baseline']:.2f} | {r['teacher']:.2f} | {r['student']:.2f} | {r['retention']:.1%} | "
                      f"{_share(r.get('margin_kept'))} | {target} | {'yes' if r['beats_baseline'] else 'no'} | {examples(r)} | "
-                     f"{r['student_epochs']:g} | {r['student_minutes']:.1f} | {r['machine']} |")
+                     f"{r['student_epochs']:g} | {_given(r.get('student_lr'))} | {_given(r.get('seed'))} | "
+                     f"{r['student_minutes']:.1f} | {r['machine']} |")
     lines += ["", "Final model's dev metric (main metric), sparsity read from the saved weights; kept: the "
                   "student's share of the teacher's metric; margin kept: (student - baseline) / (teacher - baseline), the share of what the teacher learned beyond the baseline that the student keeps (where the teacher is only a few points above the baseline, as MRPC's F1 is, one point of the student moves it by about 30%). Train examples: the teacher's (a subset where smaller "
                   "than the task's train set), + the teacher-labelled variants the student also saw.",

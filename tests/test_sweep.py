@@ -40,6 +40,8 @@ def test_sweep_trains_each_cell_once_and_resumes(tiny_model, glue_dir, tmp_path)
     page = (out / "frontier.md").read_text()
     assert page.count("| rte | aug1 |") == 2 and (out / "frontier.png").stat().st_size > 10_000
     assert "## Claim 1" in page and "| rte | 50% |" in page and "| rte | 80% |" in page
+    # The page says each cell's rate and seed (pages of different defaults sit side by side in the log).
+    assert rows[0]["student_lr"] == 3e-4 and rows[0]["seed"] == 42 and "| 1 | 0.0003 | 42 |" in page
 
     # The orders: ftp's student starts from the fine-tuned teacher; ptf's is pruned to the target at once.
     ftp = json.loads((out / "rte" / "ftp-80" / "student" / "config.json").read_text())
