@@ -10,7 +10,8 @@ ARGS ?=
 # sentences (the full dev set), student 3 epochs (two seeds keep 98.7% of the teacher; 2 epochs
 # kept 96.9-98.3%). On a fresh clone (Intel Xeon, 2 AMX-BF16 cores, 2026-12-02): 11.6 minutes of
 # training, 17.6 in all with install, parity and a 1-thread bench (target 20). Any other
-# TASK runs the recipe's own defaults: `make run TASK=mrpc` is the paper's 95% on MRPC.
+# TASK runs the task's defaults (the recipe's; STS-B's own augmented schedule): `make run TASK=mrpc`
+# is the paper's 95% on MRPC.
 ifeq ($(TASK),sst2)
 # One engine thread in the bench, as `make gates`: on 2-vCPU VMs the all-core rows stall at
 # random (docs/results.md, "Why one thread"), and they halve the bench's minutes.

@@ -63,8 +63,9 @@ def small_layers(sparsity: float, depth: int) -> int:
 
 
 def variant_settings(variant: str, sparsity: float = 0.9, depth: int = 6) -> dict:
-    """The ``TrainRequest`` fields of a named variant: ``base`` (the recipe's defaults: the
-    pre-trained model pruned gradually while distilled), ``augN`` (N teacher-labelled variants per
+    """The ``TrainRequest`` fields of a named variant: ``base`` (the task's defaults: the
+    pre-trained model pruned gradually while distilled, on STS-B with its own augmented schedule,
+    ``request.TASK_SCHEDULES``), ``augN`` (N teacher-labelled variants per
     example), ``obs`` (second-order pruning), ``global`` (one magnitude ranking over all pruned
     matrices), and the paper's two other orders on the same budget of epochs and the same loss:
     ``ptf`` (prune-then-fine-tune: the pre-trained model pruned to the target at once, then

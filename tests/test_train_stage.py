@@ -117,6 +117,30 @@ def test_a_recipe_that_sets_the_rate_gets_the_students(glue_dir, tmp_path, capsy
     assert "disagrees" in err  # typed, the default's own value is a choice too
 
 
+def test_stsb_defaults_to_the_augmented_schedule(glue_dir, tmp_path, capsys):
+    """STS-B defaults to 4 teacher-labelled variants per pair, 3 epochs, pruning over the first 40%
+    (the study's 90%: 71.3 over two seeds against 58.5); other tasks, or any schedule flag given,
+    keep the recipe's; --augment 0 is none."""
+    from sparsebert.pipeline.request import TrainRequest, check, plan
+
+    def planned(task="stsb", **fields):
+        opts, _, student, _ = plan(check(TrainRequest(task=task, out=tmp_path / "r", glue_dir=str(glue_dir), **fields)))
+        return opts.augment, student.epochs, student.recipe_args.get("prune_end_fraction")
+
+    assert planned() == planned(sparsity=0.9) == (4, 3.0, 0.4)
+    assert "stsb's default schedule" in capsys.readouterr().out  # the run says which schedule it took
+    for task in ("mrpc", "rte", "sst2"):  # the recipe's own: 10 epochs, pruning over its first 60%
+        assert planned(task) == (None, 10.0, None)
+    assert planned(student_epochs=5.0) == (None, 5.0, None)
+    assert planned(augment=0) == (0, 10.0, None) and planned(augment=2) == (2, 10.0, None)
+    assert planned(recipe_args={"prune_end_fraction": 0.5}) == (4, 3.0, 0.5)  # a variable given wins
+    assert planned(recipe_args={"num_epochs": 4}) == (None, 4.0, None)
+    assert planned(recipe="sparsebert-cyclic")[0] is None
+    err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "x"),
+                           "--augment", "-1"], capsys)
+    assert "--augment must be 0 (none) or more" in err
+
+
 def test_rerun_never_overwrites_silently(trained_run, glue_dir, capsys):
     before = (trained_run / "metrics.json").read_bytes()
     code = main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(trained_run), "--limit", "8"])
