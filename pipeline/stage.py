@@ -38,6 +38,7 @@ class StageOptions:
     augment_cache: Path | None = None  # where augmented data is kept (default: the run's data/)
     student_init: str = "pretrained"  # "teacher": fine-tune-then-prune, the order the paper argues against
     student_layers: int | None = None  # keep only the first K layers: a small dense student
+    task_schedule: dict | None = None  # the task's own default schedule, when it was applied (request.TASK_SCHEDULES)
 
 
 def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str],
@@ -165,6 +166,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         "retention": student["dev"][main_dev][metric] / teacher["dev"][main_dev][metric]
         if teacher["dev"][main_dev][metric] else None,
         "augmentation": augmentation,
+        "task_schedule": opts.task_schedule,
         "student_layers": opts.student_layers,
         **({INT8: int8, "int8_cost_points": student["dev"][main_dev][metric] - int8["dev"][main_dev][metric]}
            if int8 else {}),

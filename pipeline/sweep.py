@@ -32,7 +32,7 @@ REFERENCES = {
     "plain PyTorch run of the method, no augmentation (MiniLM-L6, SST-2/MRPC/STS-B)": {0.8: 0.956, 0.9: 0.83, 0.95: 0.72},
     "SparseML GMP + distillation, 30 epochs (6-layer BERT, SQuAD)": {0.8: 1.0, 0.9: 0.999, 0.95: 0.962},
 }
-_VARIANT = re.compile(r"^(base|aug(\d+)|obs|global|ptf|ftp|small)$")
+_VARIANT = re.compile(r"^(base|aug([1-9]\d*)|obs|global|ptf|ftp|small)$")
 
 
 class SweepError(UserError):
@@ -63,9 +63,9 @@ def small_layers(sparsity: float, depth: int) -> int:
 
 
 def variant_settings(variant: str, sparsity: float = 0.9, depth: int = 6) -> dict:
-    """The ``TrainRequest`` fields of a named variant: ``base`` (the task's defaults: the
-    pre-trained model pruned gradually while distilled, on STS-B with its own augmented schedule,
-    ``request.TASK_SCHEDULES``), ``augN`` (N teacher-labelled variants per
+    """The ``TrainRequest`` fields of a named variant: ``base`` (the recipe's defaults: the
+    pre-trained model pruned gradually while distilled; a task's own schedule,
+    ``request.TASK_SCHEDULES``, is not used by the sweep), ``augN`` (N teacher-labelled variants per
     example), ``obs`` (second-order pruning), ``global`` (one magnitude ranking over all pruned
     matrices), and the paper's two other orders on the same budget of epochs and the same loss:
     ``ptf`` (prune-then-fine-tune: the pre-trained model pruned to the target at once, then
@@ -91,6 +91,10 @@ def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
     variant = variant_settings(cell.variant, cell.sparsity, cell.depth)
     if "augment" in variant:  # one augmented set per task and setting, shared by its cells
         variant["augment_cache"] = out / cell.task / "augment"
+    elif "augment" not in settings:
+        # Every variant on the recipe's schedule, so the grid compares what the variants change
+        # alone (a task's own default schedule, request.TASK_SCHEDULES, would reach only some).
+        variant["augment"] = 0
     user_args, variant_args = settings.get("recipe_args", {}), variant.get("recipe_args", {})
     clashes = sorted(k for k in set(settings) & set(variant) if k != "recipe_args" and settings[k] != variant[k])
     clashes += sorted(k for k in set(user_args) & set(variant_args) if user_args[k] != variant_args[k])

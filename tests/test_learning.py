@@ -49,8 +49,9 @@ def test_student_beats_the_majority_baseline(sst2_run):
 @pytest.fixture(scope="module")
 def stsb_run(glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning") / "stsb"
-    # The small-task default schedule: 4 teacher-labelled variants of each pair, 3 epochs, pruning
-    # over the first 40%.
+    # STS-B's own default schedule (request.TASK_SCHEDULES): 4 teacher-labelled variants of each
+    # pair, 3 epochs, pruning over the first 40%. It shows the schedule runs, is recorded and
+    # learns; what it gains is measured in docs/study/, not here.
     return out, _train(glue_dir, out, "stsb", limit=400, teacher_epochs=4, student_epochs=None, sparsity=0.5,
                        batch_size=16, extra=["--teacher-lr", "1e-4"])
 
@@ -60,6 +61,7 @@ def test_stsb_trains_teacher_and_student(stsb_run):
     student learns on the small-task default schedule."""
     out, metrics = stsb_run
     student_cfg = metrics["config"]["student"]
+    assert metrics["task_schedule"] == {"augment": 4, "student_epochs": 3.0, "prune_end_fraction": 0.4}
     assert metrics["augmentation"]["student_train_examples"] == 5 * 400
     assert student_cfg["epochs"] == 3 and student_cfg["recipe_args"]["prune_end_fraction"] == 0.4
     config = json.loads((out / "student" / "config.json").read_text())

@@ -99,8 +99,9 @@ def test_variants_are_train_settings():
     assert variant_settings("obs") == {"recipe": "sparsebert-obs"}
     assert variant_settings("small", 0.9, 6) == {"student_layers": 1, "recipe": "distill"}
     assert variant_settings("small", 2 / 3, 6) == {"student_layers": 2, "recipe": "distill"}
-    with pytest.raises(SweepError, match="unknown variant"):
-        variant_settings("aug")
+    for bad in ("aug", "aug0"):
+        with pytest.raises(SweepError, match="unknown variant"):
+            variant_settings(bad)
 
 
 def test_sweep_flags_become_the_settings_they_give():
@@ -165,6 +166,12 @@ def test_cell_request_keeps_a_given_teacher_and_refuses_clashes(tmp_path):
     assert ptf.recipe_args == {"hardness": 0.5, "init_sparsity": 0.8, "prune_end_fraction": 0.05, "mask_updates": 1}
     with pytest.raises(SweepError, match="the aug4 variant sets augment itself"):
         cell_request(Cell("rte", "aug4", 0.8), tmp_path, None, {"augment": 2})
+    # Every variant on the recipe's schedule: STS-B's own default schedule is not the sweep's base.
+    from sparsebert.pipeline.request import plan
+
+    base = cell_request(Cell("stsb", "base", 0.9), tmp_path, None, {})
+    assert base.augment == 0 and plan(base)[2].epochs == 10 and plan(base)[0].task_schedule is None
+    assert cell_request(Cell("stsb", "base", 0.9), tmp_path, None, {"augment": 2}).augment == 2
     with pytest.raises(SweepError, match="the ptf variant sets init_sparsity itself"):
         cell_request(Cell("rte", "ptf", 0.8), tmp_path, None, {"recipe_args": {"init_sparsity": 0.1}})
 

@@ -121,7 +121,7 @@ def test_stsb_defaults_to_the_augmented_schedule(glue_dir, tmp_path, capsys):
     """STS-B defaults to 4 teacher-labelled variants per pair, 3 epochs, pruning over the first 40%
     (the study's 90%: 71.3 over two seeds against 58.5); other tasks, or any schedule flag given,
     keep the recipe's; --augment 0 is none."""
-    from sparsebert.pipeline.request import TrainRequest, check, plan
+    from sparsebert.pipeline.request import TrainingRefused, TrainRequest, check, plan
 
     def planned(task="stsb", **fields):
         opts, _, student, _ = plan(check(TrainRequest(task=task, out=tmp_path / "r", glue_dir=str(glue_dir), **fields)))
@@ -133,9 +133,15 @@ def test_stsb_defaults_to_the_augmented_schedule(glue_dir, tmp_path, capsys):
         assert planned(task) == (None, 10.0, None)
     assert planned(student_epochs=5.0) == (None, 5.0, None)
     assert planned(augment=0) == (0, 10.0, None) and planned(augment=2) == (2, 10.0, None)
-    assert planned(recipe_args={"prune_end_fraction": 0.5}) == (4, 3.0, 0.5)  # a variable given wins
-    assert planned(recipe_args={"num_epochs": 4}) == (None, 4.0, None)
+    for schedule in ({"prune_end_fraction": 0.5}, {"prune_start_fraction": 0.1}, {"num_epochs": 4}):
+        assert planned(recipe_args=schedule)[0] is None  # a schedule variable given: the user's own schedule
     assert planned(recipe="sparsebert-cyclic")[0] is None
+    options = plan(check(TrainRequest(task="stsb", out=tmp_path / "r", glue_dir=str(glue_dir))))[0]
+    assert options.task_schedule == {"augment": 4, "student_epochs": 3.0, "prune_end_fraction": 0.4}  # metrics.json
+    assert plan(check(TrainRequest(task="stsb", out=tmp_path / "r", augment=0)))[0].task_schedule is None
+    assert check(TrainRequest(task="stsb", out=tmp_path / "r", augment_cache=tmp_path / "c"))  # the default augments
+    with pytest.raises(TrainingRefused, match="--augment-cache needs --augment N"):
+        check(TrainRequest(task="stsb", out=tmp_path / "r", augment_cache=tmp_path / "c", student_epochs=2.0))
     err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "x"),
                            "--augment", "-1"], capsys)
     assert "--augment must be 0 (none) or more" in err
