@@ -46,8 +46,8 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-epochs", type=float, default=TrainRequest.default("teacher_epochs"))
     p.add_argument("--teacher-lr", type=float, default=TrainRequest.default("teacher_lr"))
     p.add_argument("--student-epochs", type=float,
-                   help="student epochs (default: the recipe's num_epochs, 10; 3 on STS-B, see "
-                        "--augment); the recipe's schedule and the trainer both follow it")
+                   help="student epochs (default: the recipe's num_epochs, 10; 3 on STS-B at up to "
+                        "90%%, see --augment); the recipe's schedule and the trainer both follow it")
     p.add_argument("--student-lr", type=float, help=f"the student's learning rate (default {STUDENT_LR:g})")
     p.add_argument("--batch-size", type=int, default=TrainRequest.default("batch_size"))
     p.add_argument("--max-seq-length", type=int, default=TrainRequest.default("max_seq_length"))
@@ -59,8 +59,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", type=int, metavar="N",
                    help="distil the student on the training set plus N teacher-labelled variants of "
                         "each example (words replaced by embedding neighbours or dropped; cached); 0: "
-                        "none. Default on STS-B when neither this nor --student-epochs is given: 4 "
-                        "variants, 3 epochs, pruning over the first 40%% (docs/study/study.md)")
+                        "none. Default on STS-B at up to 90%% sparsity when no schedule is given (this, "
+                        "--student-epochs, --recipe, schedule variables): 4 variants, 3 epochs, pruning "
+                        "over the first 40%% (docs/study/study.md)")
     p.add_argument("--student-init", choices=["pretrained", "teacher"], default=TrainRequest.default("student_init"),
                    help="what the student starts from: the pre-trained model (the paper's way) or the "
                         "fine-tuned teacher (fine-tune-then-prune, for comparison)")

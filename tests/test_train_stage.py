@@ -118,16 +118,19 @@ def test_a_recipe_that_sets_the_rate_gets_the_students(glue_dir, tmp_path, capsy
 
 
 def test_stsb_defaults_to_the_augmented_schedule(glue_dir, tmp_path, capsys):
-    """STS-B defaults to 4 teacher-labelled variants per pair, 3 epochs, pruning over the first 40%
-    (the study's 90%: 71.3 over two seeds against 58.5); other tasks, or any schedule flag given,
-    keep the recipe's; --augment 0 is none."""
+    """STS-B up to 90% defaults to 4 teacher-labelled variants per pair, 3 epochs, pruning over the
+    first 40% (the study's 90%: 71.3 over two seeds against 58.5); at 95%, on other tasks, or with
+    any schedule flag given, the recipe's; --augment 0 is none."""
     from sparsebert.pipeline.request import TrainingRefused, TrainRequest, check, plan
 
     def planned(task="stsb", **fields):
-        opts, _, student, _ = plan(check(TrainRequest(task=task, out=tmp_path / "r", glue_dir=str(glue_dir), **fields)))
+        opts, _, student, _ = plan(check(TrainRequest(**{"task": task, "out": tmp_path / "r", "glue_dir": str(glue_dir),
+                                                         "sparsity": 0.9, **fields})))
         return opts.augment, student.epochs, student.recipe_args.get("prune_end_fraction")
 
-    assert planned() == planned(sparsity=0.9) == (4, 3.0, 0.4)
+    assert planned() == planned(sparsity=0.8) == (4, 3.0, 0.4)
+    # At the recipe's 95% it did not help: the recipe's schedule.
+    assert planned(sparsity=None) == planned(sparsity=None, recipe_args={"final_sparsity": 0.95}) == (None, 10.0, None)
     assert "stsb's default schedule" in capsys.readouterr().out  # the run says which schedule it took
     for task in ("mrpc", "rte", "sst2"):  # the recipe's own: 10 epochs, pruning over its first 60%
         assert planned(task) == (None, 10.0, None)
@@ -136,12 +139,13 @@ def test_stsb_defaults_to_the_augmented_schedule(glue_dir, tmp_path, capsys):
     for schedule in ({"prune_end_fraction": 0.5}, {"prune_start_fraction": 0.1}, {"num_epochs": 4}):
         assert planned(recipe_args=schedule)[0] is None  # a schedule variable given: the user's own schedule
     assert planned(recipe="sparsebert-cyclic")[0] is None
-    options = plan(check(TrainRequest(task="stsb", out=tmp_path / "r", glue_dir=str(glue_dir))))[0]
+    options = plan(check(TrainRequest(task="stsb", out=tmp_path / "r", glue_dir=str(glue_dir), sparsity=0.9)))[0]
     assert options.task_schedule == {"augment": 4, "student_epochs": 3.0, "prune_end_fraction": 0.4}  # metrics.json
-    assert plan(check(TrainRequest(task="stsb", out=tmp_path / "r", augment=0)))[0].task_schedule is None
-    assert check(TrainRequest(task="stsb", out=tmp_path / "r", augment_cache=tmp_path / "c"))  # the default augments
+    assert plan(check(TrainRequest(task="stsb", out=tmp_path / "r", sparsity=0.9, augment=0)))[0].task_schedule is None
+    assert check(TrainRequest(task="stsb", out=tmp_path / "r", sparsity=0.9, augment_cache=tmp_path / "c"))  # it augments
     with pytest.raises(TrainingRefused, match="--augment-cache needs --augment N"):
-        check(TrainRequest(task="stsb", out=tmp_path / "r", augment_cache=tmp_path / "c", student_epochs=2.0))
+        check(TrainRequest(task="stsb", out=tmp_path / "r", sparsity=0.9, augment_cache=tmp_path / "c",
+                           student_epochs=2.0))
     err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "x"),
                            "--augment", "-1"], capsys)
     assert "--augment must be 0 (none) or more" in err
