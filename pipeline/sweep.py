@@ -224,10 +224,13 @@ def _given(value) -> str:
 
 
 def machine(described: dict) -> str:
-    """Where a cell trained: the GPU when there was one, else the CPU and its core count."""
+    """Where a cell trained: the GPU when there was one, else the CPU, its core count and, when the
+    run used fewer, the threads it trained on."""
     if described.get("device") not in (None, "", "cpu"):
         return described["device"]
-    return f"{described.get('cpu', 'CPU')} ({described.get('physical_cores', '?')} cores)"
+    cores, threads = described.get("physical_cores", "?"), described.get("torch_threads")
+    pinned = isinstance(cores, int) and threads and threads < cores  # its minutes are not the machine's
+    return f"{described.get('cpu', 'CPU')} ({cores} core{'' if cores == 1 else 's'}{f', {threads} used' if pinned else ''})"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -213,3 +213,14 @@ def test_study_log_keeps_the_cells_of_earlier_machines(trained_run, tmp_path, ca
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 2
     with pytest.raises(SystemExit, match="is logged as rte/t-base-90"):  # the same cell from one folder down
         study_log.main([str(tmp_path / "runs" / "rte"), "--out", str(out)])
+
+
+def test_machine_says_when_a_cell_trained_on_fewer_threads_than_cores():
+    from sparsebert.pipeline.sweep import machine
+
+    described = {"device": "cpu", "cpu": "AMD EPYC", "physical_cores": 2}
+    assert machine(described) == "AMD EPYC (2 cores)"  # older metrics record no threads
+    assert machine({**described, "torch_threads": 2}) == "AMD EPYC (2 cores)"
+    assert machine({**described, "torch_threads": 1}) == "AMD EPYC (2 cores, 1 used)"
+    assert machine({**described, "physical_cores": 1, "torch_threads": 1}) == "AMD EPYC (1 core)"  # pinned
+    assert machine({**described, "device": "NVIDIA H100"}) == "NVIDIA H100"
