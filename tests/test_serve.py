@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -388,103 +389,220 @@ def test_percentile_is_nearest_rank():
     assert (percentile(values, 50), percentile(values, 99), percentile([7.0], 99)) == (50.0, 99.0, 7.0)
 
 
-def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
-    """A request is answered a batch at a time and the batches of concurrent requests take their
-    turns in order: a one-text request sent while a 12-text one is being answered waits for one
-    batch of it, not for all of it, and each request gets its own answers in its own order."""
-    from types import SimpleNamespace
+# ---------------------------------------------------------------- dynamic batching (stand-in engine)
 
+
+class StandInPipeline:
+    """A pipeline that answers each text with a label and score of its own, records every call,
+    and runs ``during_call`` (if set) inside each call. With ``lengths``, it has DeepSparse's
+    sequence-length buckets: one StandInPipeline each, and a tokenizer of one token a word."""
+
+    def __init__(self, lengths=(), fail_on=None):
+        self.calls, self.fail_on, self.during_call, self.sequence_length = [], fail_on, None, None
+        if lengths:
+            self._pipelines = [StandInPipeline() for _ in lengths]
+            for bucket, length in zip(self._pipelines, lengths):
+                bucket.sequence_length, bucket.calls, bucket.fail_on = length, self.calls, fail_on
+            self._pipelines[-1].tokenizer = lambda rows, **_: {"input_ids": [text.split() for text in rows]}
+
+    def __call__(self, sequences):
+        self.calls.append((self.sequence_length, list(sequences)))
+        if self.during_call:
+            self.during_call()
+        if self.fail_on in sequences:
+            raise RuntimeError("engine failed")
+        return SimpleNamespace(labels=[f"label of {text}" for text in sequences],
+                               scores=[len(text) / 100 for text in sequences])
+
+
+def alone(texts: list[str]) -> dict:
+    return {"labels": [f"label of {text}" for text in texts], "scores": [len(text) / 100 for text in texts]}
+
+
+def stand_in_model(tmp_path, monkeypatch, pipeline: StandInPipeline, batch_size: int, window_ms: float) -> ServedModel:
+    """A ServedModel on ``pipeline``, loaded (its warm-up calls not counted)."""
     from sparsebert.deploy import serve
-
-    calls = []
-
-    def pipeline(sequences):
-        calls.append(list(sequences))
-        if len(calls) == 1 and model.pipeline:  # the large request's first batch: hold it until the small one waits
-            deadline = time.monotonic() + 10
-            while model._lock.waiting() < 1 and time.monotonic() < deadline:
-                time.sleep(0.001)
-        return SimpleNamespace(labels=[f"label of {text}" for text in sequences], scores=[0.5] * len(sequences))
 
     monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
     (tmp_path / "model").mkdir()
-    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME, batch_size=2)))
+    settings = ServeSettings(name=NAME, batch_size=batch_size)
+    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", settings), batch_window_ms=window_ms)
     model.load()
-    calls.clear()
+    pipeline.calls.clear()
+    return model
+
+
+def ask_together(model: ServedModel, requests: list) -> list:
+    """Each request's answer (or exception), all sent at once from threads of their own."""
+    answers = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def ask(i):
+        start.wait()
+        try:
+            answers[i] = model.predict(InferenceRequest(sequences=requests[i]))
+        except Exception as error:  # noqa: BLE001 - the test compares it
+            answers[i] = error
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(requests))]  # a hang fails
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.is_alive(), "a request was never answered"
+    return answers
+
+
+def test_concurrent_requests_share_engine_calls(tmp_path, monkeypatch):
+    """8 one-text requests at once, batch 8: fewer engine calls than requests (one a request
+    before dynamic batching), and each request gets its own text's answer."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=500)
+    texts = [f"text {i}" for i in range(8)]
+    answers = ask_together(model, texts)
+    assert answers == [alone([text]) for text in texts]
+    assert len(pipeline.calls) < 8
+    assert sorted(text for _, call in pipeline.calls for text in call) == texts
+
+
+def test_a_request_larger_than_the_batch_is_split_and_answered_in_order(tmp_path, monkeypatch):
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=0)
+    texts = [f"text {i}" for i in range(10)]
+    assert model.predict(InferenceRequest(sequences=texts)) == alone(texts)
+    assert [call for _, call in pipeline.calls] == [texts[0:4], texts[4:8], texts[8:10]]
+
+
+def test_the_batch_size_is_never_exceeded(tmp_path, monkeypatch):
+    """Requests of 1 to 7 texts at once, batch 3: every call holds at most 3 texts, every text is
+    sent once, and each request gets its own answers in its own order."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=3, window_ms=20)
+    requests = [[f"request {r} text {i}" for i in range(r % 7 + 1)] for r in range(12)]
+    assert ask_together(model, requests) == [alone(texts) for texts in requests]
+    assert all(1 <= len(call) <= 3 for _, call in pipeline.calls)
+    assert sorted(text for _, call in pipeline.calls for text in call) == sorted(sum(requests, []))
+    assert len(pipeline.calls) < sum(map(len, requests))  # some were shared
+
+
+def test_rows_share_a_call_only_with_rows_of_their_bucket(tmp_path, monkeypatch):
+    """Buckets of 4 and 8 words: a short text goes to the 4-word engine even when batched with a
+    long one, a text past the longest bucket to the longest (which truncates it), and every call
+    holds rows of one bucket, as DeepSparse routes a text sent alone."""
+    pipeline = StandInPipeline(lengths=(4, 8))
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=200)
+    short, long, too_long = "a short one", "a text of six words", "nine words is more than the longest bucket"
+    requests = [[short, long], [long], [short], [too_long, short]]
+    assert ask_together(model, requests) == [alone(texts) for texts in requests]
+    for length, call in pipeline.calls:
+        assert all(len(text.split()) <= length or length == 8 for text in call)
+        assert all(len(text.split()) > 4 for text in call) or length == 4
+    assert len(pipeline.calls) == 2  # one call per bucket: 3 short texts, 3 long ones
+
+
+def test_an_engine_error_answers_every_request_of_its_batch(tmp_path, monkeypatch):
+    """A failing call fails each request it held, with the error shape, and nothing hangs; the
+    server answers the next requests."""
+    from fastapi.testclient import TestClient
+
+    pipeline = StandInPipeline(fail_on="poison")
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=500)
+    answers = ask_together(model, [["poison"], "b", "c", "d"])
+    assert all(isinstance(answer, RuntimeError) for answer in answers)
+    assert len(pipeline.calls) == 1
+    assert model.predict(InferenceRequest(sequences="fine")) == alone(["fine"])
+
+    with TestClient(create_app(model), raise_server_exceptions=False) as client:  # answers, not raises
+        statuses = ask_over_http(client, [["poison"], "b"])
+        assert statuses == [(500, {"error": "internal error (RuntimeError); see the server log"})] * 2
+        assert client.post(f"/v2/models/{NAME}/infer", json={"sequences": "fine"}).json() == alone(["fine"])
+
+
+def ask_over_http(client, requests: list) -> list:
+    answers = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def ask(i):
+        start.wait()
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": requests[i]})
+        answers[i] = (response.status_code, response.json())
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.is_alive(), "a request was never answered"
+    return answers
+
+
+def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
+    """A large request's texts are split across calls that take turns with other requests: a
+    one-text request sent while a 12-text one is being answered shares the next call, rather
+    than waiting for all of it, and each request gets its own answers in its own order."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=2, window_ms=0)
+
+    def hold_until_the_small_one_waits():  # the large request's first call
+        if len(pipeline.calls) == 1:
+            deadline = time.monotonic() + 10
+            while model.batcher.arrivals() < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    pipeline.during_call = hold_until_the_small_one_waits
     large = [f"text {i}" for i in range(12)]
-    answers, finished = {}, {}
+    answers = {}
 
     def ask(name, sequences):
-        answers[name] = model.predict(serve.InferenceRequest(sequences=sequences))
-        finished[name] = time.perf_counter()
+        answers[name] = model.predict(InferenceRequest(sequences=sequences))
 
     worker = threading.Thread(target=ask, args=("large", large), daemon=True)
     worker.start()
-    while not calls:
+    while not pipeline.calls:
         time.sleep(0.001)
-    ask("small", "the small one")  # queued while the large one's first batch is answered
+    ask("small", "the small one")  # queued while the large one's first call is answered
     worker.join(10)
     assert not worker.is_alive()
-    assert answers["large"]["labels"] == [f"label of {text}" for text in large]  # batched, in order
-    assert answers["small"]["labels"] == ["label of the small one"]
-    assert calls.index(["the small one"]) == 1  # right after the large one's batch in hand
-    assert finished["small"] < finished["large"]
-    assert all(len(call) <= 2 for call in calls)
+    assert answers["large"] == alone(large)  # split, in order
+    assert answers["small"] == alone(["the small one"])
+    # Answered by the call right after the large one's first, of the 7 calls in all.
+    assert [call for _, call in pipeline.calls[:2]] == [large[:2], ["the small one", large[2]]]
+    assert len(pipeline.calls) == 7 and all(len(call) <= 2 for _, call in pipeline.calls)
 
 
-def test_fifo_lock_serves_in_order_and_skips_a_thread_that_left():
-    from sparsebert.deploy.serve import FifoLock
-
-    lock, order = FifoLock(), []
-
-    def take(name):
-        with lock:
-            order.append(name)
-
-    def started(name, target=take):
-        thread = threading.Thread(target=target, args=(name,), daemon=True)  # a hung lock fails, not hangs
-        thread.start()
-        return thread
-
-    lock.__enter__()  # held: the others queue in the order they ask
-    waiters = []
-    for name in ("b", "c"):
-        waiters.append(started(name))
-        while lock.waiting() < len(waiters):
-            time.sleep(0.001)
-    lock.__exit__(None, None, None)
-    with lock:  # the releasing thread asks again at once: it queues behind b and c
-        order.append("a again")
-    for thread in waiters:
-        thread.join(5)
-        assert not thread.is_alive()
-    assert order == ["b", "c", "a again"]
-
-    with lock:  # a waiter interrupted while queued gives its turn up instead of blocking the rest
-        left = started("left", target=lambda name: _interrupted_wait(lock))
-        left.join(5)
-    after = started("after")
-    after.join(5)
-    assert not after.is_alive() and order[-1] == "after" and lock.waiting() == 0
+LONG = "The committee, after hearing several hours of testimony from residents, decided to postpone the vote. "
 
 
-def _interrupted_wait(lock):
-    """Ask for the lock and be interrupted while waiting (as an exception raised in that thread
-    would be)."""
-    class Interrupted(BaseException):
-        pass
+@pytest.mark.parametrize("engine", ["deepsparse", "onnxruntime"])
+def test_shared_calls_answer_as_the_pipeline_does_one_text_at_a_time(deployment, tmp_path, engine):
+    """The tiny RTE student at batch 4 with buckets 64 and 128: concurrent requests (pairs short
+    and long, one request larger than the batch) get the answers DeepSparse's own pipeline gives
+    each pair sent alone (routed by its own bucket router), and each row goes to the bucket that
+    router picks."""
+    from sparsebert.deploy.serve import Buckets
 
-    def wait_then_interrupt(predicate, timeout=None):
-        raise Interrupted
+    config = prepare(deployment, tmp_path, ServeSettings(name=NAME, engine=engine, batch_size=4))
+    model = ServedModel(config, batch_window_ms=50)
+    model.load()
+    # 10, 65 and 231 tokens: buckets 64, 128, and 128 truncating
+    short, medium, long = ["A man eats.", "Someone eats."], [LONG * 3, "The vote was postponed."], [LONG * 8, LONG * 4]
+    requests = [[short], [medium, short], [long], [short, medium, long, short, medium], [medium], [short]]
+    buckets = Buckets(model.pipeline)
+    assert buckets.lengths == [64, 128]
+    for pair, bucket in zip([short, medium, long], [0, 1, 1]):
+        assert buckets.of([pair]) == [bucket]
+        assert model.pipeline._choose_bucket(sequences=[pair])[0] is buckets.pipelines[bucket]
+    answers = ask_together(model, requests)
+    for pairs, answer in zip(requests, answers):
+        one_by_one = [model.pipeline(sequences=[pair]) for pair in pairs]
+        assert answer["labels"] == [str(output.labels[0]) for output in one_by_one]
+        assert answer["scores"] == pytest.approx([output.scores[0] for output in one_by_one], abs=1e-5)
 
-    lock._state.wait_for = wait_then_interrupt  # this lock's condition only
-    try:
-        lock.__enter__()
-    except Interrupted:
-        return
-    finally:
-        del lock._state.wait_for
-    raise AssertionError("the wait was not interrupted")
+
+@pytest.mark.parametrize("window_ms", [-1, 1001, float("nan")])
+def test_a_bad_batch_window_is_refused(window_ms):
+    with pytest.raises(DeploymentError, match="batch window"):
+        ServeSettings(batch_window_ms=window_ms)
 
 
 @pytest.mark.parametrize("text_inputs", [1, 2])
