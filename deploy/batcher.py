@@ -9,7 +9,7 @@ its own, split into, or padded up to, the batch size compiled into the engine. S
 
 One thread (the only one that calls the pipeline: its tokenizer fails when called from two
 threads at once) takes the oldest waiting request, waits up to ``window_s`` for others, and fills
-one call of at most ``max_batch`` rows, all of one group (a sequence-length bucket), oldest
+one call of at most ``max_batch`` rows, all of one group (rows that can share a call), oldest
 requests first. A request with rows left over queues again behind those that arrived while its
 rows were answered, so a large request cannot hold the engine while a small one waits.
 """

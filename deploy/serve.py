@@ -388,39 +388,18 @@ def text_inputs(sequences) -> int:
     return 1
 
 
-class Buckets:
-    """The pipeline's sequence-length buckets: with several, DeepSparse holds one pipeline per
-    length and routes a call to the shortest that holds its longest text. Here each row is routed
-    alone, as DeepSparse would route it sent alone, so a shared call never pads a short text to
-    another's length, and a row's answer does not depend on the rows it is batched with."""
-
-    def __init__(self, pipeline):
-        self.pipelines = list(getattr(pipeline, "_pipelines", None) or [pipeline])
-        self.lengths = [getattr(bucket, "sequence_length", None) for bucket in self.pipelines]
-
-    def of(self, rows: list) -> list[int]:
-        """Each row's bucket (an index into ``pipelines``); past the longest, the longest, which
-        truncates it."""
-        if len(self.pipelines) == 1:
-            return [0] * len(rows)
-        # As DeepSparse's router counts: special tokens in, nothing truncated.
-        tokens = self.pipelines[-1].tokenizer(rows, add_special_tokens=True, padding=False, truncation=False)
-        return [next((i for i, length in enumerate(self.lengths) if length >= len(ids)), len(self.lengths) - 1)
-                for ids in tokens["input_ids"]]
-
-    def answer(self, bucket: int, rows: list) -> list[tuple[str, float]]:
-        """(label, score) of each row, from one call of the bucket's pipeline."""
-        output = self.pipelines[bucket](sequences=rows)
-        return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
-
-
 class ServedModel:
     """One pipeline, loaded from a server config, called from one thread only: Hugging Face fast
     tokenizers fail when called from several threads at once ("Already borrowed"), and one engine
     call already spreads over all cores. That thread batches (``batcher.py``): the texts of
     concurrent requests share engine calls of up to the config's ``batch_size`` rows, the batch
     size compiled into the engine, and a large request's rows are split across calls that take
-    turns with other requests, so a small request waits for one call, not for all of it."""
+    turns with other requests, so a small request waits for one call, not for all of it.
+
+    Each call goes to the sequence-length bucket of its longest text, as DeepSparse routes any
+    call: the engine pads every call to its compiled batch size, so a short text costs nothing
+    more in a longer call's empty slots than in a call of its own, while a call of its own costs
+    a whole batch. Padding is masked, so a text's answer is the same in either, to float error."""
 
     def __init__(self, config_path: Path, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
         check_batch_window(batch_window_ms)
@@ -451,16 +430,28 @@ class ServedModel:
         ready: the engine's first call (buffers, kernels) is paid here, not by a user, and a
         model that cannot answer never reads as ready."""
         pipeline = load_pipeline(self.config_path)
-        buckets = Buckets(pipeline)
         warm_up = [["A warm-up sentence.", "Another one."]] if self.text_inputs == 2 else ["A warm-up sentence."]
-        for bucket in buckets.pipelines:  # each pads the text to its own length
+        # With sequence-length buckets DeepSparse holds one pipeline per length and routes a short
+        # text to the shortest: each is called, as each pads the text to its own length.
+        for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
             bucket(sequences=warm_up)
-        self.batcher = Batcher(buckets.answer, self.batch_size, self.batch_window_ms / 1000, buckets.of)
+        self.batcher = Batcher(self._answer_rows, self.batch_size, self.batch_window_ms / 1000, self._kind_of_rows)
         self.pipeline = pipeline
 
     def require_ready(self) -> None:
         if self.pipeline is None:
             raise ModelNotReady(f"model '{self.name}' is not loaded yet")
+
+    def _answer_rows(self, kind: int, rows: list) -> list[tuple[str, float]]:
+        """(label, score) of each row, from one pipeline call (on the batcher thread)."""
+        output = self.pipeline(sequences=rows)
+        return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
+
+    @staticmethod
+    def _kind_of_rows(rows: list) -> list[int]:
+        """Single texts and pairs (both accepted when serving.json does not say) never share
+        a call: the tokenizer reads a list of one kind."""
+        return [text_inputs(rows)] * len(rows)
 
     def submit(self, request: InferenceRequest) -> Future:
         """A future of the (label, score) of each of the request's texts, in order."""

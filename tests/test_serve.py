@@ -394,19 +394,13 @@ def test_percentile_is_nearest_rank():
 
 class StandInPipeline:
     """A pipeline that answers each text with a label and score of its own, records every call,
-    and runs ``during_call`` (if set) inside each call. With ``lengths``, it has DeepSparse's
-    sequence-length buckets: one StandInPipeline each, and a tokenizer of one token a word."""
+    and runs ``during_call`` (if set) inside each call."""
 
-    def __init__(self, lengths=(), fail_on=None):
-        self.calls, self.fail_on, self.during_call, self.sequence_length = [], fail_on, None, None
-        if lengths:
-            self._pipelines = [StandInPipeline() for _ in lengths]
-            for bucket, length in zip(self._pipelines, lengths):
-                bucket.sequence_length, bucket.calls, bucket.fail_on = length, self.calls, fail_on
-            self._pipelines[-1].tokenizer = lambda rows, **_: {"input_ids": [text.split() for text in rows]}
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on, self.during_call = [], fail_on, None
 
     def __call__(self, sequences):
-        self.calls.append((self.sequence_length, list(sequences)))
+        self.calls.append(list(sequences))
         if self.during_call:
             self.during_call()
         if self.fail_on in sequences:
@@ -462,7 +456,7 @@ def test_concurrent_requests_share_engine_calls(tmp_path, monkeypatch):
     answers = ask_together(model, texts)
     assert answers == [alone([text]) for text in texts]
     assert len(pipeline.calls) < 8
-    assert sorted(text for _, call in pipeline.calls for text in call) == texts
+    assert sorted(text for call in pipeline.calls for text in call) == texts
 
 
 def test_a_request_larger_than_the_batch_is_split_and_answered_in_order(tmp_path, monkeypatch):
@@ -470,7 +464,7 @@ def test_a_request_larger_than_the_batch_is_split_and_answered_in_order(tmp_path
     model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=0)
     texts = [f"text {i}" for i in range(10)]
     assert model.predict(InferenceRequest(sequences=texts)) == alone(texts)
-    assert [call for _, call in pipeline.calls] == [texts[0:4], texts[4:8], texts[8:10]]
+    assert pipeline.calls == [texts[0:4], texts[4:8], texts[8:10]]
 
 
 def test_the_batch_size_is_never_exceeded(tmp_path, monkeypatch):
@@ -480,24 +474,21 @@ def test_the_batch_size_is_never_exceeded(tmp_path, monkeypatch):
     model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=3, window_ms=20)
     requests = [[f"request {r} text {i}" for i in range(r % 7 + 1)] for r in range(12)]
     assert ask_together(model, requests) == [alone(texts) for texts in requests]
-    assert all(1 <= len(call) <= 3 for _, call in pipeline.calls)
-    assert sorted(text for _, call in pipeline.calls for text in call) == sorted(sum(requests, []))
+    assert all(1 <= len(call) <= 3 for call in pipeline.calls)
+    assert sorted(text for call in pipeline.calls for text in call) == sorted(sum(requests, []))
     assert len(pipeline.calls) < sum(map(len, requests))  # some were shared
 
 
-def test_rows_share_a_call_only_with_rows_of_their_bucket(tmp_path, monkeypatch):
-    """Buckets of 4 and 8 words: a short text goes to the 4-word engine even when batched with a
-    long one, a text past the longest bucket to the longest (which truncates it), and every call
-    holds rows of one bucket, as DeepSparse routes a text sent alone."""
-    pipeline = StandInPipeline(lengths=(4, 8))
-    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=200)
-    short, long, too_long = "a short one", "a text of six words", "nine words is more than the longest bucket"
-    requests = [[short, long], [long], [short], [too_long, short]]
-    assert ask_together(model, requests) == [alone(texts) for texts in requests]
-    for length, call in pipeline.calls:
-        assert all(len(text.split()) <= length or length == 8 for text in call)
-        assert all(len(text.split()) > 4 for text in call) or length == 4
-    assert len(pipeline.calls) == 2  # one call per bucket: 3 short texts, 3 long ones
+def test_single_texts_and_pairs_never_share_a_call(tmp_path, monkeypatch):
+    """A deployment without text_inputs accepts both kinds; the tokenizer reads one kind a call."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=200)
+    requests = ["one text", [["a", "pair"]], ["two", "texts"], [["another", "pair"], ["and", "one more"]]]
+    assert [answer["labels"] for answer in ask_together(model, requests)] == [
+        ["label of one text"], ["label of ['a', 'pair']"], ["label of two", "label of texts"],
+        ["label of ['another', 'pair']", "label of ['and', 'one more']"]]
+    kinds = [{isinstance(row, list) for row in call} for call in pipeline.calls]
+    assert sorted(map(sorted, kinds)) == [[False], [True]]  # two calls, one of each kind
 
 
 def test_an_engine_error_answers_every_request_of_its_batch(tmp_path, monkeypatch):
@@ -566,8 +557,8 @@ def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatc
     assert answers["large"] == alone(large)  # split, in order
     assert answers["small"] == alone(["the small one"])
     # Answered by the call right after the large one's first, of the 7 calls in all.
-    assert [call for _, call in pipeline.calls[:2]] == [large[:2], ["the small one", large[2]]]
-    assert len(pipeline.calls) == 7 and all(len(call) <= 2 for _, call in pipeline.calls)
+    assert pipeline.calls[:2] == [large[:2], ["the small one", large[2]]]
+    assert len(pipeline.calls) == 7 and all(len(call) <= 2 for call in pipeline.calls)
 
 
 LONG = "The committee, after hearing several hours of testimony from residents, decided to postpone the vote. "
@@ -576,22 +567,16 @@ LONG = "The committee, after hearing several hours of testimony from residents, 
 @pytest.mark.parametrize("engine", ["deepsparse", "onnxruntime"])
 def test_shared_calls_answer_as_the_pipeline_does_one_text_at_a_time(deployment, tmp_path, engine):
     """The tiny RTE student at batch 4 with buckets 64 and 128: concurrent requests (pairs short
-    and long, one request larger than the batch) get the answers DeepSparse's own pipeline gives
-    each pair sent alone (routed by its own bucket router), and each row goes to the bucket that
-    router picks."""
-    from sparsebert.deploy.serve import Buckets
-
+    and long, one request larger than the batch) get the answers the pipeline gives each pair
+    sent alone, to float error, though a short pair may now share the 128-token call of a long
+    one."""
     config = prepare(deployment, tmp_path, ServeSettings(name=NAME, engine=engine, batch_size=4))
     model = ServedModel(config, batch_window_ms=50)
     model.load()
     # 10, 65 and 231 tokens: buckets 64, 128, and 128 truncating
     short, medium, long = ["A man eats.", "Someone eats."], [LONG * 3, "The vote was postponed."], [LONG * 8, LONG * 4]
     requests = [[short], [medium, short], [long], [short, medium, long, short, medium], [medium], [short]]
-    buckets = Buckets(model.pipeline)
-    assert buckets.lengths == [64, 128]
-    for pair, bucket in zip([short, medium, long], [0, 1, 1]):
-        assert buckets.of([pair]) == [bucket]
-        assert model.pipeline._choose_bucket(sequences=[pair])[0] is buckets.pipelines[bucket]
+    assert [bucket.sequence_length for bucket in model.pipeline._pipelines] == [64, 128]
     answers = ask_together(model, requests)
     for pairs, answer in zip(requests, answers):
         one_by_one = [model.pipeline(sequences=[pair]) for pair in pairs]
