@@ -9,7 +9,7 @@ its own, split into, or padded up to, the batch size compiled into the engine. S
 
 One thread (the only one that calls the pipeline: its tokenizer fails when called from two
 threads at once) takes the oldest waiting request, waits up to ``window_s`` for others, and fills
-one call of at most ``max_batch`` rows, all of one group (rows that can share a call), oldest
+one call of at most ``max_batch`` rows of one group (rows that can share a call), oldest
 requests first. A request with rows left over queues again behind those that arrived while its
 rows were answered, so a large request cannot hold the engine while a small one waits.
 """
@@ -22,32 +22,24 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 _LOGGER = logging.getLogger(__name__)
 
-# (group, rows) -> one answer per row, in order. The group is the one group_of gave every row.
-AnswerRows = Callable[[Any, list], Sequence]
-# rows -> each row's group: only rows of one group share an engine call.
-GroupOf = Callable[[list], Sequence]
-
-
-def one_group(rows: list) -> list:
-    return [None] * len(rows)
+# rows -> one answer per row, in order: one engine call.
+AnswerRows = Callable[[list], Sequence]
 
 
 @dataclass(eq=False)
 class _Request:
     rows: list
+    group: Hashable  # only rows of one group share a call
     future: Future = field(default_factory=Future)
-    groups: Sequence = ()  # each row's group, found on the batcher thread
-    answers: list = field(default_factory=list)  # each row's answer once it has one
-    unsent: list = field(default_factory=list)  # indices of the rows not yet in an engine call
+    answers: list = field(default_factory=list)  # the answers of rows[:len(answers)]
+    sent: int = 0  # rows[:sent] are answered or in the engine call now
     arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
-        self.answers = [None] * len(self.rows)
-        self.unsent = list(range(len(self.rows)))
         # Running from the start: nothing may cancel it (an HTTP client that hangs up cancels
         # its handler's wrapper), as a cancelled future would refuse its answer.
         self.future.set_running_or_notify_cancel()
@@ -56,21 +48,20 @@ class _Request:
 class Batcher:
     """Answers ``submit``-ted row lists through ``answer_rows``, many requests a call."""
 
-    def __init__(self, answer_rows: AnswerRows, max_batch: int, window_s: float,
-                 group_of: GroupOf = one_group):
+    def __init__(self, answer_rows: AnswerRows, max_batch: int, window_s: float):
         if max_batch < 1 or window_s < 0:
             raise ValueError(f"max_batch must be at least 1 and window_s not negative: {max_batch}, {window_s}")
-        self.answer_rows, self.group_of = answer_rows, group_of
-        self.max_batch, self.window_s = max_batch, window_s
+        self.answer_rows, self.max_batch, self.window_s = answer_rows, max_batch, window_s
         self._arrivals: queue.Queue[_Request] = queue.Queue()
-        self._waiting: list[_Request] = []  # taken from _arrivals, oldest first; batcher thread only
+        self._waiting: list[_Request] = []  # taken from _arrivals, in turn order; batcher thread only
         threading.Thread(target=self._serve_forever, name="batcher", daemon=True).start()
 
-    def submit(self, rows: list) -> Future:
-        """A future of ``rows``' answers, in their order (or of the engine's exception)."""
+    def submit(self, rows: list, group: Hashable = None) -> Future:
+        """A future of ``rows``' answers, in their order (or of the engine's exception); only
+        rows of the same ``group`` share an engine call."""
         if not rows:
             raise ValueError("a request needs at least one row")
-        request = _Request(list(rows))
+        request = _Request(list(rows), group)
         self._arrivals.put(request)
         return request.future
 
@@ -90,36 +81,26 @@ class Batcher:
 
     def _answer_one_batch(self) -> None:
         if not self._waiting:
-            self._take(self._arrivals.get())
+            self._waiting.append(self._arrivals.get())
         self._take_arrivals()
-        if not self._waiting:  # the arrivals' rows could not be grouped; each has its answer
-            return
         self._wait_for_company()
-        group, batch = self._next_batch()
+        batch = self._next_batch()  # (request, rows of it)
         try:
-            answers = self.answer_rows(group, [request.rows[i] for request, i in batch])
-            if len(answers) != len(batch):
-                raise RuntimeError(f"the engine gave {len(answers)} answers for {len(batch)} rows")
+            answers = self.answer_rows([row for _, rows in batch for row in rows])
+            if len(answers) != sum(len(rows) for _, rows in batch):
+                raise RuntimeError(f"the engine gave {len(answers)} answers for the rows of {len(batch)} requests")
         except Exception as error:
-            self._fail({request for request, _ in batch}, error)
+            self._fail([request for request, _ in batch], error)
             return
-        for (request, index), answer in zip(batch, answers):
-            request.answers[index] = answer
-        self._settle({request for request, _ in batch})
-
-    def _take(self, request: _Request) -> None:
-        """Put an arrival in the waiting line, with its rows' groups."""
-        try:
-            request.groups = list(self.group_of(request.rows))
-        except Exception as error:
-            request.future.set_exception(error)
-            return
-        self._waiting.append(request)
+        for request, rows in batch:
+            request.answers += answers[:len(rows)]
+            answers = answers[len(rows):]
+        self._settle([request for request, _ in batch])
 
     def _take_arrivals(self) -> None:
         while True:
             try:
-                self._take(self._arrivals.get_nowait())
+                self._waiting.append(self._arrivals.get_nowait())
             except queue.Empty:
                 return
 
@@ -127,47 +108,47 @@ class Batcher:
         """Wait for more rows until the oldest request has waited the window, unless a full
         batch is already there (with a backlog, the engine call just made was the wait)."""
         deadline = min(request.arrived for request in self._waiting) + self.window_s
-        while self._waiting and len(self._rows_of_leading_group()) < self.max_batch:
+        while self._rows_ready() < self.max_batch:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             try:
-                self._take(self._arrivals.get(timeout=left))
+                self._waiting.append(self._arrivals.get(timeout=left))
             except queue.Empty:
                 return
 
-    def _rows_of_leading_group(self) -> list[tuple[_Request, int]]:
-        """Up to max_batch (request, row index) of the oldest unsent row's group, oldest first."""
-        first = self._waiting[0]
-        group = first.groups[first.unsent[0]]
-        rows = []
-        for request in self._waiting:
-            rows += [(request, i) for i in request.unsent if request.groups[i] == group]
-            if len(rows) >= self.max_batch:
+    def _in_leading_group(self) -> list[_Request]:
+        """The waiting requests of the first one's group, in turn order."""
+        return [request for request in self._waiting if request.group == self._waiting[0].group]
+
+    def _rows_ready(self) -> int:
+        return sum(len(request.rows) - request.sent for request in self._in_leading_group())
+
+    def _next_batch(self) -> list[tuple[_Request, list]]:
+        """Up to max_batch rows of the leading group, requests in turn order, marked sent."""
+        batch, room = [], self.max_batch
+        for request in self._in_leading_group():
+            rows = request.rows[request.sent:request.sent + room]
+            request.sent += len(rows)
+            batch.append((request, rows))
+            room -= len(rows)
+            if not room:
                 break
-        return rows[:self.max_batch]
+        return batch
 
-    def _next_batch(self) -> tuple[Any, list[tuple[_Request, int]]]:
-        batch = self._rows_of_leading_group()
-        for request, index in batch:
-            request.unsent.remove(index)
-        first_request, first_index = batch[0]
-        return first_request.groups[first_index], batch
-
-    def _settle(self, served: set[_Request]) -> None:
+    def _settle(self, served: list[_Request]) -> None:
         """Answer the requests that are complete; those served in part queue again behind the
         requests that arrived meanwhile (a large one's next rows take their turn)."""
         self._take_arrivals()
-        done = [r for r in served if not r.unsent]
-        for request in done:
-            request.future.set_result(request.answers)
-        again = [r for r in self._waiting if r in served and r.unsent]
+        for request in served:
+            if request.sent == len(request.rows):
+                request.future.set_result(request.answers)
+        again = [r for r in served if r.sent < len(r.rows)]
         self._waiting = [r for r in self._waiting if r not in served] + again
 
-    def _fail(self, requests, error: Exception) -> None:
+    def _fail(self, requests: list[_Request], error: Exception) -> None:
         """Answer each of ``requests`` with ``error``; their other rows are not sent."""
-        failed = set(requests)
-        for request in failed:
+        for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
-        self._waiting = [r for r in self._waiting if r not in failed]
+        self._waiting = [r for r in self._waiting if r not in requests]

@@ -435,29 +435,26 @@ class ServedModel:
         # text to the shortest: each is called, as each pads the text to its own length.
         for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
             bucket(sequences=warm_up)
-        self.batcher = Batcher(self._answer_rows, self.batch_size, self.batch_window_ms / 1000, self._kind_of_rows)
+        self.batcher = Batcher(self._answer_rows, self.batch_size, self.batch_window_ms / 1000)
         self.pipeline = pipeline
 
     def require_ready(self) -> None:
         if self.pipeline is None:
             raise ModelNotReady(f"model '{self.name}' is not loaded yet")
 
-    def _answer_rows(self, kind: int, rows: list) -> list[tuple[str, float]]:
+    def _answer_rows(self, rows: list) -> list[tuple[str, float]]:
         """(label, score) of each row, from one pipeline call (on the batcher thread)."""
         output = self.pipeline(sequences=rows)
         return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
-
-    @staticmethod
-    def _kind_of_rows(rows: list) -> list[int]:
-        """Single texts and pairs (both accepted when serving.json does not say) never share
-        a call: the tokenizer reads a list of one kind."""
-        return [text_inputs(rows)] * len(rows)
 
     def submit(self, request: InferenceRequest) -> Future:
         """A future of the (label, score) of each of the request's texts, in order."""
         self.require_ready()
         sequences = unwrap_single_texts(request.sequences)
-        return self.batcher.submit(sequences if isinstance(sequences, list) else [sequences])
+        rows = sequences if isinstance(sequences, list) else [sequences]
+        # Single texts and pairs (both accepted when serving.json does not say) never share a
+        # call: the tokenizer reads a list of one kind.
+        return self.batcher.submit(rows, group=text_inputs(rows))
 
     def predict(self, request: InferenceRequest) -> dict:
         return as_response(self.submit(request).result())

@@ -426,25 +426,30 @@ def stand_in_model(tmp_path, monkeypatch, pipeline: StandInPipeline, batch_size:
     return model
 
 
-def ask_together(model: ServedModel, requests: list) -> list:
-    """Each request's answer (or exception), all sent at once from threads of their own."""
+def all_at_once(ask, requests: list) -> list:
+    """``ask(request)`` for each request, all at once from threads of their own; the answers (or
+    exceptions) in order. A request never answered fails the test instead of hanging it."""
     answers = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
-    def ask(i):
+    def one(i):
         start.wait()
         try:
-            answers[i] = model.predict(InferenceRequest(sequences=requests[i]))
+            answers[i] = ask(requests[i])
         except Exception as error:  # noqa: BLE001 - the test compares it
             answers[i] = error
 
-    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(requests))]  # a hang fails
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(requests))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(20)
         assert not thread.is_alive(), "a request was never answered"
     return answers
+
+
+def ask_together(model: ServedModel, requests: list) -> list:
+    return all_at_once(lambda sequences: model.predict(InferenceRequest(sequences=sequences)), requests)
 
 
 def test_concurrent_requests_share_engine_calls(tmp_path, monkeypatch):
@@ -510,21 +515,11 @@ def test_an_engine_error_answers_every_request_of_its_batch(tmp_path, monkeypatc
 
 
 def ask_over_http(client, requests: list) -> list:
-    answers = [None] * len(requests)
-    start = threading.Barrier(len(requests))
+    def ask(sequences):
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": sequences})
+        return response.status_code, response.json()
 
-    def ask(i):
-        start.wait()
-        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": requests[i]})
-        answers[i] = (response.status_code, response.json())
-
-    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-        assert not thread.is_alive(), "a request was never answered"
-    return answers
+    return all_at_once(ask, requests)
 
 
 def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
