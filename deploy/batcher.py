@@ -12,6 +12,10 @@ threads at once) takes the oldest waiting request, waits up to ``window_s`` for 
 one call of at most ``max_batch`` rows of one group (rows that can share a call), oldest
 requests first. A request with rows left over queues again behind those that arrived while its
 rows were answered, so a large request cannot hold the engine while a small one waits.
+
+The thread ends on ``close()``, or when the engine raises KeyboardInterrupt or SystemExit; either
+way every request still waiting is failed with ModelNotReady, never left to hang, and
+``running()`` turns false so the server stops reading as ready.
 """
 
 from __future__ import annotations
@@ -22,12 +26,20 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
+
+from sparsebert.deploy.errors import ModelNotReady
 
 _LOGGER = logging.getLogger(__name__)
 
 # rows -> one answer per row, in order: one engine call.
 AnswerRows = Callable[[list], Sequence]
+_CLOSE = None  # put on the arrivals queue by close(): wakes the thread wherever it waits
+CLOSE_TIMEOUT_S = 30.0  # how long close() waits for an engine call in progress
+
+
+class _Closed(Exception):
+    """The batcher thread read close()'s sentinel."""
 
 
 @dataclass(eq=False)
@@ -52,18 +64,39 @@ class Batcher:
         if max_batch < 1 or window_s < 0:
             raise ValueError(f"max_batch must be at least 1 and window_s not negative: {max_batch}, {window_s}")
         self.answer_rows, self.max_batch, self.window_s = answer_rows, max_batch, window_s
-        self._arrivals: queue.Queue[_Request] = queue.Queue()
+        self._arrivals: queue.Queue[Optional[_Request]] = queue.Queue()
         self._waiting: list[_Request] = []  # taken from _arrivals, in turn order; batcher thread only
-        threading.Thread(target=self._serve_forever, name="batcher", daemon=True).start()
+        # Set (under _lock) once close() is called or the thread dies: submit refuses from then on,
+        # so the thread's last drain of _arrivals sees every request that got in.
+        self._lock = threading.Lock()
+        self._stopped: Optional[str] = None  # why, for ModelNotReady
+        self.thread = threading.Thread(target=self._serve_until_closed, name="batcher", daemon=True)
+        self.thread.start()
 
     def submit(self, rows: list, group: Hashable = None) -> Future:
         """A future of ``rows``' answers, in their order (or of the engine's exception); only
-        rows of the same ``group`` share an engine call."""
+        rows of the same ``group`` share an engine call. ModelNotReady once stopped."""
         if not rows:
             raise ValueError("a request needs at least one row")
         request = _Request(list(rows), group)
-        self._arrivals.put(request)
+        with self._lock:
+            if self._stopped:
+                raise ModelNotReady(self._stopped)
+            self._arrivals.put(request)
         return request.future
+
+    def running(self) -> bool:
+        """Whether submitted requests will be answered: not closed, and the thread alive."""
+        return self._stopped is None and self.thread.is_alive()
+
+    def why_stopped(self) -> str:
+        return self._stopped or "the batcher thread is not running"
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the thread after the engine call in progress (if any); every request still
+        waiting is failed with ModelNotReady. Safe to call twice, or after the thread died."""
+        self._stop("the server is shutting down", wake_thread=True)
+        self.thread.join(timeout_s)
 
     def arrivals(self) -> int:
         """Requests submitted and not yet taken up by the batcher thread."""
@@ -71,36 +104,95 @@ class Batcher:
 
     # ------------------------------------------------------------ the batcher thread
 
-    def _serve_forever(self) -> None:
+    def _serve_until_closed(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # KeyboardInterrupt or SystemExit: nothing may hang on a dead thread
+            _LOGGER.critical("the batcher thread stopped; no request will be answered", exc_info=True)
+            self._stop(f"the batcher thread stopped ({type(error).__name__}); restart the server")
+            self._fail_all_waiting()
+            raise
+        self._fail_all_waiting()
+
+    def _serve(self) -> None:
+        """Answer batches until close(); return then. KeyboardInterrupt and SystemExit pass."""
         while True:
             try:
                 self._answer_one_batch()
-            except Exception as error:  # a bug here must fail its requests, never hang them
+            except _Closed:
+                return
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as error:  # a bug here must fail its requests, never hang them
                 _LOGGER.exception("the batcher failed")
-                self._fail(self._waiting, error)
+                self._fail(self._waiting, _as_exception(error))
+
+    def _stop(self, reason: str, wake_thread: bool = False) -> None:
+        """Refuse new requests from now on, with ``reason`` (the first reason stays)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = reason
+            if wake_thread:
+                self._arrivals.put(_CLOSE)
+
+    def _fail_all_waiting(self) -> None:
+        """On the way out: fail what was taken up, and what is still queued (nothing more can
+        be, as submit refuses once stopped)."""
+        while True:
+            try:
+                request = self._arrivals.get_nowait()
+            except queue.Empty:
+                break
+            if request is not _CLOSE:
+                self._waiting.append(request)
+        self._fail(self._waiting, ModelNotReady(self._stopped))
 
     def _answer_one_batch(self) -> None:
         if not self._waiting:
-            self._waiting.append(self._arrivals.get())
+            self._waiting.append(self._next_arrival())
         self._take_arrivals()
         self._wait_for_company()
         batch = self._next_batch()  # (request, rows of it)
         try:
-            answers = self.answer_rows([row for _, rows in batch for row in rows])
-            if len(answers) != sum(len(rows) for _, rows in batch):
-                raise RuntimeError(f"the engine gave {len(answers)} answers for the rows of {len(batch)} requests")
+            answered = self._answer(batch)
+        except BaseException as error:  # not an Exception: _answer handles those
+            self._fail([request for request, _ in batch], _as_exception(error))
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        self._settle(answered)
+
+    def _answer(self, batch: list[tuple[_Request, list]]) -> list[_Request]:
+        """Answer the batch in one engine call; return the requests answered (if the call
+        raises, each request it held is failed)."""
+        try:
+            self._answer_in_one_call(batch)
+            return [request for request, _ in batch]
         except Exception as error:
             self._fail([request for request, _ in batch], error)
-            return
+            return []
+
+    def _answer_in_one_call(self, batch: list[tuple[_Request, list]]) -> None:
+        """One engine call for the batch's rows; each request gets its rows' answers."""
+        answers = self.answer_rows([row for _, rows in batch for row in rows])
+        if len(answers) != sum(len(rows) for _, rows in batch):
+            raise RuntimeError(f"the engine gave {len(answers)} answers for the rows of {len(batch)} requests")
         for request, rows in batch:
             request.answers += answers[:len(rows)]
             answers = answers[len(rows):]
-        self._settle([request for request, _ in batch])
+
+    def _next_arrival(self, timeout: Optional[float] = None) -> _Request:
+        """The next submitted request (queue.Empty after ``timeout``); _Closed on close()."""
+        request = self._arrivals.get(timeout=timeout)
+        if request is _CLOSE:
+            raise _Closed
+        return request
 
     def _take_arrivals(self) -> None:
         while True:
             try:
-                self._waiting.append(self._arrivals.get_nowait())
+                self._waiting.append(self._next_arrival(timeout=0))
             except queue.Empty:
                 return
 
@@ -113,7 +205,7 @@ class Batcher:
             if left <= 0:
                 return
             try:
-                self._waiting.append(self._arrivals.get(timeout=left))
+                self._waiting.append(self._next_arrival(timeout=left))
             except queue.Empty:
                 return
 
@@ -139,10 +231,10 @@ class Batcher:
     def _settle(self, served: list[_Request]) -> None:
         """Answer the requests that are complete; those served in part queue again behind the
         requests that arrived meanwhile (a large one's next rows take their turn)."""
-        self._take_arrivals()
-        for request in served:
+        for request in served:  # answered before anything else, close() included
             if request.sent == len(request.rows):
                 request.future.set_result(request.answers)
+        self._take_arrivals()
         again = [r for r in served if r.sent < len(r.rows)]
         self._waiting = [r for r in self._waiting if r not in served] + again
 
@@ -152,3 +244,13 @@ class Batcher:
             if not request.future.done():
                 request.future.set_exception(error)
         self._waiting = [r for r in self._waiting if r not in requests]
+
+
+def _as_exception(error: BaseException) -> Exception:
+    """``error``, or for one that is not an Exception a RuntimeError naming it: a future holding
+    SystemExit would raise it in the server's event loop."""
+    if isinstance(error, Exception):
+        return error
+    wrapped = RuntimeError(f"{type(error).__name__} raised while answering: {error}")
+    wrapped.__cause__ = error
+    return wrapped

@@ -48,3 +48,4 @@ def local_server(deployment: Path, engine: str, workdir: Path, name: str = "pari
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        model.close()  # the app closes it on shutdown too; not when uvicorn never started

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import re
 import shutil
@@ -428,36 +430,54 @@ class ServedModel:
     def load(self) -> None:
         """Load the pipeline and answer one warm-up request with it before calling the model
         ready: the engine's first call (buffers, kernels) is paid here, not by a user, and a
-        model that cannot answer never reads as ready."""
+        model that cannot answer never reads as ready. A second load replaces the first: its
+        batcher thread and pipeline are released first (two models may not fit in memory)."""
+        self.close()
         pipeline = load_pipeline(self.config_path)
         warm_up = [["A warm-up sentence.", "Another one."]] if self.text_inputs == 2 else ["A warm-up sentence."]
         # With sequence-length buckets DeepSparse holds one pipeline per length and routes a short
         # text to the shortest: each is called, as each pads the text to its own length.
         for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
             bucket(sequences=warm_up)
-        self.batcher = Batcher(self._answer_rows, self.batch_size, self.batch_window_ms / 1000)
+        # Bound to this pipeline, not to self.pipeline: close() may release that during a call.
+        answer = functools.partial(answer_rows, pipeline)
+        self.batcher = Batcher(answer, self.batch_size, self.batch_window_ms / 1000)
         self.pipeline = pipeline
 
-    def require_ready(self) -> None:
-        if self.pipeline is None:
-            raise ModelNotReady(f"model '{self.name}' is not loaded yet")
+    def close(self) -> None:
+        """Stop the batcher thread (requests still waiting get ModelNotReady) and release the
+        pipeline. Safe to call twice, or before load()."""
+        batcher, self.batcher, self.pipeline = self.batcher, None, None
+        if batcher is not None:
+            batcher.close()
 
-    def _answer_rows(self, rows: list) -> list[tuple[str, float]]:
-        """(label, score) of each row, from one pipeline call (on the batcher thread)."""
-        output = self.pipeline(sequences=rows)
-        return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
+    def require_ready(self) -> Batcher:
+        """The batcher, or ModelNotReady when nothing would answer: not loaded, closed, or
+        its thread died (a readiness probe must not say OK to requests that would hang)."""
+        batcher = self.batcher
+        if batcher is None:
+            raise ModelNotReady(f"model '{self.name}' is not loaded yet")
+        if not batcher.running():
+            raise ModelNotReady(f"model '{self.name}' cannot answer: {batcher.why_stopped()}")
+        return batcher
 
     def submit(self, request: InferenceRequest) -> Future:
         """A future of the (label, score) of each of the request's texts, in order."""
-        self.require_ready()
+        batcher = self.require_ready()
         sequences = unwrap_single_texts(request.sequences)
         rows = sequences if isinstance(sequences, list) else [sequences]
         # Single texts and pairs (both accepted when serving.json does not say) never share a
         # call: the tokenizer reads a list of one kind.
-        return self.batcher.submit(rows, group=text_inputs(rows))
+        return batcher.submit(rows, group=text_inputs(rows))
 
     def predict(self, request: InferenceRequest) -> dict:
         return as_response(self.submit(request).result())
+
+
+def answer_rows(pipeline, rows: list) -> list[tuple[str, float]]:
+    """(label, score) of each row, from one pipeline call (on the batcher thread)."""
+    output = pipeline(sequences=rows)
+    return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
 
 
 def as_response(answers: list[tuple[str, float]]) -> dict:
@@ -466,8 +486,15 @@ def as_response(answers: list[tuple[str, float]]) -> dict:
 
 
 def create_app(model: ServedModel) -> FastAPI:
-    """deepsparse.server's routes for one model: infer, model ready/metadata, server health."""
-    app = FastAPI(title=f"SparseBERT: {model.name}",
+    """deepsparse.server's routes for one model: infer, model ready/metadata, server health.
+    The app closes the model when it shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await asyncio.to_thread(model.close)  # waits for an engine call in progress
+
+    app = FastAPI(title=f"SparseBERT: {model.name}", lifespan=lifespan,
                   description="deepsparse.server's text_classification API, with 4xx on bad input")
     errors.install(app, served=[model.name])
     prefix = f"/v2/models/{model.name}"

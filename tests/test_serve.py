@@ -25,9 +25,9 @@ import yaml
 
 from sparsebert.deploy.client import ClientError, SparseBertClient
 from sparsebert.deploy.engines import pipeline_engine_type
-from sparsebert.deploy.errors import UnprocessableInput
+from sparsebert.deploy.errors import ModelNotReady, UnprocessableInput
 from sparsebert.deploy.loadtest import INPUTS, percentile, require_loopback, run_load
-from sparsebert.deploy.local import free_port
+from sparsebert.deploy.local import free_port, local_server
 from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_SEQUENCES, MAX_TEXT_CHARS, SERVING_FILE,
                                      DeploymentError, InferenceRequest, ServedModel, ServeSettings,
                                      check_sequences, create_app, default_sequence_lengths, prepare,
@@ -394,17 +394,18 @@ def test_percentile_is_nearest_rank():
 
 class StandInPipeline:
     """A pipeline that answers each text with a label and score of its own, records every call,
-    and runs ``during_call`` (if set) inside each call."""
+    runs ``during_call`` (if set) inside each call, and raises ``error`` for a call holding
+    ``fail_on``."""
 
-    def __init__(self, fail_on=None):
-        self.calls, self.fail_on, self.during_call = [], fail_on, None
+    def __init__(self, fail_on=None, error: type[BaseException] = RuntimeError):
+        self.calls, self.fail_on, self.error, self.during_call = [], fail_on, error, None
 
     def __call__(self, sequences):
         self.calls.append(list(sequences))
         if self.during_call:
             self.during_call()
         if self.fail_on in sequences:
-            raise RuntimeError("engine failed")
+            raise self.error("engine failed")
         return SimpleNamespace(labels=[f"label of {text}" for text in sequences],
                                scores=[len(text) / 100 for text in sequences])
 
@@ -554,6 +555,73 @@ def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatc
     # Answered by the call right after the large one's first, of the 7 calls in all.
     assert pipeline.calls[:2] == [large[:2], ["the small one", large[2]]]
     assert len(pipeline.calls) == 7 and all(len(call) <= 2 for call in pipeline.calls)
+
+
+def wait_until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_close_ends_the_batcher_thread_and_fails_a_waiting_request(tmp_path, monkeypatch):
+    """A request waiting for company when the model is closed gets ModelNotReady (503) instead
+    of hanging; the thread ends and later requests are refused. A second load() replaces the
+    batcher rather than starting another beside it."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=1000)
+    first = model.batcher
+    model.load()
+    assert not first.thread.is_alive() and model.batcher.thread.is_alive()
+    batcher, pipeline.calls[:] = model.batcher, []
+    waiting = model.submit(InferenceRequest(sequences="a text"))
+    wait_until(lambda: batcher.arrivals() == 0)  # taken up: waiting out its 1 s window
+    model.close()
+    assert isinstance(waiting.exception(timeout=5), ModelNotReady)
+    assert not batcher.thread.is_alive() and pipeline.calls == []
+    with pytest.raises(ModelNotReady):
+        model.predict(InferenceRequest(sequences="too late"))
+
+
+def batcher_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "batcher"]
+
+
+def test_servers_close_their_model_when_they_stop(tmp_path, monkeypatch):
+    """The app on shutdown, and local_server on leaving: no batcher thread is left behind."""
+    from fastapi.testclient import TestClient
+
+    from sparsebert.deploy import serve
+
+    model = stand_in_model(tmp_path, monkeypatch, StandInPipeline(), batch_size=4, window_ms=0)
+    with TestClient(create_app(model)) as client:
+        assert client.get("/v2/health/ready").json() == {"status": "OK"}
+        batcher = model.batcher
+    assert not batcher.thread.is_alive() and model.batcher is None
+
+    before = batcher_threads()
+    monkeypatch.setattr(serve, "load_pipeline", lambda config_path: StandInPipeline())
+    with local_server(fake_deployment(tmp_path / "deployment"), "onnxruntime", tmp_path / "work",
+                      batch_size=4) as client:
+        assert client.classify("a text").labels == ["label of a text"]
+        assert len(batcher_threads()) == len(before) + 1
+    assert batcher_threads() == before
+
+
+def test_an_engine_raising_system_exit_fails_every_waiting_request(tmp_path, monkeypatch):
+    """SystemExit from the engine ends the batcher thread: the request in the call and those
+    waiting behind it get errors instead of hanging, and the model stops reading as ready."""
+    pipeline = StandInPipeline(fail_on="exit", error=SystemExit)
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    pipeline.during_call = lambda: wait_until(lambda: model.batcher.arrivals() == 2)
+    in_the_call = model.submit(InferenceRequest(sequences="exit"))
+    wait_until(lambda: pipeline.calls)
+    behind = [model.submit(InferenceRequest(sequences=text)) for text in ("b", "c")]
+    assert isinstance(in_the_call.exception(timeout=10), RuntimeError)  # not SystemExit: the loop would stop
+    assert all(isinstance(future.exception(timeout=10), ModelNotReady) for future in behind)
+    assert pipeline.calls == [["exit"]]
+    with pytest.raises(ModelNotReady, match="SystemExit"):
+        model.require_ready()
 
 
 LONG = "The committee, after hearing several hours of testimony from residents, decided to postpone the vote. "
