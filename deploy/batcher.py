@@ -164,14 +164,25 @@ class Batcher:
         self._settle(answered)
 
     def _answer(self, batch: list[tuple[_Request, list]]) -> list[_Request]:
-        """Answer the batch in one engine call; return the requests answered (if the call
-        raises, each request it held is failed)."""
+        """Answer the batch in one engine call; if that raises and the call held more than one
+        request, answer each request's rows alone, so one faulty input fails only its own
+        request. Return the requests whose rows were answered (the others are failed)."""
         try:
             self._answer_in_one_call(batch)
             return [request for request, _ in batch]
         except Exception as error:
-            self._fail([request for request, _ in batch], error)
-            return []
+            if len(batch) == 1:
+                self._fail([batch[0][0]], error)
+                return []
+            _LOGGER.warning("an engine call of %d requests failed (%r); answering each alone", len(batch), error)
+        answered = []
+        for request, rows in batch:
+            try:
+                self._answer_in_one_call([(request, rows)])
+                answered.append(request)
+            except Exception as error:
+                self._fail([request], error)
+        return answered
 
     def _answer_in_one_call(self, batch: list[tuple[_Request, list]]) -> None:
         """One engine call for the batch's rows; each request gets its rows' answers."""

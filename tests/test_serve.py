@@ -497,21 +497,24 @@ def test_single_texts_and_pairs_never_share_a_call(tmp_path, monkeypatch):
     assert sorted(map(sorted, kinds)) == [[False], [True]]  # two calls, one of each kind
 
 
-def test_an_engine_error_answers_every_request_of_its_batch(tmp_path, monkeypatch):
-    """A failing call fails each request it held, with the error shape, and nothing hangs; the
-    server answers the next requests."""
+def test_an_engine_error_fails_only_the_faulty_request(tmp_path, monkeypatch):
+    """A failing shared call is answered again one request at a time: only the request with the
+    faulty input fails, with the error shape, the others get their answers, and nothing hangs;
+    the server answers the next requests."""
     from fastapi.testclient import TestClient
 
     pipeline = StandInPipeline(fail_on="poison")
     model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=500)
     answers = ask_together(model, [["poison"], "b", "c", "d"])
-    assert all(isinstance(answer, RuntimeError) for answer in answers)
-    assert len(pipeline.calls) == 1
+    assert isinstance(answers[0], RuntimeError)
+    assert answers[1:] == [alone(["b"]), alone(["c"]), alone(["d"])]
+    assert len(pipeline.calls[0]) == 4  # shared, then each request alone
+    assert sorted(pipeline.calls[1:]) == [["b"], ["c"], ["d"], ["poison"]]
     assert model.predict(InferenceRequest(sequences="fine")) == alone(["fine"])
 
     with TestClient(create_app(model), raise_server_exceptions=False) as client:  # answers, not raises
         statuses = ask_over_http(client, [["poison"], "b"])
-        assert statuses == [(500, {"error": "internal error (RuntimeError); see the server log"})] * 2
+        assert statuses == [(500, {"error": "internal error (RuntimeError); see the server log"}), (200, alone(["b"]))]
         assert client.post(f"/v2/models/{NAME}/infer", json={"sequences": "fine"}).json() == alone(["fine"])
 
 
