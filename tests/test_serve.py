@@ -482,7 +482,7 @@ def test_the_batch_size_is_never_exceeded(tmp_path, monkeypatch):
     assert ask_together(model, requests) == [alone(texts) for texts in requests]
     assert all(1 <= len(call) <= 3 for call in pipeline.calls)
     assert sorted(text for call in pipeline.calls for text in call) == sorted(sum(requests, []))
-    assert len(pipeline.calls) < sum(map(len, requests))  # some were shared
+    assert len(pipeline.calls) < sum(-(-len(texts) // 3) for texts in requests)  # fewer than unshared
 
 
 def test_single_texts_and_pairs_never_share_a_call(tmp_path, monkeypatch):
@@ -630,24 +630,76 @@ def test_an_engine_raising_system_exit_fails_every_waiting_request(tmp_path, mon
 LONG = "The committee, after hearing several hours of testimony from residents, decided to postpone the vote. "
 
 
+def numbered(shapes: list[list[list[str]]]) -> list[list[list[str]]]:
+    """The requests of ``shapes`` with every pair made unique ("(request.row)" appended to its
+    second text), so a call's rows tell which requests they came from."""
+    return [[[first, f"{second} ({r}.{i})"] for i, (first, second) in enumerate(shape)]
+            for r, shape in enumerate(shapes)]
+
+
+def recorded_calls(model: ServedModel) -> list[list]:
+    """The rows of every engine call the model's batcher makes from now on."""
+    calls, answer_rows = [], model.batcher.answer_rows
+
+    def recording(rows):
+        calls.append(list(rows))
+        return answer_rows(rows)
+
+    model.batcher.answer_rows = recording
+    return calls
+
+
+def loaded_model(deployment: Path, workdir: Path, engine: str, batch_size: int) -> ServedModel:
+    config = prepare(deployment, workdir, ServeSettings(name=NAME, engine=engine, batch_size=batch_size))
+    model = ServedModel(config, batch_window_ms=200)  # long enough for every request to arrive
+    model.load()
+    return model
+
+
 @pytest.mark.parametrize("engine", ["deepsparse", "onnxruntime"])
 def test_shared_calls_answer_as_the_pipeline_does_one_text_at_a_time(deployment, tmp_path, engine):
     """The tiny RTE student at batch 4 with buckets 64 and 128: concurrent requests (pairs short
-    and long, one request larger than the batch) get the answers the pipeline gives each pair
-    sent alone, to float error, though a short pair may now share the 128-token call of a long
-    one."""
-    config = prepare(deployment, tmp_path, ServeSettings(name=NAME, engine=engine, batch_size=4))
-    model = ServedModel(config, batch_window_ms=50)
-    model.load()
-    # 10, 65 and 231 tokens: buckets 64, 128, and 128 truncating
-    short, medium, long = ["A man eats.", "Someone eats."], [LONG * 3, "The vote was postponed."], [LONG * 8, LONG * 4]
-    requests = [[short], [medium, short], [long], [short, medium, long, short, medium], [medium], [short]]
+    and long, one request larger than the batch) share calls, at least one holding pairs of
+    several requests of both buckets (a short pair in the 128-token call of a long one); each
+    gets the answers of a batch-1 server asked one request at a time, and of the pipeline asked
+    one pair at a time, to float error."""
+    from transformers import AutoTokenizer
+
+    model = loaded_model(deployment, tmp_path / "batch4", engine, batch_size=4)
     assert [bucket.sequence_length for bucket in model.pipeline._pipelines] == [64, 128]
+    # about 15, 70 and 231 tokens: buckets 64, 128, and 128 truncating
+    short, medium, long = ["A man eats.", "Someone eats."], [LONG * 3, "The vote was postponed."], [LONG * 8, LONG * 4]
+    requests = numbered([[short], [medium, short], [long], [short, medium, long, short, medium], [medium], [short]])
+    calls = recorded_calls(model)
     answers = ask_together(model, requests)
+
+    owner = {tuple(pair): r for r, pairs in enumerate(requests) for pair in pairs}
+    tokenizer = AutoTokenizer.from_pretrained(deployment)
+    fits_64 = {tuple(pair): len(tokenizer(*pair)["input_ids"]) <= 64 for pairs in requests for pair in pairs}
+    assert any(len({owner[tuple(pair)] for pair in call}) > 1 and {fits_64[tuple(pair)] for pair in call} == {True, False}
+               for call in calls), calls
+
+    unbatched = loaded_model(deployment, tmp_path / "batch1", engine, batch_size=1)
     for pairs, answer in zip(requests, answers):
+        alone = unbatched.predict(InferenceRequest(sequences=pairs))
         one_by_one = [model.pipeline(sequences=[pair]) for pair in pairs]
-        assert answer["labels"] == [str(output.labels[0]) for output in one_by_one]
+        assert answer["labels"] == alone["labels"] == [str(output.labels[0]) for output in one_by_one]
+        assert answer["scores"] == pytest.approx(alone["scores"], abs=1e-5)
         assert answer["scores"] == pytest.approx([output.scores[0] for output in one_by_one], abs=1e-5)
+    model.close()
+    unbatched.close()
+
+
+@pytest.mark.parametrize("batch_size, window_ms, shortest_s, longest_s", [(1, 1000, 0, 0.5), (4, 50, 0.04, 0.5)],
+                         ids=["batch-1", "batch-4"])
+def test_a_lone_request_waits_at_most_the_window(tmp_path, monkeypatch, batch_size, window_ms, shortest_s, longest_s):
+    """At batch 1 a request is a full batch and waits for no one, however long the window; above
+    batch 1 a lone request is sent once the window is over."""
+    model = stand_in_model(tmp_path, monkeypatch, StandInPipeline(), batch_size, window_ms)
+    start = time.monotonic()
+    assert model.predict(InferenceRequest(sequences="alone")) == alone(["alone"])
+    assert shortest_s <= time.monotonic() - start < longest_s
+    model.close()
 
 
 @pytest.mark.parametrize("window_ms", [-1, 1001, float("nan")])
