@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from sparsebert.deploy.client import SparseBertClient
-from sparsebert.deploy.serve import ServedModel, ServeSettings, create_app, prepare
+from sparsebert.deploy.serve import DEFAULT_BATCH_WINDOW_MS, ServedModel, ServeSettings, create_app, prepare
 from sparsebert.errors import UserError
 
 STARTUP_TIMEOUT_S = 60
@@ -24,14 +24,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_server(deployment: Path, engine: str, workdir: Path, name: str = "parity",
-                 sequence_lengths: tuple[int, ...] | None = None, threads: int | None = None):
+                 sequence_lengths: tuple[int, ...] | None = None, threads: int | None = None,
+                 batch_size: int = 1, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
     """A client of ``deployment`` served on ``engine`` (default buckets: the server's, up to the
-    exported length)."""
+    exported length; ``batch_size`` above 1 batches concurrent requests)."""
     import uvicorn
 
     settings = ServeSettings(name=name, engine=engine, port=free_port(), sequence_lengths=sequence_lengths,
-                             threads=threads)
-    model = ServedModel(prepare(Path(deployment), Path(workdir), settings))
+                             threads=threads, batch_size=batch_size, batch_window_ms=batch_window_ms)
+    model = ServedModel(prepare(Path(deployment), Path(workdir), settings), settings.batch_window_ms)
     model.load()
     server = uvicorn.Server(uvicorn.Config(create_app(model), host=settings.host, port=settings.port,
                                            log_level="warning"))
@@ -47,3 +48,4 @@ def local_server(deployment: Path, engine: str, workdir: Path, name: str = "pari
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        model.close()  # the app closes it on shutdown too; not when uvicorn never started

@@ -24,13 +24,15 @@ exported and parity-checked with.
 from __future__ import annotations
 
 import argparse
-import itertools
+import asyncio
+import contextlib
+import functools
 import json
 import re
 import shutil
 import sys
-import threading
 import unicodedata
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Union
@@ -38,11 +40,11 @@ from typing import List, Optional, Union
 import yaml
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from sparsebert import offline, sparseml_mends
 from sparsebert.inference import label_names
 from sparsebert.deploy import errors
+from sparsebert.deploy.batcher import Batcher
 from sparsebert.deploy.engines import pipeline_engine_type, served_engines
 from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
                                       UnsupportedMediaType)
@@ -54,6 +56,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5543  # deepsparse.server's default
 # Short inputs run on the 64-token engine, the rest on 128; capped at the exported length.
 DEFAULT_SEQUENCE_LENGTHS = (64, 128)
+# How long the first text of an engine call waits for others to share it (dynamic batching; only
+# with --batch-size above 1): a few ms, small beside a batched call of a BERT.
+DEFAULT_BATCH_WINDOW_MS = 5.0
+MAX_BATCH_WINDOW_MS = 1000.0
 SERVING_FILE = "serving.json"  # in the deployment folder: task, text_inputs, sequence_length
 # Request limits. The pipeline truncates every text (or pair) to the longest sequence length, as
 # in training and evaluation, so a longer text is accepted and truncated. No BERT reads more than
@@ -85,6 +91,7 @@ class ServeSettings:
     port: int = DEFAULT_PORT
     # Cores the engine runs on (DeepSparse cores, ONNX Runtime intra-op threads); None: all.
     threads: Optional[int] = None
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -101,6 +108,12 @@ class ServeSettings:
             raise DeploymentError(f"threads must be at least 1, not {self.threads}")
         if not 0 < self.port < 65536:
             raise DeploymentError(f"port {self.port} is not a TCP port")
+        check_batch_window(self.batch_window_ms)
+
+
+def check_batch_window(window_ms: float) -> None:
+    if not 0 <= window_ms <= MAX_BATCH_WINDOW_MS:
+        raise DeploymentError(f"the batch window must be 0 to {MAX_BATCH_WINDOW_MS:g} ms, not {window_ms:g}")
 
 
 # ---------------------------------------------------------------- deployment copy and config
@@ -377,56 +390,21 @@ def text_inputs(sequences) -> int:
     return 1
 
 
-class FifoLock:
-    """A lock taken in the order it was asked for. ``threading.Lock`` promises no order: a thread
-    that releases it and asks again at once (a large request's next batch) may take it back ahead
-    of one that has been waiting (a small request)."""
-
-    def __init__(self):
-        self._state = threading.Condition()
-        self._tickets = itertools.count()
-        self._serving = 0  # the ticket whose turn it is
-        self._abandoned: set[int] = set()  # tickets whose thread stopped waiting (interrupted)
-        self._waiting = 0
-
-    def waiting(self) -> int:
-        """How many threads wait for their turn."""
-        with self._state:
-            return self._waiting
-
-    def __enter__(self):
-        with self._state:
-            ticket = next(self._tickets)
-            self._waiting += 1
-            try:
-                self._state.wait_for(lambda: self._serving == ticket)
-            except BaseException:  # its turn must not stay owed to a thread that left
-                self._abandoned.add(ticket)
-                self._skip_abandoned()
-                raise
-            finally:
-                self._waiting -= 1
-
-    def __exit__(self, *exc):
-        with self._state:
-            self._serving += 1
-            self._skip_abandoned()
-
-    def _skip_abandoned(self) -> None:
-        while self._serving in self._abandoned:
-            self._abandoned.discard(self._serving)
-            self._serving += 1
-        self._state.notify_all()
-
-
 class ServedModel:
-    """One pipeline, loaded from a server config, called by one request at a time: Hugging Face
-    fast tokenizers fail when called from several threads at once ("Already borrowed"), and one
-    engine call already spreads over all cores, so on a small CPU queueing costs little. A
-    request is answered a batch (the config's ``batch_size``) at a time, each batch taking its
-    turn in order, so a small request waits for one batch of a large one, not the whole of it."""
+    """One pipeline, loaded from a server config, called from one thread only: Hugging Face fast
+    tokenizers fail when called from several threads at once ("Already borrowed"), and one engine
+    call already spreads over all cores. That thread batches (``batcher.py``): the texts of
+    concurrent requests share engine calls of up to the config's ``batch_size`` rows, the batch
+    size compiled into the engine, and a large request's rows are split across calls that take
+    turns with other requests, so a small request waits for one call, not for all of it.
 
-    def __init__(self, config_path: Path):
+    Each call goes to the sequence-length bucket of its longest text, as DeepSparse routes any
+    call: the engine pads every call to its compiled batch size, so a short text costs nothing
+    more in a longer call's empty slots than in a call of its own, while a call of its own costs
+    a whole batch. Padding is masked, so a text's answer is the same in either, to float error."""
+
+    def __init__(self, config_path: Path, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+        check_batch_window(batch_window_ms)
         self.config_path = Path(config_path)
         endpoint = yaml.safe_load(self.config_path.read_text())["endpoints"][0]
         self.name, self.model_path = endpoint["name"], endpoint["model"]
@@ -435,7 +413,8 @@ class ServedModel:
         self.text_inputs = serving.get("text_inputs")  # None: unknown, both kinds accepted
         self.pipeline = None
         self.batch_size = int(endpoint.get("batch_size") or 1)
-        self._lock = FifoLock()
+        self.batch_window_ms = batch_window_ms
+        self.batcher: Optional[Batcher] = None
 
     def check_text_inputs(self, request: InferenceRequest) -> None:
         """UnprocessableInput for single texts sent to a pair model or pairs to a single-text
@@ -451,35 +430,71 @@ class ServedModel:
     def load(self) -> None:
         """Load the pipeline and answer one warm-up request with it before calling the model
         ready: the engine's first call (buffers, kernels) is paid here, not by a user, and a
-        model that cannot answer never reads as ready."""
+        model that cannot answer never reads as ready. A second load replaces the first: its
+        batcher thread and pipeline are released first (two models may not fit in memory)."""
+        self.close()
         pipeline = load_pipeline(self.config_path)
         warm_up = [["A warm-up sentence.", "Another one."]] if self.text_inputs == 2 else ["A warm-up sentence."]
         # With sequence-length buckets DeepSparse holds one pipeline per length and routes a short
         # text to the shortest: each is called, as each pads the text to its own length.
         for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
             bucket(sequences=warm_up)
+        # Bound to this pipeline, not to self.pipeline: close() may release that during a call.
+        answer = functools.partial(answer_rows, pipeline)
+        self.batcher = Batcher(answer, self.batch_size, self.batch_window_ms / 1000)
         self.pipeline = pipeline
 
-    def require_ready(self) -> None:
-        if self.pipeline is None:
+    def close(self) -> None:
+        """Stop the batcher thread (requests still waiting get ModelNotReady) and release the
+        pipeline. Safe to call twice, or before load()."""
+        batcher, self.batcher, self.pipeline = self.batcher, None, None
+        if batcher is not None:
+            batcher.close()
+
+    def require_ready(self) -> Batcher:
+        """The batcher, or ModelNotReady when nothing would answer: not loaded, closed, or
+        its thread died (a readiness probe must not say OK to requests that would hang)."""
+        batcher = self.batcher
+        if batcher is None:
             raise ModelNotReady(f"model '{self.name}' is not loaded yet")
+        if not batcher.running():
+            raise ModelNotReady(f"model '{self.name}' cannot answer: {batcher.why_stopped()}")
+        return batcher
+
+    def submit(self, request: InferenceRequest) -> Future:
+        """A future of the (label, score) of each of the request's texts, in order."""
+        batcher = self.require_ready()
+        sequences = unwrap_single_texts(request.sequences)
+        rows = sequences if isinstance(sequences, list) else [sequences]
+        # Single texts and pairs (both accepted when serving.json does not say) never share a
+        # call: the tokenizer reads a list of one kind.
+        return batcher.submit(rows, group=text_inputs(rows))
 
     def predict(self, request: InferenceRequest) -> dict:
-        self.require_ready()
-        sequences = unwrap_single_texts(request.sequences)
-        items = sequences if isinstance(sequences, list) else [sequences]
-        labels, scores = [], []
-        for start in range(0, len(items), self.batch_size):
-            with self._lock:  # one batch per turn
-                output = self.pipeline(sequences=items[start:start + self.batch_size])
-            labels += [str(label) for label in output.labels]
-            scores += [float(score) for score in output.scores]
-        return {"labels": labels, "scores": scores}
+        return as_response(self.submit(request).result())
+
+
+def answer_rows(pipeline, rows: list) -> list[tuple[str, float]]:
+    """(label, score) of each row, from one pipeline call (on the batcher thread)."""
+    output = pipeline(sequences=rows)
+    return [(str(label), float(score)) for label, score in zip(output.labels, output.scores)]
+
+
+def as_response(answers: list[tuple[str, float]]) -> dict:
+    """``InferenceResponse``'s fields from (label, score) pairs."""
+    return {"labels": [label for label, _ in answers], "scores": [score for _, score in answers]}
 
 
 def create_app(model: ServedModel) -> FastAPI:
-    """deepsparse.server's routes for one model: infer, model ready/metadata, server health."""
-    app = FastAPI(title=f"SparseBERT: {model.name}",
+    """deepsparse.server's routes for one model: infer, model ready/metadata, server health.
+    The app closes the model when it shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await asyncio.to_thread(model.close)  # waits for an engine call in progress
+
+    app = FastAPI(title=f"SparseBERT: {model.name}", lifespan=lifespan,
                   description="deepsparse.server's text_classification API, with 4xx on bad input")
     errors.install(app, served=[model.name])
     prefix = f"/v2/models/{model.name}"
@@ -508,7 +523,8 @@ def create_app(model: ServedModel) -> FastAPI:
         parsed = parse_request(await read_json(request))
         model.check_text_inputs(parsed)
         model.require_ready()
-        return await run_in_threadpool(model.predict, parsed)
+        answers = await asyncio.wrap_future(model.submit(parsed))  # no thread held while it waits
+        return as_response(answers)
 
     return app
 
@@ -529,7 +545,7 @@ def serve(deployment: Optional[Path], settings: ServeSettings, workdir: Optional
         config_path = prepare(Path(deployment), workdir, settings)
     if config_only:
         return config_path
-    model = ServedModel(config_path)
+    model = ServedModel(config_path, settings.batch_window_ms)
     model.load()  # before listening: a server that is up always has a model
     print(f"serving {model.name} on http://{settings.host}:{settings.port}/v2/models/{model.name}/infer "
           f"(config {config_path})", flush=True)
@@ -550,7 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of copying a deployment folder")
     p.add_argument("--name", default=DEFAULT_NAME, help="model name in /v2/models/<name>/infer")
     p.add_argument("--engine", choices=served_engines(), default="deepsparse")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="the engine's compiled batch size, and the most texts one engine call answers: "
+                        "above 1, concurrent requests' texts share calls (dynamic batching)")
+    p.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+                   help="how long a text waits for others to share its engine call (with --batch-size "
+                        f"above 1; default {DEFAULT_BATCH_WINDOW_MS:g})")
     p.add_argument("--sequence-lengths", type=int, nargs="+",
                    help="token buckets; the longest one is where texts get truncated (default "
                         "64 and 128, up to the length in the deployment's serving.json)")
@@ -574,7 +595,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         sparseml_mends.apply()
         lengths = tuple(args.sequence_lengths) if args.sequence_lengths else None
-        settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port, args.threads)
+        settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port, args.threads,
+                                 args.batch_window_ms)
         config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

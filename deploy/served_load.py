@@ -1,8 +1,9 @@
 """What the HTTP endpoint sustains on real requests: ``sparsebert loadtest RUN``.
 
 Each of the run's models is served in turn (the validating server, on loopback) and driven by
-1, 4 and 16 concurrent clients sending the task's dev texts one per request, at their own
-lengths. Every answer must match the one the same server gave that text alone (0 errors, 0
+1, 4, 16 and 64 concurrent clients sending the task's dev texts one per request, at their own
+lengths; with ``batch_size`` above 1 every server batches concurrent requests (dynamic
+batching). Every answer must match the one the same server gave that text alone (0 errors, 0
 mismatches, or the run fails). The baseline is what a plain deployment does: the dense model on
 ONNX Runtime with every request padded to the exported length; the sparse models are served on
 DeepSparse with sequence-length buckets.
@@ -21,9 +22,10 @@ from pathlib import Path
 
 from sparsebert import inference
 from sparsebert.deploy.loadtest import expected_answers, run_load
+from sparsebert.deploy.serve import DEFAULT_BATCH_WINDOW_MS
 from sparsebert.runfolder import INT8, RunFolder
 
-CLIENTS = (1, 4, 16)
+CLIENTS = (1, 4, 16, 64)
 
 
 @dataclass
@@ -51,8 +53,10 @@ def requests(run: RunFolder, count: int) -> list:
 
 
 def sweep(run: RunFolder, clients: tuple[int, ...] = CLIENTS, seconds: float = 10.0, examples: int = 200,
-          buckets: tuple[int, ...] = (32, 64, 128), threads: int | None = None, progress=print) -> dict:
-    """Every served model at every client count; ``threads``: the engines' cores (None: all)."""
+          buckets: tuple[int, ...] = (32, 64, 128), threads: int | None = None, progress=print,
+          batch_size: int = 1, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS) -> dict:
+    """Every served model at every client count; ``threads``: the engines' cores (None: all);
+    ``batch_size`` and ``batch_window_ms``: every server's dynamic batching (1: none)."""
     from sparsebert import hardware
     from sparsebert.deploy.local import local_server
 
@@ -64,8 +68,8 @@ def sweep(run: RunFolder, clients: tuple[int, ...] = CLIENTS, seconds: float = 1
         # The longest bucket is always the exported length: no server truncates where another does not.
         lengths = (length,) if served.padded else tuple(sorted({min(b, length) for b in buckets} | {length}))
         with tempfile.TemporaryDirectory(prefix="sparsebert-load-") as workdir, \
-                local_server(deployment, served.engine, Path(workdir), name="load",
-                             sequence_lengths=lengths, threads=threads) as client:
+                local_server(deployment, served.engine, Path(workdir), name="load", sequence_lengths=lengths,
+                             threads=threads, batch_size=batch_size, batch_window_ms=batch_window_ms) as client:
             expected = expected_answers(client, inputs)
             for count in clients:
                 report = run_load(client.url, "load", clients=count, seconds=seconds, max_requests=10**9,
@@ -82,7 +86,8 @@ def sweep(run: RunFolder, clients: tuple[int, ...] = CLIENTS, seconds: float = 1
         base = next(r for r in rows if r["variant"] == "dense" and r["clients"] == row["clients"])
         row["vs_dense_onnxruntime_padded"] = row["throughput_rps"] / base["throughput_rps"]
     return {"task": run.task.name, "examples": len(inputs), "seconds_per_measurement": seconds,
-            "engine_threads": threads or "all",
+            "engine_threads": threads or "all", "batch_size": batch_size,
+            "batch_window_ms": batch_window_ms if batch_size > 1 else None,
             "machine": hardware.describe(), "rows": rows}
 
 
@@ -91,7 +96,7 @@ def markdown(report: dict) -> str:
     lines = [f"{report['task']} dev texts, one per request ({report['examples']} texts, each sent alone first to "
              f"learn its answer), {report['seconds_per_measurement']:g} s per row, engine threads "
              f"{report.get('engine_threads', 'all')}; {m['cpu']} ({m['cpus']} CPUs). "
-             "Server and clients share the machine; the server runs one request at a time (batch 1).", "",
+             f"Server and clients share the machine; {batching(report)}.", "",
              "| model | engine | buckets | clients | requests/s | p50 ms | p99 ms | errors | vs dense ORT padded |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -99,6 +104,14 @@ def markdown(report: dict) -> str:
                      f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['errors'] + r['mismatches']} | {r['vs_dense_onnxruntime_padded']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def batching(report: dict) -> str:
+    size = report.get("batch_size", 1)
+    if size == 1:
+        return "the server answers one text an engine call (batch 1)"
+    return (f"the server batches concurrent requests, up to {size} texts an engine call, each text waiting "
+            f"at most {report['batch_window_ms']:g} ms for others")
 
 
 def plot(report: dict, path: Path) -> None:

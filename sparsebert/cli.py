@@ -7,7 +7,7 @@
     sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
     sparsebert bench  runs/rte                        # latency, sparse (and INT8) vs dense, fixed rows and real text
-    sparsebert loadtest runs/rte                      # the served models over HTTP at 1, 4 and 16 clients
+    sparsebert loadtest runs/rte                      # the served models over HTTP at 1, 4, 16 and 64 clients
     sparsebert gates  runs/rte                        # CI thresholds on the reports
     sparsebert run    --task rte --out runs/rte      # all of the above, in turn
 
@@ -100,6 +100,14 @@ def _threads_argument(p: argparse.ArgumentParser) -> None:
                         "'all': each library's default, all cores; default: 1 and all)")
 
 
+def _batching_arguments(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--batch-size", type=int, default=1,
+                   help=f"{whose} engine batch size: above 1, concurrent requests' texts share engine calls "
+                        "(dynamic batching; default 1)")
+    p.add_argument("--batch-window-ms", type=float,
+                   help="how long a text waits for others to share its engine call (default: the server's, 5)")
+
+
 def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default="student",
                    help="which model of the run: the sparse student or the dense teacher")
@@ -180,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loadtest", help="serve each of the run's models in turn and drive it over HTTP with the "
                                         "task's dev texts at several concurrencies (bench/loadtest.*)")
     _run_argument(p)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, one pass each")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="concurrent clients, one pass each")
     p.add_argument("--seconds", type=float, default=10.0, help="time per pass")
     p.add_argument("--examples", type=int, default=200, help="how many dev texts the clients cycle through")
     p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
                    help="sequence-length buckets of the sparse servers (capped at the exported length)")
     p.add_argument("--threads", type=int, help="cores each server's engine runs on (default: all)")
+    _batching_arguments(p, "every server's")
 
     p = sub.add_parser("gates", help="fail when parity breaks or the sparse speed-up is below its floor")
     _run_argument(p)
@@ -197,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=served_engines(), default="deepsparse")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5543)
-    p.add_argument("--batch-size", type=int, default=1)
+    _batching_arguments(p, "the server's")
     p.add_argument("--name", help="model name in /v2/models/<name>/infer (default: the task)")
     p.add_argument("--threads", type=int, help="cores the engine runs on (default: all)")
 
@@ -393,13 +403,15 @@ def cmd_bench(args) -> int:
 def cmd_loadtest(args) -> int:
     from sparsebert.deploy import served_load
 
-    if min(args.clients) < 1 or args.seconds <= 0 or args.examples < 1 or min(args.buckets) < 8:
-        raise UsageError("--clients and --examples must be at least 1, --seconds positive, buckets at least 8 tokens")
+    if min(args.clients) < 1 or args.seconds <= 0 or args.examples < 1 or min(args.buckets) < 8 or args.batch_size < 1:
+        raise UsageError("--clients, --examples and --batch-size must be at least 1, --seconds positive, buckets at "
+                         "least 8 tokens")
     run = RunFolder(args.run)
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
+    window = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
     report = served_load.sweep(run, tuple(args.clients), args.seconds, args.examples, tuple(args.buckets),
-                               args.threads)
+                               args.threads, batch_size=args.batch_size, **window)
     served_load.write(report, run.bench_dir)
     print(served_load.markdown(report))
     print(f"[sparsebert] wrote {run.bench_dir}/loadtest.json, loadtest.md, loadtest.png")
@@ -434,6 +446,7 @@ def cmd_serve(args) -> int:
         print(f"[sparsebert] {note}", file=sys.stderr)
     return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
+                       *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
                        *(["--threads", str(args.threads)] if args.threads else [])])
 
 

@@ -18,15 +18,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from sparsebert.deploy.client import ClientError, SparseBertClient
 from sparsebert.deploy.engines import pipeline_engine_type
-from sparsebert.deploy.errors import UnprocessableInput
+from sparsebert.deploy.errors import ModelNotReady, UnprocessableInput
 from sparsebert.deploy.loadtest import INPUTS, percentile, require_loopback, run_load
-from sparsebert.deploy.local import free_port
+from sparsebert.deploy.local import free_port, local_server
 from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_SEQUENCES, MAX_TEXT_CHARS, SERVING_FILE,
                                      DeploymentError, InferenceRequest, ServedModel, ServeSettings,
                                      check_sequences, create_app, default_sequence_lengths, prepare,
@@ -388,103 +389,323 @@ def test_percentile_is_nearest_rank():
     assert (percentile(values, 50), percentile(values, 99), percentile([7.0], 99)) == (50.0, 99.0, 7.0)
 
 
-def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
-    """A request is answered a batch at a time and the batches of concurrent requests take their
-    turns in order: a one-text request sent while a 12-text one is being answered waits for one
-    batch of it, not for all of it, and each request gets its own answers in its own order."""
-    from types import SimpleNamespace
+# ---------------------------------------------------------------- dynamic batching (stand-in engine)
 
+
+class StandInPipeline:
+    """A pipeline that answers each text with a label and score of its own, records every call,
+    runs ``during_call`` (if set) inside each call, and raises ``error`` for a call holding
+    ``fail_on``."""
+
+    def __init__(self, fail_on=None, error: type[BaseException] = RuntimeError):
+        self.calls, self.fail_on, self.error, self.during_call = [], fail_on, error, None
+
+    def __call__(self, sequences):
+        self.calls.append(list(sequences))
+        if self.during_call:
+            self.during_call()
+        if self.fail_on in sequences:
+            raise self.error("engine failed")
+        return SimpleNamespace(labels=[f"label of {text}" for text in sequences],
+                               scores=[len(text) / 100 for text in sequences])
+
+
+def alone(texts: list[str]) -> dict:
+    return {"labels": [f"label of {text}" for text in texts], "scores": [len(text) / 100 for text in texts]}
+
+
+def stand_in_model(tmp_path, monkeypatch, pipeline: StandInPipeline, batch_size: int, window_ms: float) -> ServedModel:
+    """A ServedModel on ``pipeline``, loaded (its warm-up calls not counted)."""
     from sparsebert.deploy import serve
-
-    calls = []
-
-    def pipeline(sequences):
-        calls.append(list(sequences))
-        if len(calls) == 1 and model.pipeline:  # the large request's first batch: hold it until the small one waits
-            deadline = time.monotonic() + 10
-            while model._lock.waiting() < 1 and time.monotonic() < deadline:
-                time.sleep(0.001)
-        return SimpleNamespace(labels=[f"label of {text}" for text in sequences], scores=[0.5] * len(sequences))
 
     monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
     (tmp_path / "model").mkdir()
-    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME, batch_size=2)))
+    settings = ServeSettings(name=NAME, batch_size=batch_size)
+    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", settings), batch_window_ms=window_ms)
     model.load()
-    calls.clear()
+    pipeline.calls.clear()
+    return model
+
+
+def all_at_once(ask, requests: list) -> list:
+    """``ask(request)`` for each request, all at once from threads of their own; the answers (or
+    exceptions) in order. A request never answered fails the test instead of hanging it."""
+    answers = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def one(i):
+        start.wait()
+        try:
+            answers[i] = ask(requests[i])
+        except Exception as error:  # noqa: BLE001 - the test compares it
+            answers[i] = error
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.is_alive(), "a request was never answered"
+    return answers
+
+
+def ask_together(model: ServedModel, requests: list) -> list:
+    return all_at_once(lambda sequences: model.predict(InferenceRequest(sequences=sequences)), requests)
+
+
+def test_concurrent_requests_share_engine_calls(tmp_path, monkeypatch):
+    """8 one-text requests at once, batch 8: fewer engine calls than requests (one a request
+    before dynamic batching), and each request gets its own text's answer."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=500)
+    texts = [f"text {i}" for i in range(8)]
+    answers = ask_together(model, texts)
+    assert answers == [alone([text]) for text in texts]
+    assert len(pipeline.calls) < 8
+    assert sorted(text for call in pipeline.calls for text in call) == texts
+
+
+def test_a_request_larger_than_the_batch_is_split_and_answered_in_order(tmp_path, monkeypatch):
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=0)
+    texts = [f"text {i}" for i in range(10)]
+    assert model.predict(InferenceRequest(sequences=texts)) == alone(texts)
+    assert pipeline.calls == [texts[0:4], texts[4:8], texts[8:10]]
+
+
+def test_the_batch_size_is_never_exceeded(tmp_path, monkeypatch):
+    """Requests of 1 to 7 texts at once, batch 3: every call holds at most 3 texts, every text is
+    sent once, and each request gets its own answers in its own order."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=3, window_ms=20)
+    requests = [[f"request {r} text {i}" for i in range(r % 7 + 1)] for r in range(12)]
+    assert ask_together(model, requests) == [alone(texts) for texts in requests]
+    assert all(1 <= len(call) <= 3 for call in pipeline.calls)
+    assert sorted(text for call in pipeline.calls for text in call) == sorted(sum(requests, []))
+    assert len(pipeline.calls) < sum(-(-len(texts) // 3) for texts in requests)  # fewer than unshared
+
+
+def test_single_texts_and_pairs_never_share_a_call(tmp_path, monkeypatch):
+    """A deployment without text_inputs accepts both kinds; the tokenizer reads one kind a call."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=200)
+    requests = ["one text", [["a", "pair"]], ["two", "texts"], [["another", "pair"], ["and", "one more"]]]
+    assert [answer["labels"] for answer in ask_together(model, requests)] == [
+        ["label of one text"], ["label of ['a', 'pair']"], ["label of two", "label of texts"],
+        ["label of ['another', 'pair']", "label of ['and', 'one more']"]]
+    kinds = [{isinstance(row, list) for row in call} for call in pipeline.calls]
+    assert sorted(map(sorted, kinds)) == [[False], [True]]  # two calls, one of each kind
+
+
+def test_an_engine_error_fails_only_the_faulty_request(tmp_path, monkeypatch):
+    """A failing shared call is answered again one request at a time: only the request with the
+    faulty input fails, with the error shape, the others get their answers, and nothing hangs;
+    the server answers the next requests."""
+    from fastapi.testclient import TestClient
+
+    pipeline = StandInPipeline(fail_on="poison")
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=4, window_ms=500)
+    answers = ask_together(model, [["poison"], "b", "c", "d"])
+    assert isinstance(answers[0], RuntimeError)
+    assert answers[1:] == [alone(["b"]), alone(["c"]), alone(["d"])]
+    assert len(pipeline.calls[0]) == 4  # shared, then each request alone
+    assert sorted(pipeline.calls[1:]) == [["b"], ["c"], ["d"], ["poison"]]
+    assert model.predict(InferenceRequest(sequences="fine")) == alone(["fine"])
+
+    with TestClient(create_app(model), raise_server_exceptions=False) as client:  # answers, not raises
+        statuses = ask_over_http(client, [["poison"], "b"])
+        assert statuses == [(500, {"error": "internal error (RuntimeError); see the server log"}), (200, alone(["b"]))]
+        assert client.post(f"/v2/models/{NAME}/infer", json={"sequences": "fine"}).json() == alone(["fine"])
+
+
+def ask_over_http(client, requests: list) -> list:
+    def ask(sequences):
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": sequences})
+        return response.status_code, response.json()
+
+    return all_at_once(ask, requests)
+
+
+def test_a_small_request_waits_for_one_batch_of_a_large_one(tmp_path, monkeypatch):
+    """A large request's texts are split across calls that take turns with other requests: a
+    one-text request sent while a 12-text one is being answered shares the next call, rather
+    than waiting for all of it, and each request gets its own answers in its own order."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=2, window_ms=0)
+
+    def hold_until_the_small_one_waits():  # the large request's first call
+        if len(pipeline.calls) == 1:
+            deadline = time.monotonic() + 10
+            while model.batcher.arrivals() < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    pipeline.during_call = hold_until_the_small_one_waits
     large = [f"text {i}" for i in range(12)]
-    answers, finished = {}, {}
+    answers = {}
 
     def ask(name, sequences):
-        answers[name] = model.predict(serve.InferenceRequest(sequences=sequences))
-        finished[name] = time.perf_counter()
+        answers[name] = model.predict(InferenceRequest(sequences=sequences))
 
     worker = threading.Thread(target=ask, args=("large", large), daemon=True)
     worker.start()
-    while not calls:
+    while not pipeline.calls:
         time.sleep(0.001)
-    ask("small", "the small one")  # queued while the large one's first batch is answered
+    ask("small", "the small one")  # queued while the large one's first call is answered
     worker.join(10)
     assert not worker.is_alive()
-    assert answers["large"]["labels"] == [f"label of {text}" for text in large]  # batched, in order
-    assert answers["small"]["labels"] == ["label of the small one"]
-    assert calls.index(["the small one"]) == 1  # right after the large one's batch in hand
-    assert finished["small"] < finished["large"]
-    assert all(len(call) <= 2 for call in calls)
+    assert answers["large"] == alone(large)  # split, in order
+    assert answers["small"] == alone(["the small one"])
+    # Answered by the call right after the large one's first, of the 7 calls in all.
+    assert pipeline.calls[:2] == [large[:2], ["the small one", large[2]]]
+    assert len(pipeline.calls) == 7 and all(len(call) <= 2 for call in pipeline.calls)
 
 
-def test_fifo_lock_serves_in_order_and_skips_a_thread_that_left():
-    from sparsebert.deploy.serve import FifoLock
-
-    lock, order = FifoLock(), []
-
-    def take(name):
-        with lock:
-            order.append(name)
-
-    def started(name, target=take):
-        thread = threading.Thread(target=target, args=(name,), daemon=True)  # a hung lock fails, not hangs
-        thread.start()
-        return thread
-
-    lock.__enter__()  # held: the others queue in the order they ask
-    waiters = []
-    for name in ("b", "c"):
-        waiters.append(started(name))
-        while lock.waiting() < len(waiters):
-            time.sleep(0.001)
-    lock.__exit__(None, None, None)
-    with lock:  # the releasing thread asks again at once: it queues behind b and c
-        order.append("a again")
-    for thread in waiters:
-        thread.join(5)
-        assert not thread.is_alive()
-    assert order == ["b", "c", "a again"]
-
-    with lock:  # a waiter interrupted while queued gives its turn up instead of blocking the rest
-        left = started("left", target=lambda name: _interrupted_wait(lock))
-        left.join(5)
-    after = started("after")
-    after.join(5)
-    assert not after.is_alive() and order[-1] == "after" and lock.waiting() == 0
+def wait_until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
-def _interrupted_wait(lock):
-    """Ask for the lock and be interrupted while waiting (as an exception raised in that thread
-    would be)."""
-    class Interrupted(BaseException):
-        pass
+def test_close_ends_the_batcher_thread_and_fails_a_waiting_request(tmp_path, monkeypatch):
+    """A request waiting for company when the model is closed gets ModelNotReady (503) instead
+    of hanging; the thread ends and later requests are refused. A second load() replaces the
+    batcher rather than starting another beside it."""
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=8, window_ms=1000)
+    first = model.batcher
+    model.load()
+    assert not first.thread.is_alive() and model.batcher.thread.is_alive()
+    batcher, pipeline.calls[:] = model.batcher, []
+    waiting = model.submit(InferenceRequest(sequences="a text"))
+    wait_until(lambda: batcher.arrivals() == 0)  # taken up: waiting out its 1 s window
+    model.close()
+    assert isinstance(waiting.exception(timeout=5), ModelNotReady)
+    assert not batcher.thread.is_alive() and pipeline.calls == []
+    with pytest.raises(ModelNotReady):
+        model.predict(InferenceRequest(sequences="too late"))
 
-    def wait_then_interrupt(predicate, timeout=None):
-        raise Interrupted
 
-    lock._state.wait_for = wait_then_interrupt  # this lock's condition only
-    try:
-        lock.__enter__()
-    except Interrupted:
-        return
-    finally:
-        del lock._state.wait_for
-    raise AssertionError("the wait was not interrupted")
+def batcher_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "batcher"]
+
+
+def test_servers_close_their_model_when_they_stop(tmp_path, monkeypatch):
+    """The app on shutdown, and local_server on leaving: no batcher thread is left behind."""
+    from fastapi.testclient import TestClient
+
+    from sparsebert.deploy import serve
+
+    model = stand_in_model(tmp_path, monkeypatch, StandInPipeline(), batch_size=4, window_ms=0)
+    with TestClient(create_app(model)) as client:
+        assert client.get("/v2/health/ready").json() == {"status": "OK"}
+        batcher = model.batcher
+    assert not batcher.thread.is_alive() and model.batcher is None
+
+    before = batcher_threads()
+    monkeypatch.setattr(serve, "load_pipeline", lambda config_path: StandInPipeline())
+    with local_server(fake_deployment(tmp_path / "deployment"), "onnxruntime", tmp_path / "work",
+                      batch_size=4) as client:
+        assert client.classify("a text").labels == ["label of a text"]
+        assert len(batcher_threads()) == len(before) + 1
+    assert batcher_threads() == before
+
+
+def test_an_engine_raising_system_exit_fails_every_waiting_request(tmp_path, monkeypatch):
+    """SystemExit from the engine ends the batcher thread: the request in the call and those
+    waiting behind it get errors instead of hanging, and the model stops reading as ready."""
+    pipeline = StandInPipeline(fail_on="exit", error=SystemExit)
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    pipeline.during_call = lambda: wait_until(lambda: model.batcher.arrivals() == 2)
+    in_the_call = model.submit(InferenceRequest(sequences="exit"))
+    wait_until(lambda: pipeline.calls)
+    behind = [model.submit(InferenceRequest(sequences=text)) for text in ("b", "c")]
+    assert isinstance(in_the_call.exception(timeout=10), RuntimeError)  # not SystemExit: the loop would stop
+    assert all(isinstance(future.exception(timeout=10), ModelNotReady) for future in behind)
+    assert pipeline.calls == [["exit"]]
+    with pytest.raises(ModelNotReady, match="SystemExit"):
+        model.require_ready()
+
+
+LONG = "The committee, after hearing several hours of testimony from residents, decided to postpone the vote. "
+
+
+def numbered(shapes: list[list[list[str]]]) -> list[list[list[str]]]:
+    """The requests of ``shapes`` with every pair made unique ("(request.row)" appended to its
+    second text), so a call's rows tell which requests they came from."""
+    return [[[first, f"{second} ({r}.{i})"] for i, (first, second) in enumerate(shape)]
+            for r, shape in enumerate(shapes)]
+
+
+def recorded_calls(model: ServedModel) -> list[list]:
+    """The rows of every engine call the model's batcher makes from now on."""
+    calls, answer_rows = [], model.batcher.answer_rows
+
+    def recording(rows):
+        calls.append(list(rows))
+        return answer_rows(rows)
+
+    model.batcher.answer_rows = recording
+    return calls
+
+
+def loaded_model(deployment: Path, workdir: Path, engine: str, batch_size: int) -> ServedModel:
+    config = prepare(deployment, workdir, ServeSettings(name=NAME, engine=engine, batch_size=batch_size))
+    model = ServedModel(config, batch_window_ms=200)  # long enough for every request to arrive
+    model.load()
+    return model
+
+
+@pytest.mark.parametrize("engine", ["deepsparse", "onnxruntime"])
+def test_shared_calls_answer_as_the_pipeline_does_one_text_at_a_time(deployment, tmp_path, engine):
+    """The tiny RTE student at batch 4 with buckets 64 and 128: concurrent requests (pairs short
+    and long, one request larger than the batch) share calls, at least one holding pairs of
+    several requests of both buckets (a short pair in the 128-token call of a long one); each
+    gets the answers of a batch-1 server asked one request at a time, and of the pipeline asked
+    one pair at a time, to float error."""
+    from transformers import AutoTokenizer
+
+    model = loaded_model(deployment, tmp_path / "batch4", engine, batch_size=4)
+    assert [bucket.sequence_length for bucket in model.pipeline._pipelines] == [64, 128]
+    # about 15, 70 and 231 tokens: buckets 64, 128, and 128 truncating
+    short, medium, long = ["A man eats.", "Someone eats."], [LONG * 3, "The vote was postponed."], [LONG * 8, LONG * 4]
+    requests = numbered([[short], [medium, short], [long], [short, medium, long, short, medium], [medium], [short]])
+    calls = recorded_calls(model)
+    answers = ask_together(model, requests)
+
+    owner = {tuple(pair): r for r, pairs in enumerate(requests) for pair in pairs}
+    tokenizer = AutoTokenizer.from_pretrained(deployment)
+    fits_64 = {tuple(pair): len(tokenizer(*pair)["input_ids"]) <= 64 for pairs in requests for pair in pairs}
+    assert any(len({owner[tuple(pair)] for pair in call}) > 1 and {fits_64[tuple(pair)] for pair in call} == {True, False}
+               for call in calls), calls
+
+    unbatched = loaded_model(deployment, tmp_path / "batch1", engine, batch_size=1)
+    for pairs, answer in zip(requests, answers):
+        alone = unbatched.predict(InferenceRequest(sequences=pairs))
+        one_by_one = [model.pipeline(sequences=[pair]) for pair in pairs]
+        assert answer["labels"] == alone["labels"] == [str(output.labels[0]) for output in one_by_one]
+        assert answer["scores"] == pytest.approx(alone["scores"], abs=1e-5)
+        assert answer["scores"] == pytest.approx([output.scores[0] for output in one_by_one], abs=1e-5)
+    model.close()
+    unbatched.close()
+
+
+@pytest.mark.parametrize("batch_size, window_ms, shortest_s, longest_s", [(1, 1000, 0, 0.5), (4, 50, 0.04, 0.5)],
+                         ids=["batch-1", "batch-4"])
+def test_a_lone_request_waits_at_most_the_window(tmp_path, monkeypatch, batch_size, window_ms, shortest_s, longest_s):
+    """At batch 1 a request is a full batch and waits for no one, however long the window; above
+    batch 1 a lone request is sent once the window is over."""
+    model = stand_in_model(tmp_path, monkeypatch, StandInPipeline(), batch_size, window_ms)
+    start = time.monotonic()
+    assert model.predict(InferenceRequest(sequences="alone")) == alone(["alone"])
+    assert shortest_s <= time.monotonic() - start < longest_s
+    model.close()
+
+
+@pytest.mark.parametrize("window_ms", [-1, 1001, float("nan")])
+def test_a_bad_batch_window_is_refused(window_ms):
+    with pytest.raises(DeploymentError, match="batch window"):
+        ServeSettings(batch_window_ms=window_ms)
 
 
 @pytest.mark.parametrize("text_inputs", [1, 2])
