@@ -94,6 +94,11 @@ def mend_trainer(module) -> None:
       stopped at its first mask update with a ``TypeError``. It now samples the trainer's own
       train dataloader (or, when a recipe's ``grad_sampler_kwargs`` ask for another batch size,
       a plain DataLoader over the same data and collator).
+    - it overrides the trainer's ``num_train_epochs`` with the recipe's length rounded *up* to
+      whole epochs (``manager.max_epochs`` takes ``math.ceil`` of every modifier's epochs), so
+      a recipe of 0.9 epochs trained a whole epoch: the learning rate fell over 1.0 epochs while
+      the pruning schedule, ended at 0.9, left the last tenth at the target with the rate
+      still high. The trainer now runs the recipe's own (fractional) length.
     - every trainer records a training curve (``sparsebert.pipeline.curve``): the learning rate
       the stepping optimizer applied, the sparsity reached and each distillation term, in
       ``trainer_state.json``'s log history. (An addition, not a mend: SparseML's trainer takes
@@ -113,6 +118,9 @@ def mend_trainer(module) -> None:
 
     def init_with_curve(self, *args, **kwargs):
         init(self, *args, **kwargs)
+        recipe_epochs = _recipe_length(self.manager)
+        if recipe_epochs and recipe_epochs < self.args.num_train_epochs:
+            self.args.num_train_epochs = recipe_epochs
         from sparsebert.pipeline.curve import TrainingCurve
 
         self.add_callback(_RecipeCountsTrainerSteps(self))
@@ -139,6 +147,16 @@ def mend_trainer(module) -> None:
             steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
             self.trainer.manager_steps_per_epoch = steps
             vars(optimizer)["_wrapper"]._wrapped_steps_per_epoch = steps
+
+
+def _recipe_length(manager) -> float | None:
+    """The last epoch any of the recipe's modifiers starts or ends at, not rounded up (what
+    SparseML's ``manager.max_epochs`` rounds); None without a recipe or scheduled modifiers."""
+    if manager is None:
+        return None
+    epochs = [epoch for modifier in manager.iter_modifiers()
+              for epoch in (modifier.start_epoch, modifier.end_epoch) if epoch > -1]
+    return max(epochs) if epochs else None
 
 
 def _gradient_samples(self, kwargs=None):

@@ -382,3 +382,12 @@ def test_magnitude_masks_are_found_by_selection_not_by_sorting_each_matrix(monke
         assert torch.equal(creator.create_sparsity_masks([tensor], sparsity)[0], mask)
         assert int((mask == 0).sum()) == round(sparsity * tensor.numel())
     assert sorts == []
+
+
+def test_a_recipe_of_a_fraction_of_an_epoch_trains_that_fraction(tmp_path):
+    """SparseML set the trainer's epochs to the recipe's rounded up (math.ceil): a 1.5-epoch
+    recipe trained 2 epochs, the rate falling over 16 steps while pruning was timed for 12."""
+    trainer, recorder, _ = train(tmp_path / "frac", model_state_path=tmp_path, epochs=1.5, examples=64)
+    assert trainer.state.global_step == 12  # 8 batches of 8 per epoch, 1.5 epochs
+    assert recipe_epoch(trainer) == pytest.approx(1.5)
+    assert recorder.applied[-1] < 0.2 * PEAK_LR  # the linear decay ends with the steps (unmended: 0.38)
