@@ -7,7 +7,8 @@ A cell is any run folder under the given folder that holds a ``metrics.json`` (w
 `sparsebert train`); its ``command.txt``, when present, is the command that trained it. Cells
 named ``<screen>-<lever>-<sparsity>[-s<seed>]`` are grouped by screen and lever, and every group
 of two or more seeds gets its mean and spread. ``--previous`` adds the rows of an earlier
-frontier page (its figures stay beside the new ones).
+frontier page (its figures stay beside the new ones). ``--frontier CELL ...`` also writes the
+frontier page (docs/frontier/) of the named logged cells: one per task and sparsity.
 
 Rows already in ``<out>/results.json`` whose run folder is no longer under the given folder (an
 earlier machine's cells) are kept as they are; a cell found again on disk replaces its old row.
@@ -21,7 +22,7 @@ import re
 import statistics
 from pathlib import Path
 
-from sparsebert.pipeline.sweep import margin_share, row
+from sparsebert.pipeline.sweep import TARGET_RETENTION, margin_share, row, write
 
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 
@@ -55,7 +56,42 @@ def cell_row(folder: Path, root: Path) -> dict:
                                       if metrics["machine"].get("device") == "cpu" else ""),
         "precision": cfg["precision"],
         "command": command.read_text().strip() if command.is_file() else None,
+        "page_row": cell,  # the frontier page's row, for --frontier
     }
+
+
+def page_row(logged: dict, variant: str) -> dict:
+    """A logged cell as a row of the frontier page (sweep.row's fields), under ``variant``. Rows
+    logged before the log kept the page's row are rebuilt from the log's own fields (they
+    lack only the count of non-zero weights, which a page of pruned cells does not show)."""
+    if logged.get("page_row"):
+        return {**logged["page_row"], "variant": variant}
+    sparsity = round(logged["sparsity"], 2)
+    target = TARGET_RETENTION.get(sparsity)
+    beats = logged["student"] > logged["baseline"]
+    return {"task": logged["task"], "metric": logged["metric"], "variant": variant, "sparsity": sparsity,
+            "measured_sparsity": logged["sparsity"], "student_layers": None, "nonzero_encoder_linears": None,
+            "equivalent_sparsity": logged["sparsity"], "baseline": logged["baseline"], "teacher": logged["teacher"],
+            "student": logged["student"], "retention": logged["retention"], "target_retention": target,
+            "margin_kept": logged["margin_share"], "target_met": None if target is None else
+            logged["retention"] >= target and beats, "beats_baseline": beats,
+            "student_minutes": logged["student_minutes"], "train_examples": logged["train_examples"],
+            "augmented_examples": logged.get("augmented_examples"), "student_epochs": logged["epochs"],
+            "student_lr": logged["learning_rate"], "seed": logged["seed"], "machine": logged["machine"].split(", ")[0]}
+
+
+def write_frontier(rows: list[dict], cells: list[str], out: Path) -> None:
+    """The frontier page of the named logged cells (one per task and sparsity: today's defaults),
+    shown as the variant "default"; a name not in the log is refused."""
+    logged = {r["cell"]: r for r in rows}
+    unknown = [c for c in cells if c not in logged]
+    if unknown:
+        raise SystemExit(f"not in the log: {', '.join(unknown)}")
+    note = ("Written by `python benchmarks/study_log.py --frontier ...` from the study's log "
+            "([docs/study/results.md](../study/results.md)): each task's cell at each sparsity with the defaults "
+            f"of the day it ran, one seed each: {', '.join(f'`{c}`' for c in cells)}.")
+    write(sorted((page_row(logged[c], "default") for c in cells), key=lambda r: (r["task"], r["sparsity"])),
+          out, note=note)
 
 
 def logged_rows(results: Path) -> list[dict]:
@@ -151,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", type=Path, help="folder holding the cells' run folders")
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--previous", type=Path, help="an earlier frontier.json to show beside the new rows")
+    parser.add_argument("--frontier", nargs="+", metavar="CELL",
+                        help="also write the frontier page of these logged cells (task/cell names)")
+    parser.add_argument("--frontier-out", type=Path, default=Path("docs/frontier"))
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         parser.error(f"{args.runs}: no such folder")
@@ -164,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps({"cells": rows, "seeds": summary}, indent=1))
     (args.out / "results.md").write_text(markdown(rows, summary, previous))
     print(f"{len(rows)} cells -> {args.out / 'results.md'}")
+    if args.frontier:
+        write_frontier(rows, args.frontier, args.frontier_out)
+        print(f"{len(args.frontier)} cells -> {args.frontier_out / 'frontier.md'}")
     return 0
 
 

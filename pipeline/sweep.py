@@ -377,12 +377,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[dict], out: Path, missing: list[Cell] = ()) -> None:
+def write(rows: list[dict], out: Path, missing: list[Cell] = (), note: str = "") -> None:
+    """The page: frontier.json, frontier.md (``note`` under its title) and frontier.png."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
     names = dict.fromkeys(f"{c.task} {c.name}" for c in missing)  # a shared small cell once
     not_run = ["", "Not run yet: " + ", ".join(names) + "."] if missing else []
-    (out / "frontier.md").write_text("# Accuracy frontier\n\n![frontier](frontier.png)\n\n" + markdown(rows)
-                                     + "\n".join(not_run) + "\n")
+    (out / "frontier.md").write_text("# Accuracy frontier\n\n" + (f"{note}\n\n" if note else "")
+                                     + "![frontier](frontier.png)\n\n" + markdown(rows) + "\n".join(not_run) + "\n")
     if rows:
         plot(rows, out / "frontier.png")

@@ -215,6 +215,35 @@ def test_study_log_keeps_the_cells_of_earlier_machines(trained_run, tmp_path, ca
         study_log.main([str(tmp_path / "runs" / "rte"), "--out", str(out)])
 
 
+def test_study_log_writes_the_frontier_page_of_named_cells(trained_run, tmp_path):
+    """The page is written from the log: a cell on disk keeps the sweep's row, a cell logged by an
+    earlier machine (no run folder, no page row) is rebuilt from the log's fields, and a name
+    not in the log is refused."""
+    study_log = _study_log()
+    cell = tmp_path / "runs" / "rte" / "t-base-90"
+    cell.mkdir(parents=True)
+    (cell / "metrics.json").write_text((trained_run / "metrics.json").read_text())
+    out = tmp_path / "docs"
+    out.mkdir()
+    here = study_log.cell_row(cell, tmp_path / "runs")
+    earlier = {k: v for k, v in here.items() if k != "page_row"}
+    earlier.update(cell="rte/old-80", group="old-80", sparsity=0.8, student=here["teacher"] * 0.99,
+                   retention=0.99, margin_share=None, machine="earlier machine, avx2")
+    (out / "results.json").write_text(json.dumps({"cells": [earlier], "seeds": []}))
+    page = tmp_path / "frontier"
+    assert study_log.main([str(tmp_path / "runs"), "--out", str(out), "--frontier", "rte/old-80",
+                           "rte/t-base-90", "--frontier-out", str(page)]) == 0
+    rows = json.loads((page / "frontier.json").read_text())
+    assert [(r["sparsity"], r["variant"]) for r in rows] == [(0.8, "default"), (here["page_row"]["sparsity"], "default")]
+    assert rows[0]["target_retention"] == 0.98 and rows[0]["target_met"] is (earlier["student"] > earlier["baseline"])
+    assert rows[0]["machine"] == "earlier machine"
+    assert rows[1]["student"] == here["student"] and rows[1]["nonzero_encoder_linears"] is not None
+    assert "`rte/old-80`" in (page / "frontier.md").read_text() and (page / "frontier.png").is_file()
+    with pytest.raises(SystemExit, match="not in the log: rte/missing-90"):
+        study_log.main([str(tmp_path / "runs"), "--out", str(out), "--frontier", "rte/missing-90",
+                        "--frontier-out", str(page)])
+
+
 def test_machine_says_when_a_cell_trained_on_fewer_threads_than_cores():
     from sparsebert.pipeline.sweep import machine
 
