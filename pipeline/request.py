@@ -6,7 +6,6 @@ configs that break them (``check_stage``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -74,6 +73,7 @@ class TrainRequest:
     int8_lr: float = 2e-5
     augment_cache: Path | None = None
     limit: int | None = None
+    teacher_limit: int | None = None
     seed: int = 42
     overwrite: bool = False
 
@@ -119,6 +119,10 @@ def check_options(opts) -> None:
                               "with --student-init teacher")
     if opts.limit is not None and opts.limit < 1:
         raise TrainingRefused(f"--limit must be at least 1 example, not {opts.limit}")
+    if opts.teacher_limit is not None and opts.teacher_limit < 1:
+        raise TrainingRefused(f"--teacher-limit must be at least 1 example, not {opts.teacher_limit}")
+    if opts.teacher_limit is not None and opts.teacher:
+        raise TrainingRefused("--teacher-limit sets what a new teacher trains on; a reused --teacher is not trained")
     if opts.teacher:
         from sparsebert.pipeline.train import check_teacher_labels
 
@@ -132,7 +136,8 @@ def schedule(recipe: Path, recipe_args: dict, flags: list[tuple] = ()) -> tuple[
     ``num_epochs`` given another way: each is passed only when given (so a recipe's own values
     take effect), and a flag that disagrees with ``--recipe-args`` is refused rather than
     silently overridden. The epochs returned are the ones SparseML's trainer runs: the recipe's
-    own (its last modifier's end, rounded up to whole epochs as SparseML does).
+    own, its last modifier's end (SparseML rounded it up to whole epochs; sparseml_mends keeps
+    the fraction).
     """
     from sparsebert.recipe import check_recipe, recipe_variables
 
@@ -150,8 +155,8 @@ def schedule(recipe: Path, recipe_args: dict, flags: list[tuple] = ()) -> tuple[
             raise TrainingRefused(f"{flag} {value} disagrees with --recipe-args {variable}={recipe_args[variable]}; give one")
         recipe_args[variable] = value
     modifiers = check_recipe(recipe, recipe_args)
-    # SparseML trains for its manager's max_epochs: whole epochs, the last modifier's end rounded up.
-    epochs = max((math.ceil(m.end_epoch) for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
+    # The trainer runs to the last modifier's end (mended: SparseML rounded it up to whole epochs).
+    epochs = max((m.end_epoch for m in modifiers if getattr(m, "end_epoch", -1) > 0), default=None)
     if epochs is None:
         raise TrainingRefused(f"{recipe} never ends: no modifier has an end_epoch")
     return recipe_args, float(epochs)
@@ -250,7 +255,8 @@ def plan(request: TrainRequest):
         int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=request.int8_lr, recipe=str(int8_recipe),
                                recipe_args=int8_args, **common)
     opts = StageOptions(task=request.task, model=model, out=request.out, glue_dir=request.glue_dir,
-                        teacher=request.teacher, limit=request.limit, overwrite=request.overwrite,
+                        teacher=request.teacher, limit=request.limit, teacher_limit=request.teacher_limit,
+                        overwrite=request.overwrite,
                         model_name=request.model, augment=request.augment, augment_cache=request.augment_cache,
                         student_init=request.student_init, student_layers=request.student_layers,
                         task_schedule=task_schedule(original) or None)

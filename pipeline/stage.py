@@ -32,6 +32,7 @@ class StageOptions:
     glue_dir: str | None
     teacher: str | None = None  # an already fine-tuned teacher to reuse
     limit: int | None = None
+    teacher_limit: int | None = None  # the teacher fine-tunes on a subset; the student distils on all
     overwrite: bool = False
     model_name: str | None = None  # what the user called it (e.g. all-MiniLM-L6-v2)
     augment: int | None = None  # teacher-labelled variants per training example for the student
@@ -108,8 +109,10 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         teacher_dir = Path(opts.teacher)
     else:
         teacher_dir = folder.training_dir("teacher")
-        print(f"[sparsebert] fine-tuning the dense teacher on {task.name} -> {teacher_dir}", flush=True)
-        train_teacher(opts.model, data_info, teacher_dir, teacher_cfg)
+        teacher_data = data_stage.teacher_subset(data_info, folder.data_dir, opts.teacher_limit, student_cfg.seed)
+        print(f"[sparsebert] fine-tuning the dense teacher on {task.name} "
+              f"({teacher_data['splits']['train']['examples']:,} examples) -> {teacher_dir}", flush=True)
+        train_teacher(opts.model, teacher_data, teacher_dir, teacher_cfg)
     teacher_done = time.time()
 
     student_data, augmentation = data_info, None

@@ -78,6 +78,9 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
+    p.add_argument("--teacher-limit", type=int, metavar="N",
+                   help="fine-tune the teacher on a random N of the training examples; the student still "
+                        "distils on all of them (it learns the teacher's answers, not the labels)")
     p.add_argument("--seed", type=int, default=TrainRequest.default("seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
 

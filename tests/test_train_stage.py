@@ -189,6 +189,31 @@ def test_bad_inputs_fail_before_training(tmp_path, glue_dir, capsys):
     assert not (tmp_path / "run" / "teacher").exists()
 
 
+def test_teacher_limit_trains_the_teacher_on_a_subset_and_the_student_on_all(trained_run, glue_dir, tmp_path, capsys):
+    """--teacher-limit: the teacher fine-tunes on a seeded random subset (drawn as --limit draws),
+    the student distils on every training example; with a reused --teacher it is refused."""
+    import random
+
+    run = tmp_path / "run"
+    assert main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(run), "--limit", "48",
+                 "--teacher-limit", "16", "--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "16",
+                 "--max-seq-length", "32", "--sparsity", "0.5"]) == 0
+    data = json.loads((run / "data" / "data.json").read_text())
+    assert data["splits"]["train"]["examples"] == 48 and data["splits"]["teacher_train"]["examples"] == 16
+    rows = [json.loads(line) for line in (run / "data" / "train.json").read_text().splitlines()]
+    subset = [json.loads(line) for line in (run / "data" / "teacher-train.json").read_text().splitlines()]
+    assert subset == random.Random(42).sample(rows, 16)
+    steps = {which: json.loads((run / which / "trainer_state.json").read_text())["global_step"]
+             for which in ("teacher", "student")}
+    assert steps == {"teacher": 1, "student": 3}  # 16 and 48 examples in batches of 16
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"]["splits"]["teacher_train"]["examples"] == 16
+    capsys.readouterr()  # the run's progress bars
+    err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "r2"),
+                           "--teacher", str(trained_run / "teacher"), "--teacher-limit", "16"], capsys)
+    assert "a reused --teacher is not trained" in err
+
+
 def test_teacher_with_another_label_order_is_refused(trained_run, tmp_path, glue_dir, capsys):
     """A reused teacher's logits are distilled id by id: its labels must be in the student's order."""
     teacher = tmp_path / "teacher"
