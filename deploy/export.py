@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import glue, inference
+from sparsebert import atomic, glue, inference
 from sparsebert.checkpoint import is_pruned, is_quantized, load_weights, pruned_patterns
 from sparsebert.errors import UserError
 
@@ -159,20 +159,35 @@ def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_
         name = inference.REGRESSION_LABELS.get(task.name if task else "", "score")
         config = json.loads(config_path.read_text())
         config.update(problem_type="regression", id2label={"0": name}, label2id={name: 0})
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        atomic.write_text(config_path, json.dumps(config, indent=2) + "\n")
     serving = {"task": task.name if task else None,
                "text_inputs": len(task.text_columns) if task else None,
                "regression": regression,
                "sequence_length": sequence_length}
-    (deployment / "serving.json").write_text(json.dumps(serving, indent=2) + "\n")
+    atomic.write_text(deployment / "serving.json", json.dumps(serving, indent=2) + "\n")
     return serving
 
 
 def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
                      max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None) -> dict:
-    """Export, then verify sparsity survived and outputs match; write ``export.json``. An INT8
-    (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive quantization, and
-    its logits are compared with PyTorch's fake-quantized ones."""
+    """Export, then verify sparsity survived and outputs match; write ``export.json`` and the
+    manifest. An INT8 (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive
+    quantization, and its logits are compared with PyTorch's fake-quantized ones. ``target`` is
+    built beside itself and replaced only by an export that passed its checks."""
+    with atomic.building(target) as partial:
+        report = atomic.relocated(_export_and_check(model_dir, partial, sequence_length, task), partial, target)
+        report["max_logit_difference_allowed"] = max_logit_difference
+        atomic.write_json(Path(partial) / "export.json", report, indent=2)
+        if not report["sparsity_matches_checkpoint"]:
+            raise ExportError(f"{report['deployment']}: ONNX weights lost sparsity against {model_dir}")
+        if report["max_logit_difference"] > max_logit_difference:
+            raise ExportError(f"{report['deployment']}: ONNX logits differ from PyTorch by "
+                              f"{report['max_logit_difference']:.2e} (allowed {max_logit_difference:.0e})")
+        atomic.write_manifest(partial, "export")
+    return report
+
+
+def _export_and_check(model_dir: Path, target: Path, sequence_length: int, task: glue.GlueTask | None) -> dict:
     from transformers import AutoConfig
 
     deployment = export(model_dir, target, sequence_length)
@@ -199,12 +214,5 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
         "sparsity_matches_checkpoint": all(exported[n] >= torch_sparsity[n] - 1e-9 if quantized
                                            else abs(exported[n] - torch_sparsity[n]) < 1e-9 for n in exported),
         "max_logit_difference": difference,
-        "max_logit_difference_allowed": max_logit_difference,
     }
-    (Path(target) / "export.json").write_text(json.dumps(report, indent=2))
-    if not report["sparsity_matches_checkpoint"]:
-        raise ExportError(f"{deployment}: ONNX weights lost sparsity against {model_dir}")
-    if difference > max_logit_difference:
-        raise ExportError(f"{deployment}: ONNX logits differ from PyTorch by {difference:.2e} "
-                          f"(allowed {max_logit_difference:.0e})")
     return report

@@ -307,17 +307,17 @@ def cmd_sweep(args) -> int:
 def cmd_export(args) -> int:
     from sparsebert.deploy import thresholds
     from sparsebert.deploy.export import export_and_check
-    from sparsebert.runfolder import clear_or_refuse
+    from sparsebert.runfolder import refuse_existing
 
     run = RunFolder(args.run)
     limits = thresholds.load(args.thresholds)
     for which in run.checkpoints:
         target = run.export_dir(which)
-        clear_or_refuse(target, args.overwrite)
-        for stale in (run.parity_path(which), run.parity_path(which, served=True)):
-            stale.unlink(missing_ok=True)  # measured on the export just replaced
+        refuse_existing(target, args.overwrite)  # an earlier export is replaced once the new one passed
         tolerance = thresholds.parity_limits(limits, which)["max_logit_difference"]
         report = export_and_check(run.checkpoint(which), target, args.max_seq_length, tolerance, task=run.task)
+        for stale in (run.parity_path(which), run.parity_path(which, served=True)):
+            stale.unlink(missing_ok=True)  # measured on the export just replaced
         print(f"[sparsebert] {which} ({report['precision']}): {report['deployment']}/model.onnx, encoder-linear sparsity "
               f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
               f"max |logit ONNX - PyTorch| {report['max_logit_difference']:.1e}")
