@@ -155,7 +155,7 @@ def test_parity_refuses_a_cut_short_onnx_file(run_copy, capsys):
 
 def test_a_folder_without_a_manifest_is_read_and_the_export_gets_one(run_copy):
     for folder in ("data", "teacher", "student"):  # as an older version wrote them
-        (run_copy / folder / "manifest.json").unlink()
+        (run_copy / folder / "manifest.json").unlink(missing_ok=True)
     shutil.rmtree(run_copy / "export")
     assert main(["export", str(run_copy)]) == 0
     manifest = json.loads((run_copy / "export" / "student" / "manifest.json").read_text())
