@@ -104,6 +104,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     with atomic.building(opts.out) as partial:
         folder = RunFolder(partial)
         metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
+        atomic.write_json(folder.data_dir / "data.json", metrics["data"], indent=2)  # names files where they will be
         for written in (folder.data_dir, *map(folder.training_dir, CHECKPOINTS)):
             if written.is_dir():
                 atomic.write_manifest(written, "train")

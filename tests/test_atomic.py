@@ -130,8 +130,8 @@ def test_each_stage_output_carries_a_manifest(run_copy):
                 "train.json" if folder == "data" else "model.safetensors") in listed
         for path, entry in listed.items():
             assert (run_copy / folder / path).stat().st_size == entry["bytes"]
-    metrics = (run_copy / "metrics.json").read_text()
-    assert ".partial-" not in metrics  # paths name where the run is, not where it was built
+    for report in ("metrics.json", "data/data.json"):  # paths name where the run is, not where it was built
+        assert ".partial-" not in (run_copy / report).read_text()
 
 
 def test_export_refuses_a_checkpoint_changed_since_training(run_copy, capsys):
