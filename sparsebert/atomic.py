@@ -115,8 +115,12 @@ def leftovers(folder: Path) -> list[Path]:
 def remove_leftovers(folder: Path) -> None:
     """Remove the leftovers of runs no longer alive (a live one is still writing)."""
     for leftover in leftovers(folder):
-        if not _alive(leftover.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if _alive(leftover.name.rsplit("-", 1)[-1]):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _alive(pid: str) -> bool:
