@@ -378,7 +378,8 @@ def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int 
         variant = "dense" if target == 0 else f"sparse {target:.0%}"
         folder = cache / ("dense" if target == 0 else f"sparse{round(target * 100)}")
         if not (folder / "deployment" / "model.onnx").is_file():
-            with atomic.building(folder) as partial:  # a killed build is never taken for the cache
+            # a killed build is never taken for the cache; one without its model is rebuilt
+            with atomic.building(folder, overwrite=True) as partial:
                 _random_bert_base(partial / "checkpoint", target)
                 export(partial / "checkpoint", partial, sequence_length)
         models.append(Model("BERT-base (random weights)", variant, folder / "checkpoint", folder / "deployment"))

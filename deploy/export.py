@@ -169,22 +169,40 @@ def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_
 
 
 def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
-                     max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None) -> dict:
+                     max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None,
+                     overwrite: bool = False) -> dict:
     """Export, then verify sparsity survived and outputs match; write ``export.json`` and the
     manifest. An INT8 (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive
     quantization, and its logits are compared with PyTorch's fake-quantized ones. ``target`` is
-    built beside itself and replaced only by an export that passed its checks."""
-    with atomic.building(target) as partial:
-        report = atomic.relocated(_export_and_check(model_dir, partial, sequence_length, task), partial, target)
+    built beside itself and replaces an earlier export (only with ``overwrite``) once it passed its
+    checks; one that fails them leaves its report as ``failed_report(target)``."""
+    with atomic.building(target, overwrite) as partial:
+        report = _export_and_check(model_dir, partial, sequence_length, task)
         report["max_logit_difference_allowed"] = max_logit_difference
+        problem = _failed_check(report, model_dir)
+        if problem:
+            atomic.write_json(failed_report(target), {**report, "deployment": None, "failure": problem}, indent=2)
+            raise ExportError(f"{problem}; the export was not kept (an earlier one in {target} is), its report: "
+                              f"{failed_report(target)}")
+        report = atomic.relocated(report, partial, target)
         atomic.write_json(Path(partial) / "export.json", report, indent=2)
-        if not report["sparsity_matches_checkpoint"]:
-            raise ExportError(f"{report['deployment']}: ONNX weights lost sparsity against {model_dir}")
-        if report["max_logit_difference"] > max_logit_difference:
-            raise ExportError(f"{report['deployment']}: ONNX logits differ from PyTorch by "
-                              f"{report['max_logit_difference']:.2e} (allowed {max_logit_difference:.0e})")
         atomic.write_manifest(partial, "export")
+    failed_report(target).unlink(missing_ok=True)  # about an export this one replaced
     return report
+
+
+def failed_report(target: Path) -> Path:
+    """Where the report of an export that failed its checks is kept (its folder is not)."""
+    return Path(target).with_name(f"{Path(target).name}-failed-export.json")
+
+
+def _failed_check(report: dict, model_dir: Path) -> str | None:
+    if not report["sparsity_matches_checkpoint"]:
+        return f"ONNX weights lost sparsity against {model_dir}"
+    if report["max_logit_difference"] > report["max_logit_difference_allowed"]:
+        return (f"ONNX logits differ from PyTorch by {report['max_logit_difference']:.2e} "
+                f"(allowed {report['max_logit_difference_allowed']:.0e})")
+    return None
 
 
 def _export_and_check(model_dir: Path, target: Path, sequence_length: int, task: glue.GlueTask | None) -> dict:

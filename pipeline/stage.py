@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,24 +93,39 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     """Teacher, student and (with ``int8_cfg``) the INT8 student in one run folder; returns and
     writes metrics.json. Refuses what the CLI refuses (``request.check_stage``) and a run folder
     that holds an earlier result, unless ``opts.overwrite``. The new run is built beside it and
-    takes its place only once whole, manifests and metrics.json written last."""
+    takes its place only once whole, manifests and metrics.json written last; a run that fails
+    keeps what it built (a finished teacher is worth reusing) and says where."""
     from sparsebert.pipeline.request import check_stage
-    from sparsebert.runfolder import CHECKPOINTS, refuse_existing
+    from sparsebert.runfolder import CHECKPOINTS
 
     check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
-    refuse_existing(opts.out, opts.overwrite)
+    atomic.refuse_taken(opts.out, opts.overwrite)
     for given in (opts.teacher, opts.model):  # another run's checkpoint is checked before it is read
         if given and (Path(given) / "config.json").is_file():
             atomic.verify(Path(given))
-    with atomic.building(opts.out) as partial:
+    reads = (opts.teacher, opts.model, opts.augment_cache)  # may lie in a failed run's leftover
+    with atomic.building(opts.out, opts.overwrite, keep_on_error=True, in_use=reads) as partial:
         folder = RunFolder(partial)
-        metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
+        try:
+            metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
+        except BaseException:
+            _name_a_finished_teacher(folder)
+            raise
         atomic.write_json(folder.data_dir / "data.json", metrics["data"], indent=2)  # names files where they will be
         for written in (folder.data_dir, *map(folder.training_dir, CHECKPOINTS)):
             if written.is_dir():
                 atomic.write_manifest(written, "train")
         folder.write_metrics(metrics)
     return metrics
+
+
+def _name_a_finished_teacher(folder: RunFolder) -> None:
+    """Say how to skip fine-tuning again the teacher a failed run finished (it saves its weights last)."""
+    teacher = folder.training_dir("teacher")
+    if (teacher / "config.json").is_file() and any((teacher / f).is_file() for f in ("model.safetensors",
+                                                                                   "pytorch_model.bin")):
+        print(f"[sparsebert] the teacher this run fine-tuned is in {teacher}: pass `--teacher {teacher}` to reuse it",
+              file=sys.stderr, flush=True)
 
 
 def _train(opts: StageOptions, folder: RunFolder, teacher_cfg: TrainConfig, student_cfg: TrainConfig,

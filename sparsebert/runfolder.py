@@ -18,7 +18,6 @@ before a stage reads them.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,23 +31,6 @@ INT8 = "student-int8"
 
 class RunFolderError(UserError):
     pass
-
-
-def refuse_existing(folder: Path, overwrite: bool) -> bool:
-    """Refuse a ``folder`` that holds a result, unless ``overwrite``; return whether it holds one."""
-    if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"{folder} is a file, not a folder")
-    holds_result = folder.exists() and any(folder.iterdir())
-    if holds_result and not overwrite:
-        raise RunFolderError(f"{folder} already holds a result; pass --overwrite or choose another --out")
-    return holds_result
-
-
-def clear_or_refuse(folder: Path, overwrite: bool) -> None:
-    """Make ``folder`` ready for a new result: refuse when it holds one, unless ``overwrite``
-    asks to delete it."""
-    if refuse_existing(folder, overwrite):
-        shutil.rmtree(folder)
 
 
 @dataclass(frozen=True)
@@ -99,17 +81,21 @@ class RunFolder:
     def task(self) -> glue.GlueTask:
         return glue.get_task(self.metrics["task"])
 
-    def checkpoint(self, which: str) -> Path:
+    def checkpoint(self, which: str, only: tuple[str, ...] | None = None) -> Path:
         """The run's own checkpoint folder (found where it is, should the run folder have moved),
-        else where metrics.json says it is (a reused ``--teacher``)."""
+        else where metrics.json says it is (a reused ``--teacher``), its manifest checked: on
+        ``only`` (the files a stage reads, relative paths) when given, else on every file."""
         own = self.training_dir(which)
-        return self.verified(own if (own / "config.json").is_file() else Path(self.metrics[which]["path"]))
+        folder = own if (own / "config.json").is_file() else Path(self.metrics[which]["path"])
+        if not folder.is_dir():
+            raise RunFolderError(f"{folder} not found; the run's {which} checkpoint is needed (re-run `sparsebert train`)")
+        return self.verified(folder, only)
 
-    def verified(self, folder: Path) -> Path:
-        """``folder``, once its manifest (where it has one) matches its files."""
-        if folder not in self._verified:
-            atomic.verify(folder)
-            self._verified.add(folder)
+    def verified(self, folder: Path, only: tuple[str, ...] | None = None) -> Path:
+        """``folder``, once its manifest (where it has one) matches its files (those of ``only``)."""
+        if (folder, only) not in self._verified and (folder, None) not in self._verified:
+            atomic.verify(folder, only)
+            self._verified.add((folder, only))
         return folder
 
     @property
