@@ -147,10 +147,8 @@ def test_bench_measures_and_plots(exported_run):
     assert "| sparse DS / dense ORT |" in text and "Real text: 12 dev examples" in text
 
 
-# Copies of a run keep its reports and the student's recipe.yaml, not the weights or the data (nor
-# the manifests that list them).
-WEIGHTS_AND_DATA = shutil.ignore_patterns("export", "teacher", "data", "*.safetensors", "*.pt", "*.bin", "*.json.gz",
-                                          "manifest.json")
+# Copies of a run keep its reports and the student's recipe.yaml, not the weights or the data.
+WEIGHTS_AND_DATA = shutil.ignore_patterns("export", "teacher", "data", "*.safetensors", "*.pt", "*.bin", "*.json.gz")
 
 
 def _edit(path, change):

@@ -118,7 +118,7 @@ def test_int8_parity_and_gates(int8_run, tmp_path):
     assert thresholds.parity_limits(thresholds.load(), "student")["max_served_score_difference"] == 1e-3
 
     run = tmp_path / "run"
-    shutil.copytree(int8_run, run, ignore=shutil.ignore_patterns("export", "*.safetensors", "*.pt", "manifest.json"))
+    shutil.copytree(int8_run, run, ignore=shutil.ignore_patterns("export", "*.safetensors", "*.pt"))
     answer = {"answers": 48, "label_mismatches": 0, "ties_flipped": 0, "max_score_difference": 0.0}
     served = {"splits": {"dev": {e: answer for e in ("deepsparse", "onnxruntime")}}}
     for which in ("student", INT8):  # the gates only read these; other tests measure them
