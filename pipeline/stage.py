@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,8 +107,8 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         folder = RunFolder(partial)
         try:
             metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
-        except BaseException:
-            _name_a_finished_teacher(folder)
+        except BaseException as error:
+            _name_a_finished_teacher(folder, error)
             raise
         atomic.write_json(folder.data_dir / "data.json", metrics["data"], indent=2)  # names files where they will be
         for written in (folder.data_dir, *map(folder.training_dir, CHECKPOINTS)):
@@ -119,13 +118,12 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     return metrics
 
 
-def _name_a_finished_teacher(folder: RunFolder) -> None:
+def _name_a_finished_teacher(folder: RunFolder, error: BaseException) -> None:
     """Say how to skip fine-tuning again the teacher a failed run finished (it saves its weights last)."""
     teacher = folder.training_dir("teacher")
     if (teacher / "config.json").is_file() and any((teacher / f).is_file() for f in ("model.safetensors",
                                                                                    "pytorch_model.bin")):
-        print(f"[sparsebert] the teacher this run fine-tuned is in {teacher}: pass `--teacher {teacher}` to reuse it",
-              file=sys.stderr, flush=True)
+        atomic.add_note(error, f"the teacher it fine-tuned is in {teacher}: pass `--teacher {teacher}` to reuse it")
 
 
 def _train(opts: StageOptions, folder: RunFolder, teacher_cfg: TrainConfig, student_cfg: TrainConfig,

@@ -124,10 +124,9 @@ def building(folder: Path, overwrite: bool = False, keep_on_error: bool = False,
     try:
         try:
             yield partial
-        except BaseException:
+        except BaseException as error:
             if keep_on_error:
-                print(f"[sparsebert] stopped before it finished; what it wrote is kept in {partial} (the next run "
-                      f"writing {folder.name} removes it)", file=sys.stderr, flush=True)
+                add_note(error, f"what it wrote is kept in {partial} (the next run writing {folder.name} removes it)")
             else:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -141,6 +140,15 @@ def building(folder: Path, overwrite: bool = False, keep_on_error: bool = False,
             raise
     finally:
         os.close(lock)
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Tell the user ``note`` about ``error``: within its one line for a ``UserError`` (the CLI
+    prints just that line), else on a line of its own before the traceback."""
+    if isinstance(error, UserError):
+        error.args = (f"{error}; {note}",)
+    else:
+        print(f"[sparsebert] stopped before it finished; {note}", file=sys.stderr, flush=True)
 
 
 def _new_partial(folder: Path) -> tuple[Path, int]:
