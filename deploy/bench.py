@@ -18,14 +18,13 @@ Writes ``bench.json``, ``bench.md`` (tables) and ``bench.png`` (a plot).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sparsebert import flops
+from sparsebert import atomic, flops
 from sparsebert.deploy.engines import Runner, engine_names, engines_for, ratio_columns, served_engines
 from sparsebert.inference import onnx_input_names
 
@@ -357,14 +356,14 @@ def plot(report: dict, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"{_cpu(report)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "bench.md").write_text(markdown(report))
+    atomic.write_json(out_dir / "bench.json", report, indent=2)
+    atomic.write_text(out_dir / "bench.md", markdown(report))
     plot(report, out_dir / "bench.png")
 
 
@@ -379,8 +378,10 @@ def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int 
         variant = "dense" if target == 0 else f"sparse {target:.0%}"
         folder = cache / ("dense" if target == 0 else f"sparse{round(target * 100)}")
         if not (folder / "deployment" / "model.onnx").is_file():
-            _random_bert_base(folder / "checkpoint", target)
-            export(folder / "checkpoint", folder, sequence_length)
+            # a killed build is never taken for the cache; one without its model is rebuilt
+            with atomic.building(folder, overwrite=True) as partial:
+                _random_bert_base(partial / "checkpoint", target)
+                export(partial / "checkpoint", partial, sequence_length)
         models.append(Model("BERT-base (random weights)", variant, folder / "checkpoint", folder / "deployment"))
     return models
 

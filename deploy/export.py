@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import glue, inference
+from sparsebert import atomic, glue, inference
 from sparsebert.checkpoint import is_pruned, is_quantized, load_weights, pruned_patterns
 from sparsebert.errors import UserError
 
@@ -159,20 +159,53 @@ def describe_for_serving(deployment: Path, task: glue.GlueTask | None, sequence_
         name = inference.REGRESSION_LABELS.get(task.name if task else "", "score")
         config = json.loads(config_path.read_text())
         config.update(problem_type="regression", id2label={"0": name}, label2id={name: 0})
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        atomic.write_text(config_path, json.dumps(config, indent=2) + "\n")
     serving = {"task": task.name if task else None,
                "text_inputs": len(task.text_columns) if task else None,
                "regression": regression,
                "sequence_length": sequence_length}
-    (deployment / "serving.json").write_text(json.dumps(serving, indent=2) + "\n")
+    atomic.write_text(deployment / "serving.json", json.dumps(serving, indent=2) + "\n")
     return serving
 
 
 def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
-                     max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None) -> dict:
-    """Export, then verify sparsity survived and outputs match; write ``export.json``. An INT8
-    (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive quantization, and
-    its logits are compared with PyTorch's fake-quantized ones."""
+                     max_logit_difference: float = 1e-3, task: glue.GlueTask | None = None,
+                     overwrite: bool = False) -> dict:
+    """Export, then verify sparsity survived and outputs match; write ``export.json`` and the
+    manifest. An INT8 (QAT) checkpoint is exported as an INT8 graph: its zeros must all survive
+    quantization, and its logits are compared with PyTorch's fake-quantized ones. ``target`` is
+    built beside itself and replaces an earlier export (only with ``overwrite``) once it passed its
+    checks; one that fails them leaves its report as ``failed_report(target)``."""
+    with atomic.building(target, overwrite) as partial:
+        report = _export_and_check(model_dir, partial, sequence_length, task)
+        report["max_logit_difference_allowed"] = max_logit_difference
+        problem = _failed_check(report, model_dir)
+        if problem:
+            atomic.write_json(failed_report(target), {**report, "deployment": None, "failure": problem}, indent=2)
+            raise ExportError(f"{problem}; the export was not kept (an earlier one in {target} is), its report: "
+                              f"{failed_report(target)}")
+        report = atomic.relocated(report, partial, target)
+        atomic.write_json(Path(partial) / "export.json", report, indent=2)
+        atomic.write_manifest(partial, "export")
+    failed_report(target).unlink(missing_ok=True)  # about an export this one replaced
+    return report
+
+
+def failed_report(target: Path) -> Path:
+    """Where the report of an export that failed its checks is kept (its folder is not)."""
+    return Path(target).with_name(f"{Path(target).name}-failed-export.json")
+
+
+def _failed_check(report: dict, model_dir: Path) -> str | None:
+    if not report["sparsity_matches_checkpoint"]:
+        return f"ONNX weights lost sparsity against {model_dir}"
+    if report["max_logit_difference"] > report["max_logit_difference_allowed"]:
+        return (f"ONNX logits differ from PyTorch by {report['max_logit_difference']:.2e} "
+                f"(allowed {report['max_logit_difference_allowed']:.0e})")
+    return None
+
+
+def _export_and_check(model_dir: Path, target: Path, sequence_length: int, task: glue.GlueTask | None) -> dict:
     from transformers import AutoConfig
 
     deployment = export(model_dir, target, sequence_length)
@@ -199,12 +232,5 @@ def export_and_check(model_dir: Path, target: Path, sequence_length: int = 128,
         "sparsity_matches_checkpoint": all(exported[n] >= torch_sparsity[n] - 1e-9 if quantized
                                            else abs(exported[n] - torch_sparsity[n]) < 1e-9 for n in exported),
         "max_logit_difference": difference,
-        "max_logit_difference_allowed": max_logit_difference,
     }
-    (Path(target) / "export.json").write_text(json.dumps(report, indent=2))
-    if not report["sparsity_matches_checkpoint"]:
-        raise ExportError(f"{deployment}: ONNX weights lost sparsity against {model_dir}")
-    if difference > max_logit_difference:
-        raise ExportError(f"{deployment}: ONNX logits differ from PyTorch by {difference:.2e} "
-                          f"(allowed {max_logit_difference:.0e})")
     return report

@@ -165,7 +165,7 @@ def sparsity_gate(run: RunFolder, tolerance: float = 0.005, which: str = "studen
     from sparsebert.recipe import pruning_targets
 
     metrics = _metrics(run)
-    recipe = run.checkpoint("student") / "recipe.yaml"
+    recipe = run.checkpoint("student", only=("recipe.yaml",)) / "recipe.yaml"  # not the weights: a copy may lack them
     if not recipe.is_file():
         raise MissingReport(f"{recipe} not found; the student's recipe says what it prunes")
     measured, targets = metrics[which]["per_matrix_sparsity"], pruning_targets(recipe)

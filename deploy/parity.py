@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from sparsebert import checkpoint, glue, inference
+from sparsebert import atomic, checkpoint, glue, inference
 from sparsebert.deploy.engines import Runner, engines_for, run_batched, served_engines
 
 
@@ -217,4 +216,4 @@ def served_table(report: dict) -> str:
 
 
 def write(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2))
+    atomic.write_json(path, report, indent=2)

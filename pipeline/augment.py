@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsebert import checkpoint, glue
+from sparsebert import atomic, checkpoint, glue
 from sparsebert.errors import UserError
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -160,10 +159,8 @@ def augment(task: glue.GlueTask, teacher: Path, train_file: Path, out_dir: Path,
         variant["label"] = label
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # the key is written last: it vouches only for a whole file
-    partial = path.with_suffix(".partial")
-    write_jsonl(variants, partial)
-    os.replace(partial, path)
-    meta_path.write_text(json.dumps({"key": key, "examples": len(examples), "variants": len(variants)}, indent=2))
+    write_jsonl(variants, path)
+    atomic.write_json(meta_path, {"key": key, "examples": len(examples), "variants": len(variants)}, indent=2)
     return path
 
 

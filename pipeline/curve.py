@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sparsebert import atomic
 from sparsebert.pipeline import loss_terms
 
 
@@ -98,12 +99,12 @@ def read(model_dir: Path) -> list[dict]:
 def write(model_dir: Path, title: str) -> list[dict]:
     """``curve.json`` and ``curve.png`` in ``model_dir``, from its log history."""
     curve = read(model_dir)
-    (Path(model_dir) / "curve.json").write_text(json.dumps(curve, indent=1))
+    atomic.write_json(Path(model_dir) / "curve.json", curve, indent=1)
     if curve:
         fig = plot(curve, title)
         import matplotlib.pyplot as plt
 
-        fig.savefig(Path(model_dir) / "curve.png", dpi=90)
+        atomic.save_figure(fig, Path(model_dir) / "curve.png", dpi=90)
         plt.close(fig)
     return curve
 

@@ -6,11 +6,11 @@ import json
 import random
 from pathlib import Path
 
-from sparsebert import glue
+from sparsebert import atomic, glue
 
 
 def write_jsonl(examples: list[dict], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic.open_for_writing(path, encoding="utf-8") as f:
         for example in examples:
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
@@ -43,7 +43,7 @@ def prepare(task_name: str, glue_dir: str | None, out_dir: Path, limit: int | No
         "labels": list(task.labels) if task.labels else None,
         "splits": files,
     }
-    (out_dir / "data.json").write_text(json.dumps(info, indent=2))
+    atomic.write_json(out_dir / "data.json", info, indent=2)
     return info
 
 
@@ -60,5 +60,5 @@ def teacher_subset(info: dict, out_dir: Path, limit: int | None, seed: int = 42)
     path = out_dir / "teacher-train.json"
     write_jsonl(examples, path)
     info["splits"]["teacher_train"] = {"path": str(path), "examples": limit}
-    (out_dir / "data.json").write_text(json.dumps(info, indent=2))
+    atomic.write_json(out_dir / "data.json", info, indent=2)
     return {**info, "splits": {**info["splits"], "train": info["splits"]["teacher_train"]}}

@@ -97,11 +97,9 @@ def check(request: TrainRequest) -> TrainRequest:
         raise TrainingRefused("--int8-epochs needs --int8")
     if request.augment_cache is not None and not (request.augment or task_schedule(request)):
         raise TrainingRefused("--augment-cache needs --augment N")
+    request = replace(request, out=Path(request.out or Path("runs") / task.name))
     check_options(request)
-    out = Path(request.out or Path("runs") / task.name)
-    if request.teacher and request.overwrite and out.resolve() in Path(request.teacher).resolve().parents:
-        raise TrainingRefused(f"--overwrite would delete the --teacher inside {out}; choose another --out")
-    return replace(request, out=out)
+    return request
 
 
 def check_options(opts) -> None:
@@ -123,10 +121,27 @@ def check_options(opts) -> None:
         raise TrainingRefused(f"--teacher-limit must be at least 1 example, not {opts.teacher_limit}")
     if opts.teacher_limit is not None and opts.teacher:
         raise TrainingRefused("--teacher-limit sets what a new teacher trains on; a reused --teacher is not trained")
+    refuse_inputs_inside_out(opts)
     if opts.teacher:
         from sparsebert.pipeline.train import check_teacher_labels
 
         check_teacher_labels(Path(opts.teacher), glue.get_task(opts.task))
+
+
+def refuse_inputs_inside_out(opts) -> None:
+    """What the run reads must not lie in the run folder it replaces: a --teacher or --model
+    there would be read from the earlier run while the new one is built, then deleted with it
+    (and metrics.json would name it), and an --augment-cache there would be written into it."""
+    from sparsebert import atomic
+
+    out = atomic.destination(opts.out).resolve()  # refuses a mount point, or the folder one works in
+    inputs = [("--teacher", opts.teacher), ("--augment-cache", opts.augment_cache)]
+    if opts.model and Path(opts.model).exists():  # a folder, not a hub name
+        inputs.append(("--model", opts.model))
+    for flag, given in inputs:
+        if given and (Path(given).resolve() == out or out in Path(given).resolve().parents):
+            raise TrainingRefused(f"{flag} {given} is inside --out {opts.out}, which this run replaces; "
+                                  "copy it elsewhere or choose another --out")
 
 
 def schedule(recipe: Path, recipe_args: dict, flags: list[tuple] = ()) -> tuple[dict, float]:
@@ -265,7 +280,8 @@ def plan(request: TrainRequest):
 
 def train(request: TrainRequest) -> dict:
     """Check, plan and run one training request; returns its metrics (also in <out>/metrics.json).
-    An existing run folder is replaced only with ``overwrite`` (``stage.run`` clears it)."""
+    An existing run folder is replaced only with ``overwrite``, and only once the new run is whole
+    (``stage.run`` builds it beside the earlier one)."""
     from sparsebert.pipeline import stage
 
     request = check(request)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsebert import checkpoint, flops, glue, hardware
+from sparsebert import atomic, checkpoint, flops, glue, hardware
 from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
@@ -91,16 +91,47 @@ def augmented_data(task: glue.GlueTask, teacher_dir: Path, data_info: dict, fold
 def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         int8_cfg: TrainConfig | None = None) -> dict:
     """Teacher, student and (with ``int8_cfg``) the INT8 student in one run folder; returns and
-    writes metrics.json. Refuses what the CLI refuses (``request.check_stage``), then clears the
-    run folder, which holds an earlier result only with ``opts.overwrite``."""
+    writes metrics.json. Refuses what the CLI refuses (``request.check_stage``) and a run folder
+    that holds an earlier result, unless ``opts.overwrite``. The new run is built beside it and
+    takes its place only once whole, manifests and metrics.json written last; a run that fails
+    keeps what it built (a finished teacher is worth reusing) and says where."""
     from sparsebert.pipeline.request import check_stage
-    from sparsebert.runfolder import clear_or_refuse
+    from sparsebert.runfolder import CHECKPOINTS
 
     check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
-    clear_or_refuse(opts.out, opts.overwrite)
+    atomic.refuse_taken(opts.out, opts.overwrite)
+    for given in (opts.teacher, opts.model):  # another run's checkpoint is checked before it is read
+        if given and (Path(given) / "config.json").is_file():
+            atomic.verify(Path(given))
+    reads = (opts.teacher, opts.model, opts.augment_cache)  # may lie in a failed run's leftover
+    with atomic.building(opts.out, opts.overwrite, keep_on_error=True, in_use=reads) as partial:
+        folder = RunFolder(partial)
+        try:
+            metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
+        except BaseException as error:
+            _name_a_finished_teacher(folder, error)
+            raise
+        atomic.write_json(folder.data_dir / "data.json", metrics["data"], indent=2)  # names files where they will be
+        for written in (folder.data_dir, *map(folder.training_dir, CHECKPOINTS)):
+            if written.is_dir():
+                atomic.write_manifest(written, "train")
+        folder.write_metrics(metrics)
+    return metrics
+
+
+def _name_a_finished_teacher(folder: RunFolder, error: BaseException) -> None:
+    """Say how to skip fine-tuning again the teacher a failed run finished (it saves its weights last)."""
+    teacher = folder.training_dir("teacher")
+    if (teacher / "config.json").is_file() and any((teacher / f).is_file() for f in ("model.safetensors",
+                                                                                   "pytorch_model.bin")):
+        atomic.add_note(error, f"the teacher it fine-tuned is in {teacher}: pass `--teacher {teacher}` to reuse it")
+
+
+def _train(opts: StageOptions, folder: RunFolder, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
+           int8_cfg: TrainConfig | None) -> dict:
+    """Everything ``run`` trains and measures, in ``folder``; returns metrics.json's content."""
     started = time.time()
     task = glue.get_task(opts.task)
-    folder = RunFolder(opts.out)
     data_info = data_stage.prepare(opts.task, opts.glue_dir, folder.data_dir, limit=opts.limit,
                                    seed=student_cfg.seed)
     dev_sets = {s: data_stage.read_jsonl(Path(data_info["splits"][s]["path"])) for s in glue.dev_splits(task)}
@@ -180,7 +211,6 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
                          "total": time.time() - started},
         "machine": hardware.describe(),
     }
-    folder.write_metrics(metrics)
     return metrics
 
 

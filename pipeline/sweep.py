@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsebert import glue
+from sparsebert import atomic, glue
 from sparsebert.errors import UserError
 
 # Targets (issue #9): mean retention of the teacher's main metric over these tasks, per sparsity,
@@ -373,17 +373,17 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(cells[0]["metric"])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write(rows: list[dict], out: Path, missing: list[Cell] = (), note: str = "") -> None:
     """The page: frontier.json, frontier.md (``note`` under its title) and frontier.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "frontier.json").write_text(json.dumps(rows, indent=2))
+    atomic.write_json(out / "frontier.json", rows, indent=2)
     names = dict.fromkeys(f"{c.task} {c.name}" for c in missing)  # a shared small cell once
     not_run = ["", "Not run yet: " + ", ".join(names) + "."] if missing else []
-    (out / "frontier.md").write_text("# Accuracy frontier\n\n" + (f"{note}\n\n" if note else "")
-                                     + "![frontier](frontier.png)\n\n" + markdown(rows) + "\n".join(not_run) + "\n")
+    atomic.write_text(out / "frontier.md", "# Accuracy frontier\n\n" + (f"{note}\n\n" if note else "")
+                      + "![frontier](frontier.png)\n\n" + markdown(rows) + "\n".join(not_run) + "\n")
     if rows:
         plot(rows, out / "frontier.png")

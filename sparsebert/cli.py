@@ -272,13 +272,18 @@ def cmd_augment(args) -> int:
     from sparsebert.pipeline import data as data_stage
     from sparsebert.pipeline.augment import AugmentConfig, augment
     from sparsebert.pipeline.train import check_teacher_labels
-    from sparsebert.runfolder import clear_or_refuse
+    from sparsebert import atomic
 
     check_teacher_labels(Path(args.teacher), task)
-    clear_or_refuse(args.out, args.overwrite)
-    data = data_stage.prepare(task.name, args.glue_dir, args.out / "data", limit=args.limit, seed=args.seed)
-    path = augment(task, Path(args.teacher), Path(data["splits"]["train"]["path"]),
-                   args.out / f"augment-n{args.augment}-s{args.seed}", AugmentConfig(args.augment, args.seed))
+    atomic.refuse_taken(args.out, args.overwrite)
+    # Built beside --out, which an earlier result keeps until this one is whole.
+    with atomic.building(args.out, args.overwrite, in_use=[args.teacher]) as partial:
+        data = data_stage.prepare(task.name, args.glue_dir, partial / "data", limit=args.limit, seed=args.seed)
+        path = augment(task, Path(args.teacher), Path(data["splits"]["train"]["path"]),
+                       partial / f"augment-n{args.augment}-s{args.seed}", AugmentConfig(args.augment, args.seed))
+        data = atomic.relocated(data, partial, args.out)
+        atomic.write_json(partial / "data" / "data.json", data, indent=2)  # names files where they will be
+    path = atomic.relocated(str(path), partial, args.out)
     print(f"[sparsebert] wrote {path} ({args.augment} teacher-labelled variants of each of "
           f"{data['splits']['train']['examples']} training examples)")
     return 0
@@ -320,17 +325,18 @@ def cmd_sweep(args) -> int:
 def cmd_export(args) -> int:
     from sparsebert.deploy import thresholds
     from sparsebert.deploy.export import export_and_check
-    from sparsebert.runfolder import clear_or_refuse
+    from sparsebert import atomic
 
     run = RunFolder(args.run)
     limits = thresholds.load(args.thresholds)
+    for which in run.checkpoints:  # all refused before any is exported
+        atomic.refuse_taken(run.export_dir(which), args.overwrite)
     for which in run.checkpoints:
-        target = run.export_dir(which)
-        clear_or_refuse(target, args.overwrite)
+        tolerance = thresholds.parity_limits(limits, which)["max_logit_difference"]
+        report = export_and_check(run.checkpoint(which), run.export_dir(which), args.max_seq_length, tolerance,
+                                  task=run.task, overwrite=args.overwrite)
         for stale in (run.parity_path(which), run.parity_path(which, served=True)):
             stale.unlink(missing_ok=True)  # measured on the export just replaced
-        tolerance = thresholds.parity_limits(limits, which)["max_logit_difference"]
-        report = export_and_check(run.checkpoint(which), target, args.max_seq_length, tolerance, task=run.task)
         print(f"[sparsebert] {which} ({report['precision']}): {report['deployment']}/model.onnx, encoder-linear sparsity "
               f"{report['onnx_encoder_linear_sparsity'] * 100:.2f}% read back from ONNX, "
               f"max |logit ONNX - PyTorch| {report['max_logit_difference']:.1e}")

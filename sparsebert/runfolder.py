@@ -8,17 +8,21 @@
     <run>/parity-<which>.json         PyTorch vs ONNX Runtime vs DeepSparse, every dev split
     <run>/parity-served-<which>.json  the running server's answers vs PyTorch's
     <run>/bench/                      bench.json, bench.md, bench.png
+
+The training stage builds the whole run folder, and export each ``export/<which>/``, under a
+``.partial-<pid>`` name that takes the folder's place only when the stage finished (``atomic``).
+``data/``, each checkpoint and each ``export/<which>/`` hold a ``manifest.json``, checked here
+before a stage reads them.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from sparsebert import glue
+from sparsebert import atomic, glue
 from sparsebert.errors import UserError
 
 CHECKPOINTS = ("student", "teacher", "student-int8")
@@ -29,20 +33,11 @@ class RunFolderError(UserError):
     pass
 
 
-def clear_or_refuse(folder: Path, overwrite: bool) -> None:
-    """Make ``folder`` ready for a new result: refuse when it holds one, unless ``overwrite``
-    asks to delete it."""
-    if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"{folder} is a file, not a folder")
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise RunFolderError(f"{folder} already holds a result; pass --overwrite or choose another --out")
-        shutil.rmtree(folder)
-
-
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
+    # Folders whose manifest was checked already: a stage reads one several times.
+    _verified: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     # ---------------------------------------------------------------- layout
 
@@ -73,23 +68,35 @@ class RunFolder:
     @cached_property
     def metrics(self) -> dict:
         if not self.metrics_path.is_file():
+            atomic.refuse_leftover_only(self.path, "sparsebert train")
             raise RunFolderError(f"{self.metrics_path} not found; is {self.path} a run folder written "
                                  "by `sparsebert train`?")
         return json.loads(self.metrics_path.read_text())
 
     def write_metrics(self, metrics: dict) -> None:
-        self.metrics_path.write_text(json.dumps(metrics, indent=2))
+        atomic.write_json(self.metrics_path, metrics, indent=2)
         self.__dict__.pop("metrics", None)
 
     @property
     def task(self) -> glue.GlueTask:
         return glue.get_task(self.metrics["task"])
 
-    def checkpoint(self, which: str) -> Path:
+    def checkpoint(self, which: str, only: tuple[str, ...] | None = None) -> Path:
         """The run's own checkpoint folder (found where it is, should the run folder have moved),
-        else where metrics.json says it is (a reused ``--teacher``)."""
+        else where metrics.json says it is (a reused ``--teacher``), its manifest checked: on
+        ``only`` (the files a stage reads, relative paths) when given, else on every file."""
         own = self.training_dir(which)
-        return own if (own / "config.json").is_file() else Path(self.metrics[which]["path"])
+        folder = own if (own / "config.json").is_file() else Path(self.metrics[which]["path"])
+        if not folder.is_dir():
+            raise RunFolderError(f"{folder} not found; the run's {which} checkpoint is needed (re-run `sparsebert train`)")
+        return self.verified(folder, only)
+
+    def verified(self, folder: Path, only: tuple[str, ...] | None = None) -> Path:
+        """``folder``, once its manifest (where it has one) matches its files (those of ``only``)."""
+        if (folder, only) not in self._verified and (folder, None) not in self._verified:
+            atomic.verify(folder, only)
+            self._verified.add((folder, only))
+        return folder
 
     @property
     def checkpoints(self) -> list[str]:
@@ -106,7 +113,7 @@ class RunFolder:
         """A split's examples, from the run's own data folder (wherever the run folder now is)."""
         from sparsebert.pipeline.data import read_jsonl
 
-        path = self.data_dir / f"{split}.json"
+        path = self.verified(self.data_dir) / f"{split}.json"
         if not path.is_file():
             raise RunFolderError(f"{path} not found; the run's data files are needed (re-run `sparsebert train`)")
         return read_jsonl(path)
@@ -114,7 +121,8 @@ class RunFolder:
     def deployment(self, which: str) -> Path:
         if which not in self.checkpoints:
             raise RunFolderError(f"{self.path} has no INT8 student; train it with `sparsebert train --int8`")
-        folder = self.export_dir(which) / "deployment"
+        atomic.refuse_leftover_only(self.export_dir(which), f"sparsebert export {self.path} --overwrite")
+        folder = self.verified(self.export_dir(which)) / "deployment"
         if not (folder / "model.onnx").is_file():
             raise RunFolderError(f"{folder}/model.onnx not found; run `sparsebert export {self.path}` first")
         return folder
