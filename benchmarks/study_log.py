@@ -22,6 +22,7 @@ import re
 import statistics
 from pathlib import Path
 
+from sparsebert import glue
 from sparsebert.pipeline.sweep import TARGET_RETENTION, margin_share, row, write
 
 _SEED_SUFFIX = re.compile(r"-s\d+$")
@@ -64,8 +65,11 @@ def page_row(logged: dict, variant: str) -> dict:
     """A logged cell as a row of the frontier page (sweep.row's fields), under ``variant``. Rows
     logged before the log kept the page's row are rebuilt from the log's own fields (they
     lack only the count of non-zero weights, which a page of pruned cells does not show)."""
-    if logged.get("page_row"):
-        return {**logged["page_row"], "variant": variant}
+    if logged.get("page_row"):  # the nominal sparsity, as rebuilt rows have it (the page groups by it)
+        return {**logged["page_row"], "variant": variant, "sparsity": round(logged["page_row"]["sparsity"], 2)}
+    if logged.get("recipe") == "distill" or len(glue.dev_splits(glue.get_task(logged["task"]))) > 1:
+        raise SystemExit(f"{logged['cell']}: a small dense student or a task of two dev splits cannot be rebuilt "
+                         "from the log (its run folder is gone)")
     sparsity = round(logged["sparsity"], 2)
     target = TARGET_RETENTION.get(sparsity)
     beats = logged["student"] > logged["baseline"]
@@ -77,7 +81,7 @@ def page_row(logged: dict, variant: str) -> dict:
             logged["retention"] >= target and beats, "beats_baseline": beats,
             "student_minutes": logged["student_minutes"], "train_examples": logged["train_examples"],
             "augmented_examples": logged.get("augmented_examples"), "student_epochs": logged["epochs"],
-            "student_lr": logged["learning_rate"], "seed": logged["seed"], "machine": logged["machine"].split(", ")[0]}
+            "student_lr": logged["learning_rate"], "seed": logged["seed"], "machine": logged["machine"].rsplit(", ", 1)[0]}
 
 
 def write_frontier(rows: list[dict], cells: list[str], out: Path) -> None:
@@ -87,6 +91,10 @@ def write_frontier(rows: list[dict], cells: list[str], out: Path) -> None:
     unknown = [c for c in cells if c not in logged]
     if unknown:
         raise SystemExit(f"not in the log: {', '.join(unknown)}")
+    places = [(logged[c]["task"], round(logged[c]["sparsity"], 2)) for c in cells]
+    twice = sorted({f"{t} at {s:.0%}" for t, s in places if places.count((t, s)) > 1})
+    if twice:
+        raise SystemExit(f"one cell per task and sparsity: {', '.join(twice)} named twice")
     note = ("Written by `python benchmarks/study_log.py --frontier ...` from the study's log "
             "([docs/study/results.md](../study/results.md)): each task's cell at each sparsity with the defaults "
             f"of the day it ran, one seed each: {', '.join(f'`{c}`' for c in cells)}.")

@@ -49,7 +49,8 @@ def prepare(task_name: str, glue_dir: str | None, out_dir: Path, limit: int | No
 
 def teacher_subset(info: dict, out_dir: Path, limit: int | None, seed: int = 42) -> dict:
     """The data the teacher fine-tunes on: ``info`` itself, or with ``limit`` a random subset of
-    its training examples (``teacher-train.json``, recorded in ``data.json``), drawn as
+    its training examples (``teacher-train.json``, recorded in ``data.json`` as ``teacher_train``,
+    beside the splits: every split but train is a dev split to the later stages), drawn as
     ``prepare``'s ``limit`` draws it, so a teacher on ``--teacher-limit N`` of the full set sees
     what one on ``--limit N`` saw. The student still distils on every example: it learns from the
     teacher's answers, not the labels, so text the teacher never trained on teaches it too."""
@@ -59,6 +60,6 @@ def teacher_subset(info: dict, out_dir: Path, limit: int | None, seed: int = 42)
     examples = random.Random(seed).sample(read_jsonl(Path(train["path"])), limit)
     path = out_dir / "teacher-train.json"
     write_jsonl(examples, path)
-    info["splits"]["teacher_train"] = {"path": str(path), "examples": limit}
+    info["teacher_train"] = {"path": str(path), "examples": limit}
     atomic.write_json(out_dir / "data.json", info, indent=2)
-    return {**info, "splits": {**info["splits"], "train": info["splits"]["teacher_train"]}}
+    return {**info, "splits": {**info["splits"], "train": info["teacher_train"]}}

@@ -103,6 +103,8 @@ def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
                          "flags for every cell")
     fields = {**settings, **variant, "recipe_args": {**user_args, **variant_args}}
     fields["teacher"] = str(teacher) if teacher else settings.get("teacher")  # a given teacher serves the first cell
+    if fields["teacher"]:  # trained (on --teacher-limit's subset, if given) by the first cell
+        fields.pop("teacher_limit", None)
     if cell.variant != "small":  # distill.yaml prunes nothing
         fields["sparsity"] = cell.sparsity
     return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True, **fields)

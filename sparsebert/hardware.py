@@ -99,7 +99,7 @@ def describe() -> dict:
         "cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
         # What the run could use: a job pinned to fewer cores (taskset, OMP_NUM_THREADS) runs slower.
-        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

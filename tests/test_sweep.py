@@ -162,6 +162,9 @@ def test_cell_request_keeps_a_given_teacher_and_refuses_clashes(tmp_path):
     assert (first.teacher, first.limit, first.sparsity, first.out) == ("given", 24, 0.8, tmp_path / "rte" / "base-80")
     assert cell_request(Cell("rte", "base", 0.8), tmp_path, tmp_path / "found", {"teacher": "given"}).teacher == \
         str(tmp_path / "found")
+    # --teacher-limit shapes the first cell's teacher; the cells that reuse it train none.
+    assert cell_request(Cell("rte", "base", 0.8), tmp_path, None, {"teacher_limit": 16}).teacher_limit == 16
+    assert cell_request(Cell("rte", "base", 0.9), tmp_path, tmp_path / "found", {"teacher_limit": 16}).teacher_limit is None
     ptf = cell_request(Cell("rte", "ptf", 0.8), tmp_path, None, {"recipe_args": {"hardness": 0.5}})
     assert ptf.recipe_args == {"hardness": 0.5, "init_sparsity": 0.8, "prune_end_fraction": 0.05, "mask_updates": 1}
     with pytest.raises(SweepError, match="the aug4 variant sets augment itself"):
@@ -234,11 +237,17 @@ def test_study_log_writes_the_frontier_page_of_named_cells(trained_run, tmp_path
     assert study_log.main([str(tmp_path / "runs"), "--out", str(out), "--frontier", "rte/old-80",
                            "rte/t-base-90", "--frontier-out", str(page)]) == 0
     rows = json.loads((page / "frontier.json").read_text())
-    assert [(r["sparsity"], r["variant"]) for r in rows] == [(0.8, "default"), (here["page_row"]["sparsity"], "default")]
+    assert [(r["sparsity"], r["variant"]) for r in rows] == [(0.8, "default"), (0.9, "default")]  # nominal, as grouped
     assert rows[0]["target_retention"] == 0.98 and rows[0]["target_met"] is (earlier["student"] > earlier["baseline"])
     assert rows[0]["machine"] == "earlier machine"
     assert rows[1]["student"] == here["student"] and rows[1]["nonzero_encoder_linears"] is not None
+    rebuilt = study_log.page_row({k: v for k, v in here.items() if k != "page_row"}, "default")
+    for key in set(rows[1]) - {"nonzero_encoder_linears", "machine"}:  # a rebuilt row reads as the sweep's
+        assert rebuilt[key] == pytest.approx(rows[1][key]) if isinstance(rows[1][key], float) else rebuilt[key] == rows[1][key], key
     assert "`rte/old-80`" in (page / "frontier.md").read_text() and (page / "frontier.png").is_file()
+    with pytest.raises(SystemExit, match="rte at 80% named twice"):
+        study_log.main([str(tmp_path / "runs"), "--out", str(out), "--frontier", "rte/old-80", "rte/old-80",
+                        "--frontier-out", str(page)])
     with pytest.raises(SystemExit, match="not in the log: rte/missing-90"):
         study_log.main([str(tmp_path / "runs"), "--out", str(out), "--frontier", "rte/missing-90",
                         "--frontier-out", str(page)])

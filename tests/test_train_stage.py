@@ -199,7 +199,9 @@ def test_teacher_limit_trains_the_teacher_on_a_subset_and_the_student_on_all(tra
                  "--teacher-limit", "16", "--teacher-epochs", "1", "--student-epochs", "1", "--batch-size", "16",
                  "--max-seq-length", "32", "--sparsity", "0.5"]) == 0
     data = json.loads((run / "data" / "data.json").read_text())
-    assert data["splits"]["train"]["examples"] == 48 and data["splits"]["teacher_train"]["examples"] == 16
+    assert data["splits"]["train"]["examples"] == 48 and data["teacher_train"]["examples"] == 16
+    assert data["teacher_train"]["path"] == str(run / "data" / "teacher-train.json")  # where it ended up
+    assert list(data["splits"]) == ["train", "dev"]  # later stages read every other split as a dev set
     rows = [json.loads(line) for line in (run / "data" / "train.json").read_text().splitlines()]
     subset = [json.loads(line) for line in (run / "data" / "teacher-train.json").read_text().splitlines()]
     assert subset == random.Random(42).sample(rows, 16)
@@ -207,7 +209,7 @@ def test_teacher_limit_trains_the_teacher_on_a_subset_and_the_student_on_all(tra
              for which in ("teacher", "student")}
     assert steps == {"teacher": 1, "student": 3}  # 16 and 48 examples in batches of 16
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["data"]["splits"]["teacher_train"]["examples"] == 16
+    assert metrics["data"]["teacher_train"]["examples"] == 16
     capsys.readouterr()  # the run's progress bars
     err = _one_line_error(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(tmp_path / "r2"),
                            "--teacher", str(trained_run / "teacher"), "--teacher-limit", "16"], capsys)
