@@ -122,8 +122,7 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
 def _name_a_finished_teacher(folder: RunFolder, error: BaseException) -> None:
     """Say how to skip fine-tuning again the teacher a failed run finished (it saves its weights last)."""
     teacher = folder.training_dir("teacher")
-    if (teacher / "config.json").is_file() and any((teacher / f).is_file() for f in ("model.safetensors",
-                                                                                   "pytorch_model.bin")):
+    if (teacher / "config.json").is_file() and any(any(teacher.glob(f)) for f in checkpoint.WEIGHT_FILES):
         atomic.add_note(error, f"the teacher it fine-tuned is in {teacher}: pass `--teacher {teacher}` to reuse it")
 
 
