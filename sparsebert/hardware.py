@@ -98,8 +98,7 @@ def describe() -> dict:
         "cpu_features": [f for f in _SHOWN_FLAGS if f in cpu_flags()],
         "cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
-        # What the run could use: a job pinned to fewer cores (taskset, OMP_NUM_THREADS) runs slower.
-        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # physical_cores counts the cores this process may use; fewer threads (OMP_NUM_THREADS) run slower.
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
