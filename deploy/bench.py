@@ -255,12 +255,14 @@ def ratios(rows: list[dict], bounds: dict | None = None) -> list[dict]:
 def machine() -> dict:
     from sparsebert import hardware
 
-    return hardware.describe()
+    return hardware.describe_for_speed()
 
 
 def _cpu(report: dict) -> str:
     m = report["machine"]
-    return f"{m.get('cpu') or m.get('processor')} ({m['cpus']} CPUs; {', '.join(m.get('cpu_features', [])) or 'no AVX512'})"
+    isa = f"; DeepSparse on {m['deepsparse_isa']}" if m.get("deepsparse_isa") else ""
+    return (f"{m.get('cpu') or m.get('processor')} ({m['cpus']} CPUs; "
+            f"{', '.join(m.get('cpu_features', [])) or 'no AVX512'}{isa})")
 
 
 def markdown(report: dict) -> str:

@@ -88,14 +88,15 @@ def sweep(run: RunFolder, clients: tuple[int, ...] = CLIENTS, seconds: float = 1
     return {"task": run.task.name, "examples": len(inputs), "seconds_per_measurement": seconds,
             "engine_threads": threads or "all", "batch_size": batch_size,
             "batch_window_ms": batch_window_ms if batch_size > 1 else None,
-            "machine": hardware.describe(), "rows": rows}
+            "machine": hardware.describe_for_speed(), "rows": rows}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"{report['task']} dev texts, one per request ({report['examples']} texts, each sent alone first to "
              f"learn its answer), {report['seconds_per_measurement']:g} s per row, engine threads "
-             f"{report.get('engine_threads', 'all')}; {m['cpu']} ({m['cpus']} CPUs). "
+             f"{report.get('engine_threads', 'all')}; {m['cpu']} ({m['cpus']} CPUs; DeepSparse on "
+             f"{m.get('deepsparse_isa', 'an ISA not recorded')}). "
              f"Server and clients share the machine; {batching(report)}.", "",
              "| model | engine | buckets | clients | requests/s | p50 ms | p99 ms | errors | vs dense ORT padded |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -28,6 +28,8 @@ from sparsebert.errors import UserError
 from sparsebert.pipeline.request import STUDENT_LR, TrainRequest
 from sparsebert.runfolder import CHECKPOINTS, INT8, RunFolder
 
+AUTO = "auto"
+
 
 class UsageError(UserError):
     pass
@@ -111,9 +113,14 @@ def _batching_arguments(p: argparse.ArgumentParser, whose: str) -> None:
                    help="how long a text waits for others to share its engine call (default: the server's, 5)")
 
 
-def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="student",
-                   help="which model of the run: the sparse student or the dense teacher")
+def _checkpoint_argument(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    if auto:
+        p.add_argument("--checkpoint", choices=(AUTO, *CHECKPOINTS), default=AUTO,
+                       help="which model of the run (default auto: the INT8 student where the run has one and "
+                            "the engine runs INT8 natively on this CPU, else the FP32 student; it says which)")
+    else:
+        p.add_argument("--checkpoint", choices=CHECKPOINTS, default="student",
+                       help="which model of the run: the sparse student or the dense teacher")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the exported model on 127.0.0.1 (DeepSparse or ONNX Runtime)")
     _run_argument(p)
-    _checkpoint_argument(p)
+    _checkpoint_argument(p, auto=True)
     p.add_argument("--engine", choices=served_engines(), default="deepsparse")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5543)
@@ -450,13 +457,25 @@ def cmd_serve(args) -> int:
 
     run = RunFolder(args.run)
     name = args.name or run.task.name
-    note = hardware.int8_note() if args.checkpoint == INT8 and args.engine == "deepsparse" else None
-    if note:  # served as asked, but the user should know it is the slower one here
-        print(f"[sparsebert] {note}", file=sys.stderr)
-    return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
+    which = args.checkpoint
+    if which == AUTO:
+        which, why = served_checkpoint(run, args.engine)
+        print(f"[sparsebert] serving {run.path}'s {which} on {args.engine}: {why}", file=sys.stderr)
+    elif which == INT8 and args.engine == "deepsparse" and hardware.int8_note():
+        # served as asked, but the user should know it is the slower one here
+        print(f"[sparsebert] {hardware.int8_note()}", file=sys.stderr)
+    return serve.main([str(run.deployment(which)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
                        *(["--threads", str(args.threads)] if args.threads else [])])
+
+
+def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:
+    """What ``serve`` serves by default on this CPU, and why."""
+    from sparsebert import hardware
+
+    int8, why = hardware.serve_int8(INT8 in run.checkpoints, engine)
+    return (INT8 if int8 else "student"), why
 
 
 def cmd_run(args) -> int:
@@ -480,6 +499,8 @@ def cmd_run(args) -> int:
     if code:
         return code
     failed = _judge(parser.parse_args(["gates", run, *thresholds]))
+    which, why = served_checkpoint(RunFolder(run), "deepsparse")
+    print(f"[sparsebert] serve it: sparsebert serve {run}  (the {which} on DeepSparse: {why})")
     if failed:
         print(f"[sparsebert] {args.out}: the student is servable, but the run does not hold its claim "
               f"(a FAIL line above says which){_why_gates_fail(failed)}", file=sys.stderr)

@@ -82,6 +82,31 @@ def int8_note(flags: set[str] | None = None) -> str | None:
             "student is not expected to beat the FP32 one here; the bench measures both (serve --checkpoint student)")
 
 
+def serve_int8(has_int8: bool, engine: str, flags: set[str] | None = None) -> tuple[bool, str]:
+    """Whether to serve a run's INT8 student rather than its FP32 one on this CPU, and why: INT8
+    where the run has it, unless DeepSparse would emulate it (then it is the slower of the two)."""
+    if not has_int8:
+        return False, "the run has no INT8 student (train it with --int8)"
+    if engine == "deepsparse" and int8_note(flags):
+        return False, (f"{cpu_model()} has no AVX512-VNNI or AMX, so DeepSparse would emulate the INT8 student "
+                       "and run it slower than the FP32 one (--checkpoint student-int8 serves it anyway)")
+    return True, "the INT8 student: the faster one here, within the gates' parity of the FP32 one"
+
+
+def deepsparse_isa(flags: set[str] | None = None) -> str:
+    """The instruction set DeepSparse runs on here (its own detection, which NM_ARCH overrides) and
+    whether its INT8 kernels are native: printed beside every speed figure."""
+    from deepsparse.cpu import cpu_architecture
+
+    isa = cpu_architecture().isa
+    return f"{isa}, INT8 {'native' if native_int8(flags) else 'emulated'}"
+
+
+def describe_for_speed() -> dict:
+    """``describe`` and the ISA DeepSparse runs on: for every report of a speed figure."""
+    return {**describe(), "deepsparse_isa": deepsparse_isa()}
+
+
 def resolve_precision(choice: str) -> str:
     """``auto`` -> ``bf16`` on hardware with native bf16, else ``fp32``."""
     if choice == "auto":

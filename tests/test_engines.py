@@ -2,6 +2,8 @@
 choice, is timed by the benchmark with its own column and ratio, and is run by parity; what it
 runs (INT8, dense models) and whether it serves come from the same row."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from tiny import tiny_task_checkpoint
@@ -148,3 +150,43 @@ def test_int8_on_a_cpu_that_emulates_it_is_said(monkeypatch, capsys, tmp_path):
         assert cli.main(["serve", str(tmp_path), "--checkpoint", "student-int8"]) == 0
         assert ("emulates INT8" in capsys.readouterr().err) == said
     assert served[-1][0] == str(tmp_path / "student-int8")  # served as asked
+
+
+def test_serve_picks_fp32_where_deepsparse_would_emulate_int8(monkeypatch, capsys, tmp_path):
+    """With no --checkpoint, serve picks the INT8 student where the run has one and INT8 runs
+    natively; on an AVX2-only CPU (DeepSparse emulates INT8) or a run without it, the FP32 student,
+    and it says why. ONNX Runtime's INT8 is not emulated, so it keeps the INT8 student."""
+    from sparsebert import cli, hardware
+    from sparsebert.deploy import serve
+
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    served = []
+    monkeypatch.setattr(serve, "main", lambda argv: served.append(argv) or 0)
+    cases = [({"avx2"}, True, "deepsparse", "student", "emulate"),
+             ({"avx2", "avx512_vnni"}, True, "deepsparse", "student-int8", "faster"),
+             ({"amx_int8"}, True, "deepsparse", "student-int8", "faster"),
+             ({"avx2"}, True, "onnxruntime", "student-int8", "faster"),
+             ({"avx2", "avx512_vnni"}, False, "deepsparse", "student", "no INT8 student")]
+    for flags, has_int8, engine, expected, why in cases:
+        checkpoints = ["student", "teacher", *(["student-int8"] if has_int8 else [])]
+        monkeypatch.setattr(cli, "RunFolder", lambda path, checkpoints=checkpoints: type("Run", (), {
+            "path": Path(path), "task": glue.get_task("rte"), "checkpoints": checkpoints,
+            "deployment": lambda self, which: tmp_path / which})())
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        assert cli.main(["serve", str(tmp_path), "--engine", engine]) == 0
+        assert served[-1][0] == str(tmp_path / expected), (flags, has_int8, engine)
+        said = capsys.readouterr().err
+        assert f"serving {tmp_path}'s {expected} on {engine}" in said and why in said, said
+
+
+def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):
+    """The bench's header names DeepSparse's ISA and whether its INT8 is native, from DeepSparse's own
+    detection (NM_ARCH overrides it)."""
+    from sparsebert import hardware
+    from sparsebert.deploy import bench
+
+    monkeypatch.setenv("NM_ARCH", "avx2")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    report = {"machine": bench.machine(), "sequence_length": 128, "threads": [1], "rows": [], "ratios": []}
+    assert report["machine"]["deepsparse_isa"] == "avx2, INT8 emulated"
+    assert "DeepSparse on avx2, INT8 emulated" in bench._cpu(report)
