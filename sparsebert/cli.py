@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batching_arguments(p, "the server's")
     p.add_argument("--name", help="model name in /v2/models/<name>/infer (default: the task)")
     p.add_argument("--threads", type=int, help="cores the engine runs on (default: all)")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="answer 504 to a request not answered within this (default 30)")
 
     p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
     _training_arguments(p)
@@ -456,7 +458,8 @@ def cmd_serve(args) -> int:
     return serve.main([str(run.deployment(args.checkpoint)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
-                       *(["--threads", str(args.threads)] if args.threads else [])])
+                       *(["--threads", str(args.threads)] if args.threads else []),
+                       *(["--request-timeout", str(args.request_timeout)] if args.request_timeout else [])])
 
 
 def cmd_run(args) -> int:
