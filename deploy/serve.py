@@ -44,7 +44,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sparsebert import offline, sparseml_mends
-from sparsebert.inference import cut_text, label_names
+from sparsebert.inference import char_limit, cut_text, label_names
 from sparsebert.deploy import errors
 from sparsebert.deploy.batcher import Batcher
 from sparsebert.deploy.engines import pipeline_engine_type, served_engines
@@ -63,7 +63,8 @@ DEFAULT_SEQUENCE_LENGTHS = (64, 128)
 DEFAULT_BATCH_WINDOW_MS = 5.0
 MAX_BATCH_WINDOW_MS = 1000.0
 # A request not answered this long after it arrived gets 504 (and its texts not yet sent are
-# dropped): ten times what the largest valid request takes alone on a 2-core CPU at batch 1.
+# dropped): about 5x what the largest valid request took alone (5-7 s: 80% MiniLM student, one
+# engine thread, 2-core AMD EPYC, batch 1), so only a backlog reaches it.
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 SERVING_FILE = "serving.json"  # in the deployment folder: task, text_inputs, sequence_length
 # Request limits. The pipeline truncates every text (or pair) to the longest sequence length, as
@@ -492,10 +493,13 @@ class ServedModel:
         return time.monotonic() + self.request_timeout_s
 
     def cut(self, row):
-        """A text, or each text of a pair, cut to what the model can read (inference.cut_text)."""
-        if isinstance(row, str):
-            return cut_text(row, self.sequence_length)
-        return [cut_text(text, self.sequence_length) for text in row]
+        """A text, or each text of a pair, cut to what the model can read (inference.cut_text);
+        InvalidInput if a text is blank once cut (the model would label an empty input)."""
+        texts = [cut_text(text, self.sequence_length) for text in ([row] if isinstance(row, str) else row)]
+        if any(is_blank(text) for text in texts):
+            raise InvalidInput(f"a text has nothing to read in its first {char_limit(self.sequence_length):,} "
+                               "characters, all that this model reads")
+        return texts[0] if isinstance(row, str) else texts
 
     def submit(self, request: InferenceRequest, deadline: Optional[float] = None) -> Future:
         """A future of the (label, score) of each of the request's texts, in order; after
