@@ -793,6 +793,21 @@ def test_served_and_parity_texts_are_cut_alike(tmp_path, monkeypatch):
     assert uncut != encoded[spaced]["input_ids"][0].tolist()  # the cut is what made them equal
 
 
+def test_a_text_blank_where_it_is_cut_is_refused(tmp_path, monkeypatch):
+    """Its words lie past the bound, so the model would read nothing: 400, nothing sent."""
+    from fastapi.testclient import TestClient
+
+    from sparsebert import inference
+
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    late = " \u200b" * (inference.char_limit(128) // 2) + "words"
+    with TestClient(create_app(model)) as client:
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": [["a", late]]})
+    assert response.status_code == 400 and "nothing to read in its first 1,024 characters" in response.json()["error"]
+    assert pipeline.calls == []
+
+
 class HeldPipeline(StandInPipeline):
     """A stand-in whose calls holding ``hold_on`` wait until ``release`` is set."""
 
@@ -895,3 +910,19 @@ def test_a_shutdown_signal_lets_the_request_in_flight_finish(tmp_path, monkeypat
     thread.join(10)
     assert not thread.is_alive() and model.batcher is None  # stopped, and the model closed
     assert pipeline.calls == [["in flight"]]
+
+
+def test_soak_rss_growth_is_measured_from_the_end_of_the_warm_up():
+    """Growth counts from the first sample at or after the warm-up, not from the cold start,
+    and this process's own RSS reads as a positive size."""
+    import os
+
+    from sparsebert.deploy.soak import MAX_RSS_GROWTH, rss_mib, rss_summary
+
+    samples = [(0.0, 500.0), (30.0, 800.0), (60.0, 900.0), (300.0, 950.0), (600.0, 990.0)]
+    summary = rss_summary(samples, warm_up_s=60.0)
+    assert (summary["first_mib"], summary["after_warm_up_mib"], summary["max_mib"], summary["last_mib"]) == (
+        500.0, 900.0, 990.0, 990.0)
+    assert summary["growth_after_warm_up"] == pytest.approx(0.1) and not summary["growth_after_warm_up"] < MAX_RSS_GROWTH
+    assert rss_summary([(0.0, 100.0), (5.0, 104.0)], warm_up_s=60.0)["growth_after_warm_up"] == 0.0  # too short: last
+    assert rss_mib(os.getpid()) > 1
