@@ -58,6 +58,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5543  # deepsparse.server's default
 # Short inputs run on the 64-token engine, the rest on 128; capped at the exported length.
 DEFAULT_SEQUENCE_LENGTHS = (64, 128)
+PIPELINE_SEQUENCE_LENGTH = 128  # DeepSparse's transformers pipelines, when a config gives none
 # How long the first text of an engine call waits for others to share it (dynamic batching; only
 # with --batch-size above 1): a few ms, small beside a batched call of a BERT.
 DEFAULT_BATCH_WINDOW_MS = 5.0
@@ -388,6 +389,14 @@ def load_pipeline(config_path: Path):
     return Pipeline.from_config(pipeline_config)
 
 
+def truncation_length(endpoint: dict) -> int:
+    """The length an endpoint's pipeline truncates at, as deepsparse.server builds it: the
+    kwargs' ``sequence_length`` over the bucketing's (the longest bucket), else DeepSparse's 128."""
+    lengths = ((endpoint.get("kwargs") or {}).get("sequence_length")
+               or (endpoint.get("bucketing") or {}).get("sequence_lengths") or PIPELINE_SEQUENCE_LENGTH)
+    return max(lengths) if isinstance(lengths, (list, tuple)) else int(lengths)
+
+
 def unwrap_single_texts(sequences):
     """``[["a"], ["b"]]`` as ``["a", "b"]``: DeepSparse's pipeline unwraps these itself, but its
     sequence-length bucket router tokenizes them first and fails (TypeError)."""
@@ -423,10 +432,9 @@ class ServedModel:
         self.config_path = Path(config_path)
         endpoint = yaml.safe_load(self.config_path.read_text())["endpoints"][0]
         self.name, self.model_path = endpoint["name"], endpoint["model"]
-        # The pipeline truncates at its longest bucket: texts are cut for that length before it
-        # tokenizes them, as parity cuts them (inference.cut_text).
-        buckets = (endpoint.get("bucketing") or {}).get("sequence_lengths") or DEFAULT_SEQUENCE_LENGTHS
-        self.sequence_length = max(buckets)
+        # Texts are cut for the length the pipeline truncates at before it tokenizes them, as
+        # parity cuts them (inference.cut_text).
+        self.sequence_length = truncation_length(endpoint)
         self.request_timeout_s = request_timeout_s
         self.draining = False  # set on a shutdown signal: new requests get 503
         serving = read_serving_info(Path(self.model_path))

@@ -793,6 +793,28 @@ def test_served_and_parity_texts_are_cut_alike(tmp_path, monkeypatch):
     assert uncut != encoded[spaced]["input_ids"][0].tolist()  # the cut is what made them equal
 
 
+@pytest.mark.parametrize("bucketing, kwargs, expected", [
+    ([64, 128], {}, 128), ([64, 128, 256], {}, 256), ([64, 128], {"sequence_length": 256}, 256),
+    (None, {"sequence_length": [32, 512]}, 512), (None, {}, 128)])
+def test_texts_are_cut_for_the_length_the_pipeline_truncates_at(tmp_path, bucketing, kwargs, expected):
+    """A config given with --config may set the pipeline's sequence_length in its kwargs, which
+    deepsparse.server lets override the bucketing: the cut follows what the pipeline reads."""
+    from deepsparse.server.config import EndpointConfig
+
+    (tmp_path / "model").mkdir()
+    path = write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME))
+    config = yaml.safe_load(path.read_text())
+    endpoint = config["endpoints"][0]
+    endpoint.pop("bucketing")
+    if bucketing:
+        endpoint["bucketing"] = {"sequence_lengths": bucketing}
+    endpoint["kwargs"].update(kwargs)
+    path.write_text(yaml.safe_dump(config))
+    read = EndpointConfig(**endpoint).to_pipeline_config().kwargs.get("sequence_length", 128)
+    assert max(read if isinstance(read, list) else [read]) == expected  # what deepsparse builds
+    assert ServedModel(path).sequence_length == expected
+
+
 def test_a_text_blank_where_it_is_cut_is_refused(tmp_path, monkeypatch):
     """Its words lie past the bound, so the model would read nothing: 400, nothing sent."""
     from fastapi.testclient import TestClient
