@@ -39,7 +39,9 @@ def rss_mib(pid: int) -> float:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError as error:
         raise UserError(f"cannot read the server's memory ({error}): the soak needs Linux /proc") from None
-    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    if kib is None:  # a process that exited (not yet waited for) has no memory left to read
+        raise UserError(f"process {pid} has exited: no resident memory to read")
     return kib / 1024
 
 
@@ -49,6 +51,7 @@ class RssSampler:
     def __init__(self, pid: int, every_s: float = RSS_EVERY_S):
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self.failed: str | None = None  # why sampling stopped early (the process exited)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -59,13 +62,19 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((time.monotonic() - self._start, rss_mib(self.pid)))  # the last, at the end
+        self._take()  # the last, at the end
+
+    def _take(self) -> bool:
+        if self.failed is None:
+            try:
+                self.samples.append((time.monotonic() - self._start, rss_mib(self.pid)))
+            except UserError as error:
+                self.failed = str(error)
+        return self.failed is None
 
     def _sample(self) -> None:
-        while True:
-            self.samples.append((time.monotonic() - self._start, rss_mib(self.pid)))
-            if self._stop.wait(self.every_s):
-                return
+        while self._take() and not self._stop.wait(self.every_s):
+            pass
 
 
 @contextlib.contextmanager
@@ -124,6 +133,11 @@ def soak(run: RunFolder, minutes: float, clients: int = CLIENTS, examples: int =
             load = failure.report
         finally:
             sampler.stop()
+        exit_code = process.poll()
+        if exit_code is not None:
+            log = (Path(workdir) / "server.log").read_text(errors="replace")[-2000:]
+            raise UserError(f"the server exited (code {exit_code}) during the soak, after {load['requests']} "
+                            f"requests and {load['errors']} errors:\n{log}")
     rss = rss_summary(sampler.samples, min(WARM_UP_S, seconds / 10))
     return {"task": run.task.name, "checkpoint": checkpoint, "engine": engine, "engine_threads": threads or "all",
             "minutes": minutes, "clients": clients, "examples": len(inputs),

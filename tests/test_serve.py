@@ -948,3 +948,21 @@ def test_soak_rss_growth_is_measured_from_the_end_of_the_warm_up():
     assert summary["growth_after_warm_up"] == pytest.approx(0.1) and not summary["growth_after_warm_up"] < MAX_RSS_GROWTH
     assert rss_summary([(0.0, 100.0), (5.0, 104.0)], warm_up_s=60.0)["growth_after_warm_up"] == 0.0  # too short: last
     assert rss_mib(os.getpid()) > 1
+
+
+def test_soak_sampling_a_server_that_exited_stops_with_a_reason_not_a_crash():
+    """A server process that died mid-soak (exited, not yet waited for: /proc has no VmRSS for
+    it) ends the sampling with a UserError's reason, not a StopIteration from the sampler."""
+    from sparsebert.deploy.soak import RssSampler, rss_mib
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(")")[-1].split()[0] == "Z")
+        with pytest.raises(UserError, match="has exited"):
+            rss_mib(process.pid)
+        sampler = RssSampler(process.pid, every_s=0.01)
+        sampler.start()
+        sampler.stop()
+        assert sampler.samples == [] and "has exited" in sampler.failed
+    finally:
+        process.wait()
