@@ -22,7 +22,8 @@ REGRESSION_LABELS = {"stsb": "similarity"}
 # tokenized, served or not: a fast tokenizer truncating a long pair builds every combination of
 # the two texts' overflow windows (1.7 s for two 4,000-character CJK texts at 128 tokens, against
 # 48 ms cut to 1,024). At 8 the cut changed the kept tokens of none of the 6,285 CoLA, MRPC, RTE,
-# SST-2 and STS-B dev texts at 32, 64 or 128 tokens (at 6, 11 of them at 32); docs/serving.md.
+# SST-2 and STS-B dev texts at 32, 64 or 128 tokens (at 6, 11 of them at 32), but a pair of two
+# long texts may keep one token more of one and one less of the other; docs/serving.md.
 CHARS_PER_TOKEN = 8
 
 
