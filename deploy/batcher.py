@@ -12,6 +12,8 @@ threads at once) takes the oldest waiting request, waits up to ``window_s`` for 
 one call of at most ``max_batch`` rows of one group (rows that can share a call), oldest
 requests first. A request with rows left over queues again behind those that arrived while its
 rows were answered, so a large request cannot hold the engine while a small one waits.
+A request past its deadline is failed (DeadlineExceeded) before the next call is filled, so
+the rest of its rows cost nothing.
 
 The thread ends on ``close()``, or when the engine raises KeyboardInterrupt or SystemExit; either
 way every request still waiting is failed with ModelNotReady, never left to hang, and
@@ -28,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional, Sequence
 
-from sparsebert.deploy.errors import ModelNotReady
+from sparsebert.deploy.errors import DeadlineExceeded, ModelNotReady
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class _Request:
     future: Future = field(default_factory=Future)
     answers: list = field(default_factory=list)  # the answers of rows[:len(answers)]
     sent: int = 0  # rows[:sent] are answered or in the engine call now
+    deadline: Optional[float] = None  # time.monotonic() past which its rows are not sent
     arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
@@ -73,12 +76,13 @@ class Batcher:
         self.thread = threading.Thread(target=self._serve_until_closed, name="batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, rows: list, group: Hashable = None) -> Future:
+    def submit(self, rows: list, group: Hashable = None, deadline: Optional[float] = None) -> Future:
         """A future of ``rows``' answers, in their order (or of the engine's exception); only
-        rows of the same ``group`` share an engine call. ModelNotReady once stopped."""
+        rows of the same ``group`` share an engine call. ModelNotReady once stopped; past
+        ``deadline`` (``time.monotonic()``), DeadlineExceeded, and its rows not yet sent never are."""
         if not rows:
             raise ValueError("a request needs at least one row")
-        request = _Request(list(rows), group)
+        request = _Request(list(rows), group, deadline=deadline)
         with self._lock:
             if self._stopped:
                 raise ModelNotReady(self._stopped)
@@ -153,6 +157,9 @@ class Batcher:
             self._waiting.append(self._next_arrival())
         self._take_arrivals()
         self._wait_for_company()
+        self._fail_expired()
+        if not self._waiting:
+            return
         batch = self._next_batch()  # (request, rows of it)
         try:
             answered = self._answer(batch)
@@ -219,6 +226,13 @@ class Batcher:
                 self._waiting.append(self._next_arrival(timeout=left))
             except queue.Empty:
                 return
+
+    def _fail_expired(self) -> None:
+        """Fail the requests past their deadline: their client has been answered 504 already
+        (or is about to be), so their rows would only hold up the others."""
+        now = time.monotonic()
+        expired = [r for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        self._fail(expired, DeadlineExceeded("the request was not answered within the server's deadline"))
 
     def _in_leading_group(self) -> list[_Request]:
         """The waiting requests of the first one's group, in turn order."""

@@ -148,7 +148,7 @@ def encode_each(tokenizer, examples: list[dict], input_names: list[str], length_
     for example in examples:
         natural = inference.encode(tokenizer, [example], input_names, longest, fixed_length=False)
         encoded.append(inference.encode(tokenizer, [example], input_names, length_of(natural["input_ids"].shape[1]),
-                                        fixed_length=True))
+                                        fixed_length=True, served_length=longest))  # cut as the server cuts
     return encoded
 
 

@@ -56,6 +56,13 @@ class ModelNotReady(ServingError):
     status = 503
 
 
+class DeadlineExceeded(ServingError):
+    """The request was not answered within the server's per-request deadline (queued behind
+    others, or too large to answer in time); the rest of its texts are not sent to the engine."""
+
+    status = 504
+
+
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 

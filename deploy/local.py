@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from sparsebert.deploy.client import SparseBertClient
-from sparsebert.deploy.serve import DEFAULT_BATCH_WINDOW_MS, ServedModel, ServeSettings, create_app, prepare
+from sparsebert.deploy.serve import (DEFAULT_BATCH_WINDOW_MS, DrainingServer, ServedModel, ServeSettings, create_app,
+                                     prepare)
 from sparsebert.errors import UserError
 
 STARTUP_TIMEOUT_S = 60
@@ -34,8 +35,8 @@ def local_server(deployment: Path, engine: str, workdir: Path, name: str = "pari
                              threads=threads, batch_size=batch_size, batch_window_ms=batch_window_ms)
     model = ServedModel(prepare(Path(deployment), Path(workdir), settings), settings.batch_window_ms)
     model.load()
-    server = uvicorn.Server(uvicorn.Config(create_app(model), host=settings.host, port=settings.port,
-                                           log_level="warning"))
+    server = DrainingServer(uvicorn.Config(create_app(model), host=settings.host, port=settings.port,
+                                           log_level="warning"), model)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -31,23 +31,25 @@ import json
 import re
 import shutil
 import sys
+import time
 import unicodedata
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Union
 
+import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sparsebert import offline, sparseml_mends
-from sparsebert.inference import label_names
+from sparsebert.inference import char_limit, cut_text, label_names
 from sparsebert.deploy import errors
 from sparsebert.deploy.batcher import Batcher
 from sparsebert.deploy.engines import pipeline_engine_type, served_engines
-from sparsebert.deploy.errors import (InvalidInput, ModelNotReady, PayloadTooLarge, UnprocessableInput,
-                                      UnsupportedMediaType)
+from sparsebert.deploy.errors import (DeadlineExceeded, InvalidInput, ModelNotReady, PayloadTooLarge,
+                                      UnprocessableInput, UnsupportedMediaType)
 from sparsebert.errors import UserError
 
 TASK = "text_classification"
@@ -56,10 +58,15 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5543  # deepsparse.server's default
 # Short inputs run on the 64-token engine, the rest on 128; capped at the exported length.
 DEFAULT_SEQUENCE_LENGTHS = (64, 128)
+PIPELINE_SEQUENCE_LENGTH = 128  # DeepSparse's transformers pipelines, when a config gives none
 # How long the first text of an engine call waits for others to share it (dynamic batching; only
 # with --batch-size above 1): a few ms, small beside a batched call of a BERT.
 DEFAULT_BATCH_WINDOW_MS = 5.0
 MAX_BATCH_WINDOW_MS = 1000.0
+# A request not answered this long after it arrived gets 504 (and its texts not yet sent are
+# dropped): about 5x what the largest valid request took alone (5-7 s: 80% MiniLM student, one
+# engine thread, 2-core AMD EPYC, batch 1), so only a backlog reaches it.
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
 SERVING_FILE = "serving.json"  # in the deployment folder: task, text_inputs, sequence_length
 # Request limits. The pipeline truncates every text (or pair) to the longest sequence length, as
 # in training and evaluation, so a longer text is accepted and truncated. No BERT reads more than
@@ -92,6 +99,7 @@ class ServeSettings:
     # Cores the engine runs on (DeepSparse cores, ONNX Runtime intra-op threads); None: all.
     threads: Optional[int] = None
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -109,6 +117,12 @@ class ServeSettings:
         if not 0 < self.port < 65536:
             raise DeploymentError(f"port {self.port} is not a TCP port")
         check_batch_window(self.batch_window_ms)
+        check_request_timeout(self.request_timeout_s)
+
+
+def check_request_timeout(timeout_s: float) -> None:
+    if not 0 < timeout_s <= 3600:
+        raise DeploymentError(f"the request timeout must be above 0 and at most 3600 s, not {timeout_s:g}")
 
 
 def check_batch_window(window_ms: float) -> None:
@@ -352,7 +366,7 @@ async def read_json(request: Request):
     body = await read_body(request)
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # bad JSON or encoding, and integers past Python's 4,300 digits
         raise InvalidInput(f"malformed JSON body: {error}") from None
     except RecursionError:  # arrays or objects thousands deep: Python's parser gives up, not the server
         raise InvalidInput("malformed JSON body: nested too deeply") from None
@@ -373,6 +387,14 @@ def load_pipeline(config_path: Path):
     pipeline_config = config.endpoints[0].to_pipeline_config()
     pipeline_config.num_cores = config.num_cores  # what deepsparse.server sets from its context
     return Pipeline.from_config(pipeline_config)
+
+
+def truncation_length(endpoint: dict) -> int:
+    """The length an endpoint's pipeline truncates at, as deepsparse.server builds it: the
+    kwargs' ``sequence_length`` over the bucketing's (the longest bucket), else DeepSparse's 128."""
+    lengths = ((endpoint.get("kwargs") or {}).get("sequence_length")
+               or (endpoint.get("bucketing") or {}).get("sequence_lengths") or PIPELINE_SEQUENCE_LENGTH)
+    return max(lengths) if isinstance(lengths, (list, tuple)) else int(lengths)
 
 
 def unwrap_single_texts(sequences):
@@ -403,11 +425,18 @@ class ServedModel:
     more in a longer call's empty slots than in a call of its own, while a call of its own costs
     a whole batch. Padding is masked, so a text's answer is the same in either, to float error."""
 
-    def __init__(self, config_path: Path, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS):
+    def __init__(self, config_path: Path, batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
         check_batch_window(batch_window_ms)
+        check_request_timeout(request_timeout_s)
         self.config_path = Path(config_path)
         endpoint = yaml.safe_load(self.config_path.read_text())["endpoints"][0]
         self.name, self.model_path = endpoint["name"], endpoint["model"]
+        # Texts are cut for the length the pipeline truncates at before it tokenizes them, as
+        # parity cuts them (inference.cut_text).
+        self.sequence_length = truncation_length(endpoint)
+        self.request_timeout_s = request_timeout_s
+        self.draining = False  # set on a shutdown signal: new requests get 503
         serving = read_serving_info(Path(self.model_path))
         self.task = serving.get("task") or self.name
         self.text_inputs = serving.get("text_inputs")  # None: unknown, both kinds accepted
@@ -444,6 +473,10 @@ class ServedModel:
         self.batcher = Batcher(answer, self.batch_size, self.batch_window_ms / 1000)
         self.pipeline = pipeline
 
+    def drain(self) -> None:
+        """Refuse new requests (503) and read as not ready; those already submitted are answered."""
+        self.draining = True
+
     def close(self) -> None:
         """Stop the batcher thread (requests still waiting get ModelNotReady) and release the
         pipeline. Safe to call twice, or before load()."""
@@ -455,23 +488,39 @@ class ServedModel:
         """The batcher, or ModelNotReady when nothing would answer: not loaded, closed, or
         its thread died (a readiness probe must not say OK to requests that would hang)."""
         batcher = self.batcher
+        if self.draining:
+            raise ModelNotReady(f"model '{self.name}' is shutting down")
         if batcher is None:
             raise ModelNotReady(f"model '{self.name}' is not loaded yet")
         if not batcher.running():
             raise ModelNotReady(f"model '{self.name}' cannot answer: {batcher.why_stopped()}")
         return batcher
 
-    def submit(self, request: InferenceRequest) -> Future:
-        """A future of the (label, score) of each of the request's texts, in order."""
+    def deadline(self) -> float:
+        """When a request arriving now must be answered by (``time.monotonic()``)."""
+        return time.monotonic() + self.request_timeout_s
+
+    def cut(self, row):
+        """A text, or each text of a pair, cut to what the model can read (inference.cut_text);
+        InvalidInput if a text is blank once cut (the model would label an empty input)."""
+        texts = [cut_text(text, self.sequence_length) for text in ([row] if isinstance(row, str) else row)]
+        if any(is_blank(text) for text in texts):
+            raise InvalidInput(f"a text has nothing to read in its first {char_limit(self.sequence_length):,} "
+                               "characters, all that this model reads")
+        return texts[0] if isinstance(row, str) else texts
+
+    def submit(self, request: InferenceRequest, deadline: Optional[float] = None) -> Future:
+        """A future of the (label, score) of each of the request's texts, in order; after
+        ``deadline`` its texts not yet sent are dropped and it fails with DeadlineExceeded."""
         batcher = self.require_ready()
         sequences = unwrap_single_texts(request.sequences)
-        rows = sequences if isinstance(sequences, list) else [sequences]
+        rows = [self.cut(row) for row in (sequences if isinstance(sequences, list) else [sequences])]
         # Single texts and pairs (both accepted when serving.json does not say) never share a
         # call: the tokenizer reads a list of one kind.
-        return batcher.submit(rows, group=text_inputs(rows))
+        return batcher.submit(rows, group=text_inputs(rows), deadline=deadline)
 
     def predict(self, request: InferenceRequest) -> dict:
-        return as_response(self.submit(request).result())
+        return as_response(self.submit(request, self.deadline()).result())
 
 
 def answer_rows(pipeline, rows: list) -> list[tuple[str, float]]:
@@ -498,7 +547,7 @@ def create_app(model: ServedModel) -> FastAPI:
                   description="deepsparse.server's text_classification API, with 4xx on bad input")
     errors.install(app, served=[model.name])
     prefix = f"/v2/models/{model.name}"
-    error_responses = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 422, 503)}
+    error_responses = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 422, 503, 504)}
 
     @app.get("/v2/health/live", tags=["health"])
     def live():
@@ -520,20 +569,39 @@ def create_app(model: ServedModel) -> FastAPI:
     @app.post(f"{prefix}/infer", tags=["model"], response_model=InferenceResponse,
               responses=error_responses, openapi_extra=request_body)
     async def infer(request: Request):
+        deadline = model.deadline()
         parsed = parse_request(await read_json(request))
         model.check_text_inputs(parsed)
         model.require_ready()
-        answers = await asyncio.wrap_future(model.submit(parsed))  # no thread held while it waits
-        return as_response(answers)
+        answers = asyncio.wrap_future(model.submit(parsed, deadline))  # no thread held while it waits
+        try:  # answered at the deadline even while an engine call of others holds the batcher
+            return as_response(await asyncio.wait_for(answers, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(f"model '{model.name}' did not answer within {model.request_timeout_s:g} s "
+                                   "(the server is busy: retry later, or send fewer texts)") from None
 
     return app
 
 
-def start_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve ``app`` with uvicorn until interrupted (one process: the model is loaded once)."""
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown on SIGINT/SIGTERM (stop listening, let in-flight requests
+    finish, bounded by their deadline, then the app's lifespan closes the model), plus one thing
+    uvicorn lacks: the app hears of the shutdown only once every connection is done, so the
+    model is told at the signal, to answer any request still reaching it 503."""
 
-    uvicorn.run(app, host=host, port=port, log_level="info", workers=1)
+    def __init__(self, config: uvicorn.Config, model: ServedModel):
+        super().__init__(config)
+        self.model = model
+
+    def handle_exit(self, sig, frame) -> None:
+        self.model.drain()
+        super().handle_exit(sig, frame)
+
+
+def start_server(model: ServedModel, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve ``model`` with uvicorn until interrupted (one process: the model is loaded once)."""
+    config = uvicorn.Config(create_app(model), host=host, port=port, log_level="info", workers=1)
+    DrainingServer(config, model).run()
 
 
 def serve(deployment: Optional[Path], settings: ServeSettings, workdir: Optional[Path] = None,
@@ -545,11 +613,11 @@ def serve(deployment: Optional[Path], settings: ServeSettings, workdir: Optional
         config_path = prepare(Path(deployment), workdir, settings)
     if config_only:
         return config_path
-    model = ServedModel(config_path, settings.batch_window_ms)
+    model = ServedModel(config_path, settings.batch_window_ms, settings.request_timeout_s)
     model.load()  # before listening: a server that is up always has a model
     print(f"serving {model.name} on http://{settings.host}:{settings.port}/v2/models/{model.name}/infer "
           f"(config {config_path})", flush=True)
-    start_server(create_app(model), settings.host, settings.port)
+    start_server(model, settings.host, settings.port)
     return config_path
 
 
@@ -572,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
                    help="how long a text waits for others to share its engine call (with --batch-size "
                         f"above 1; default {DEFAULT_BATCH_WINDOW_MS:g})")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="SECONDS",
+                   help="answer 504 to a request not answered within this (default "
+                        f"{DEFAULT_REQUEST_TIMEOUT_S:g}); its texts not yet sent are dropped")
     p.add_argument("--sequence-lengths", type=int, nargs="+",
                    help="token buckets; the longest one is where texts get truncated (default "
                         "64 and 128, up to the length in the deployment's serving.json)")
@@ -596,7 +667,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sparseml_mends.apply()
         lengths = tuple(args.sequence_lengths) if args.sequence_lengths else None
         settings = ServeSettings(args.name, args.engine, args.batch_size, lengths, args.host, args.port, args.threads,
-                                 args.batch_window_ms)
+                                 args.batch_window_ms, args.request_timeout)
         config_path = serve(args.deployment, settings, args.workdir, args.config, args.config_only)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -198,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loadtest", help="serve each of the run's models in turn and drive it over HTTP with the "
                                         "task's dev texts at several concurrencies (bench/loadtest.*)")
     _run_argument(p)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64],
-                   help="concurrent clients, one pass each")
+    p.add_argument("--clients", type=int, nargs="+",
+                   help="concurrent clients, one pass each (default 1 4 16 64; with --soak, one count: 16)")
+    p.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead: serve the student alone (DeepSparse, a process of its own) for MINUTES under 16 "
+                        "clients, checking every answer and sampling the server's RSS (bench/soak.json); fails on "
+                        "any error or wrong answer, or RSS growth of 10%% or more after the first minute")
     p.add_argument("--seconds", type=float, default=10.0, help="time per pass")
     p.add_argument("--examples", type=int, default=200, help="how many dev texts the clients cycle through")
     p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
@@ -220,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _batching_arguments(p, "the server's")
     p.add_argument("--name", help="model name in /v2/models/<name>/infer (default: the task)")
     p.add_argument("--threads", type=int, help="cores the engine runs on (default: all)")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="answer 504 to a request not answered within this (default 30)")
 
     p = sub.add_parser("run", help="train + export + parity + bench + gates, in one run folder")
     _training_arguments(p)
@@ -419,6 +425,9 @@ def cmd_bench(args) -> int:
 def cmd_loadtest(args) -> int:
     from sparsebert.deploy import served_load
 
+    if args.soak is not None:
+        return _soak(args)
+    args.clients = args.clients or [1, 4, 16, 64]
     if min(args.clients) < 1 or args.seconds <= 0 or args.examples < 1 or min(args.buckets) < 8 or args.batch_size < 1:
         raise UsageError("--clients, --examples and --batch-size must be at least 1, --seconds positive, buckets at "
                          "least 8 tokens")
@@ -432,6 +441,25 @@ def cmd_loadtest(args) -> int:
     print(served_load.markdown(report))
     print(f"[sparsebert] wrote {run.bench_dir}/loadtest.json, loadtest.md, loadtest.png")
     return 0
+
+
+def _soak(args) -> int:
+    import json
+
+    from sparsebert.deploy import soak
+
+    if args.clients and len(args.clients) != 1:
+        raise UsageError("--soak runs one client count: give --clients once")
+    if args.soak <= 0:
+        raise UsageError("--soak needs a positive number of minutes")
+    run = RunFolder(args.run)
+    report = soak.soak(run, args.soak, clients=(args.clients or [soak.CLIENTS])[0], examples=args.examples,
+                       threads=args.threads)
+    run.bench_dir.mkdir(parents=True, exist_ok=True)
+    (run.bench_dir / "soak.json").write_text(json.dumps(report, indent=2))
+    print(soak.summary(report))
+    print(f"[sparsebert] wrote {run.bench_dir}/soak.json")
+    return 0 if report["passed"] else 1
 
 
 def cmd_gates(args) -> int:
@@ -467,7 +495,8 @@ def cmd_serve(args) -> int:
     return serve.main([str(run.deployment(which)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
-                       *(["--threads", str(args.threads)] if args.threads else [])])
+                       *(["--threads", str(args.threads)] if args.threads else []),
+                       *(["--request-timeout", str(args.request_timeout)] if args.request_timeout else [])])
 
 
 def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:

@@ -212,6 +212,8 @@ BAD_REQUESTS = [
     ("body-too-large", as_json({"sequences": "x" * MAX_BODY_BYTES}), "application/json", None, 413, "limit"),
     ("nested-20000-deep", b'{"sequences": ' + b"[" * 20000 + b"]" * 20000 + b"}", "application/json", None, 400,
      "nested too deeply"),
+    ("integer-of-5000-digits", b'{"sequences": ' + b"7" * 5000 + b"}", "application/json", None, 400,
+     "malformed JSON"),
     ("nested-500-deep", as_json({"sequences": functools.reduce(lambda inner, _: [inner], range(500), "a")}),
      "application/json", None, 400, "sequences"),
     ("text-plain", b"a text", "text/plain", None, 415, "application/json"),
@@ -414,14 +416,16 @@ def alone(texts: list[str]) -> dict:
     return {"labels": [f"label of {text}" for text in texts], "scores": [len(text) / 100 for text in texts]}
 
 
-def stand_in_model(tmp_path, monkeypatch, pipeline: StandInPipeline, batch_size: int, window_ms: float) -> ServedModel:
+def stand_in_model(tmp_path, monkeypatch, pipeline: StandInPipeline, batch_size: int, window_ms: float,
+                   request_timeout_s: float = 30.0) -> ServedModel:
     """A ServedModel on ``pipeline``, loaded (its warm-up calls not counted)."""
     from sparsebert.deploy import serve
 
     monkeypatch.setattr(serve, "load_pipeline", lambda config_path: pipeline)
     (tmp_path / "model").mkdir()
     settings = ServeSettings(name=NAME, batch_size=batch_size)
-    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", settings), batch_window_ms=window_ms)
+    model = ServedModel(write_server_config(tmp_path, tmp_path / "model", settings), batch_window_ms=window_ms,
+                        request_timeout_s=request_timeout_s)
     model.load()
     pipeline.calls.clear()
     return model
@@ -758,3 +762,207 @@ def test_model_not_loaded_answers_503(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------- long texts, deadlines, shutdown
+
+
+def test_served_and_parity_texts_are_cut_alike(tmp_path, monkeypatch):
+    """A text past the character bound reaches the pipeline cut, at the bound of the server's
+    longest bucket (128 here), and parity's encoder cuts it at the same place: it encodes the
+    long text exactly as the cut one."""
+    from transformers import AutoTokenizer
+
+    from sparsebert import inference
+    from sparsebert.models import embedded_default
+
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    limit = inference.char_limit(128)
+    assert model.sequence_length == 128 and limit < MAX_TEXT_CHARS
+    long = "word " * (limit // 5) + "tail " * 50  # the tail lies past the bound
+    model.predict(InferenceRequest(sequences=[[long, "short"]]))
+    assert pipeline.calls == [[[long[:limit], "short"]]] and inference.cut_text(long, 128) == long[:limit]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_default()))
+    spaced = "a few words" + " " * limit + " and words the tokenizer would read uncut"
+    encoded = {text: inference.encode(tokenizer, [{"sentence1": text, "sentence2": "b"}], ["input_ids"], 128, True)
+               for text in (spaced, spaced[:limit])}
+    assert (encoded[spaced]["input_ids"] == encoded[spaced[:limit]]["input_ids"]).all()
+    uncut = tokenizer(spaced, "b", truncation=True, max_length=128, padding="max_length")["input_ids"]
+    assert uncut != encoded[spaced]["input_ids"][0].tolist()  # the cut is what made them equal
+
+
+@pytest.mark.parametrize("bucketing, kwargs, expected", [
+    ([64, 128], {}, 128), ([64, 128, 256], {}, 256), ([64, 128], {"sequence_length": 256}, 256),
+    (None, {"sequence_length": [32, 512]}, 512), (None, {}, 128)])
+def test_texts_are_cut_for_the_length_the_pipeline_truncates_at(tmp_path, bucketing, kwargs, expected):
+    """A config given with --config may set the pipeline's sequence_length in its kwargs, which
+    deepsparse.server lets override the bucketing: the cut follows what the pipeline reads."""
+    from deepsparse.server.config import EndpointConfig
+
+    (tmp_path / "model").mkdir()
+    path = write_server_config(tmp_path, tmp_path / "model", ServeSettings(name=NAME))
+    config = yaml.safe_load(path.read_text())
+    endpoint = config["endpoints"][0]
+    endpoint.pop("bucketing")
+    if bucketing:
+        endpoint["bucketing"] = {"sequence_lengths": bucketing}
+    endpoint["kwargs"].update(kwargs)
+    path.write_text(yaml.safe_dump(config))
+    read = EndpointConfig(**endpoint).to_pipeline_config().kwargs.get("sequence_length", 128)
+    assert max(read if isinstance(read, list) else [read]) == expected  # what deepsparse builds
+    assert ServedModel(path).sequence_length == expected
+
+
+def test_a_text_blank_where_it_is_cut_is_refused(tmp_path, monkeypatch):
+    """Its words lie past the bound, so the model would read nothing: 400, nothing sent."""
+    from fastapi.testclient import TestClient
+
+    from sparsebert import inference
+
+    pipeline = StandInPipeline()
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    late = " \u200b" * (inference.char_limit(128) // 2) + "words"
+    with TestClient(create_app(model)) as client:
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": [["a", late]]})
+    assert response.status_code == 400 and "nothing to read in its first 1,024 characters" in response.json()["error"]
+    assert pipeline.calls == []
+
+
+class HeldPipeline(StandInPipeline):
+    """A stand-in whose calls holding ``hold_on`` wait until ``release`` is set."""
+
+    def __init__(self, hold_on: str):
+        super().__init__()
+        self.release, self.held = threading.Event(), threading.Event()
+        self.during_call = self._hold
+        self.hold_on = hold_on
+
+    def _hold(self):
+        if self.hold_on in self.calls[-1]:
+            self.held.set()
+            assert self.release.wait(20), "never released"
+
+
+def in_background(function, *args) -> dict:
+    """Run ``function(*args)`` on a thread; the dict gets its "result" and the thread ("thread")."""
+    out = {}
+
+    def run():
+        out["result"] = function(*args)
+
+    out["thread"] = threading.Thread(target=run, daemon=True)
+    out["thread"].start()
+    return out
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_other_texts_are_dropped(tmp_path, monkeypatch):
+    """With a 0.3 s deadline, a request whose first text holds the engine is answered 504 in the
+    error shape at its deadline, while the engine call is still running; its two other texts are
+    never sent, and the next request is answered."""
+    from fastapi.testclient import TestClient
+
+    pipeline = HeldPipeline(hold_on="slow")
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0, request_timeout_s=0.3)
+    with TestClient(create_app(model)) as client:
+        start = time.monotonic()
+        response = client.post(f"/v2/models/{NAME}/infer", json={"sequences": ["slow", "second", "third"]})
+        waited = time.monotonic() - start
+        assert pipeline.held.is_set()  # answered while the engine was still busy with it
+        pipeline.release.set()
+        assert response.status_code == 504 and list(response.json()) == ["error"]
+        assert "did not answer within 0.3 s" in response.json()["error"]
+        assert 0.3 <= waited < 5
+        assert client.post(f"/v2/models/{NAME}/infer", json={"sequences": "next"}).json() == alone(["next"])
+    assert pipeline.calls == [["slow"], ["next"]]
+
+
+def test_draining_refuses_new_requests_and_answers_those_in_flight(tmp_path, monkeypatch):
+    """After drain() (a shutdown signal) a request in flight still gets its answer; new requests
+    and the readiness probe get 503 in the error shape."""
+    from fastapi.testclient import TestClient
+
+    pipeline = HeldPipeline(hold_on="in flight")
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    with TestClient(create_app(model)) as client:
+        infer = f"/v2/models/{NAME}/infer"
+        in_flight = in_background(functools.partial(client.post, infer, json={"sequences": "in flight"}))
+        assert pipeline.held.wait(10)
+        model.drain()
+        for response in (client.post(infer, json={"sequences": "new"}), client.get("/v2/health/ready")):
+            assert response.status_code == 503 and response.json() == {"error": f"model '{NAME}' is shutting down"}
+        pipeline.release.set()
+        in_flight["thread"].join(10)
+        assert in_flight["result"].status_code == 200 and in_flight["result"].json() == alone(["in flight"])
+    assert pipeline.calls == [["in flight"]]
+
+
+def test_a_shutdown_signal_lets_the_request_in_flight_finish(tmp_path, monkeypatch):
+    """The real uvicorn server told to exit (SIGTERM's handler) while a request is in the engine:
+    it keeps running until that request is answered (200, its own answer), answers no new one,
+    then stops and closes the model."""
+    import signal
+
+    import uvicorn
+
+    from sparsebert.deploy.serve import DrainingServer
+
+    pipeline = HeldPipeline(hold_on="in flight")
+    model = stand_in_model(tmp_path, monkeypatch, pipeline, batch_size=1, window_ms=0)
+    port = free_port()
+    server = DrainingServer(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"), model)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started)
+    infer = f"http://127.0.0.1:{port}/v2/models/{NAME}/infer"
+    in_flight = in_background(post, infer, as_json({"sequences": "in flight"}))
+    assert pipeline.held.wait(10)
+    server.handle_exit(signal.SIGTERM, None)
+    try:
+        status = post(infer, as_json({"sequences": "new"}))[0]
+    except urllib.error.URLError:  # uvicorn has closed its socket: refused, as it should be
+        status = None
+    assert status in (503, None)
+    time.sleep(0.5)
+    assert thread.is_alive() and not in_flight["thread"].join(0) and "result" not in in_flight
+    pipeline.release.set()
+    in_flight["thread"].join(10)
+    assert in_flight["result"] == (200, alone(["in flight"]))
+    thread.join(10)
+    assert not thread.is_alive() and model.batcher is None  # stopped, and the model closed
+    assert pipeline.calls == [["in flight"]]
+
+
+def test_soak_rss_growth_is_measured_from_the_end_of_the_warm_up():
+    """Growth counts from the first sample at or after the warm-up, not from the cold start,
+    and this process's own RSS reads as a positive size."""
+    import os
+
+    from sparsebert.deploy.soak import MAX_RSS_GROWTH, rss_mib, rss_summary
+
+    samples = [(0.0, 500.0), (30.0, 800.0), (60.0, 900.0), (300.0, 950.0), (600.0, 990.0)]
+    summary = rss_summary(samples, warm_up_s=60.0)
+    assert (summary["first_mib"], summary["after_warm_up_mib"], summary["max_mib"], summary["last_mib"]) == (
+        500.0, 900.0, 990.0, 990.0)
+    assert summary["growth_after_warm_up"] == pytest.approx(0.1) and not summary["growth_after_warm_up"] < MAX_RSS_GROWTH
+    assert rss_summary([(0.0, 100.0), (5.0, 104.0)], warm_up_s=60.0)["growth_after_warm_up"] == 0.0  # too short: last
+    assert rss_mib(os.getpid()) > 1
+
+
+def test_soak_sampling_a_server_that_exited_stops_with_a_reason_not_a_crash():
+    """A server process that died mid-soak (exited, not yet waited for: /proc has no VmRSS for
+    it) ends the sampling with a UserError's reason, not a StopIteration from the sampler."""
+    from sparsebert.deploy.soak import RssSampler, rss_mib
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(")")[-1].split()[0] == "Z")
+        with pytest.raises(UserError, match="has exited"):
+            rss_mib(process.pid)
+        sampler = RssSampler(process.pid, every_s=0.01)
+        sampler.start()
+        sampler.stop()
+        assert sampler.samples == [] and "has exited" in sampler.failed
+    finally:
+        process.wait()
