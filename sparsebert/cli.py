@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=float, metavar="MINUTES",
                    help="instead: serve the student alone (DeepSparse, a process of its own) for MINUTES under 16 "
                         "clients, checking every answer and sampling the server's RSS (bench/soak.json); fails on "
-                        "any error or wrong answer, or RSS growth of 10%% or more after the first minute")
+                        "any error or wrong answer, or RSS growth of 10%% or more after the first minute; "
+                        "--seconds, --buckets and --batch-size are for the passes, not the soak")
     p.add_argument("--seconds", type=float, default=10.0, help="time per pass")
     p.add_argument("--examples", type=int, default=200, help="how many dev texts the clients cycle through")
     p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
@@ -496,7 +497,7 @@ def cmd_serve(args) -> int:
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
                        *(["--threads", str(args.threads)] if args.threads else []),
-                       *(["--request-timeout", str(args.request_timeout)] if args.request_timeout else [])])
+                       *(["--request-timeout", str(args.request_timeout)] if args.request_timeout is not None else [])])
 
 
 def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:
