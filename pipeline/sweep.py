@@ -107,7 +107,11 @@ def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
         fields.pop("teacher_limit", None)
     if cell.variant != "small":  # distill.yaml prunes nothing
         fields["sparsity"] = cell.sparsity
-    return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True, **fields)
+    folder = out / cell.task / cell.name
+    # A cell a stopped sweep left half-trained goes on from its last checkpoint.
+    from sparsebert.pipeline.stage import stopped_runs
+
+    return TrainRequest(task=cell.task, out=folder, overwrite=True, resume=bool(stopped_runs(folder)), **fields)
 
 
 def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train) -> dict:
