@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -151,9 +152,7 @@ def _refuse_dropping_a_stopped_run(opts: StageOptions, reads) -> None:
 def _same_request(partial: Path, opts: StageOptions, *configs: TrainConfig | None) -> None:
     """Record what this run is asked in ``partial``; when resuming, refuse a request that differs
     from the stopped run's (its checkpoints were trained for that one)."""
-    asked = json.loads(json.dumps({"options": {k: v for k, v in asdict(opts).items()
-                                               if k not in ("out", "overwrite", "resume")},
-                                   "configs": [asdict(c) if c else None for c in configs]}, default=str))
+    asked = _request(opts, configs)
     path = partial / REQUEST_FILE
     if opts.resume:
         if not path.is_file():
@@ -167,6 +166,26 @@ def _same_request(partial: Path, opts: StageOptions, *configs: TrainConfig | Non
         print(f"[sparsebert] resuming the run stopped in {partial}", flush=True)
         return
     atomic.write_json(path, asked, indent=2)
+
+
+def _request(opts: StageOptions, configs) -> dict:
+    """What ``_same_request`` compares: the options and configs, each path as the absolute path it
+    names (``--glue-dir data`` and ``--glue-dir $PWD/data`` ask the same), and each recipe's
+    content (an edited recipe asks another schedule, which its checkpoints were not trained for)."""
+    options = {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite", "resume")}
+    for key in ("model", "model_name", "glue_dir", "teacher", "augment_cache"):
+        options[key] = _absolute(options[key])
+    settings = [asdict(c) if c else None for c in configs]
+    for cfg in settings:
+        if cfg and cfg.get("recipe"):
+            cfg["recipe"] = _absolute(cfg["recipe"])
+            cfg["recipe_sha256"] = hashlib.sha256(Path(cfg["recipe"]).read_bytes()).hexdigest()
+    return json.loads(json.dumps({"options": options, "configs": settings}, default=str))
+
+
+def _absolute(path):
+    """A path that exists as its absolute form; anything else (a hub name, None) as it is."""
+    return str(Path(path).expanduser().resolve()) if path is not None and Path(path).expanduser().exists() else path
 
 
 def _differences(before, now, where: str = "") -> list[str]:

@@ -357,3 +357,32 @@ def test_a_run_killed_mid_pruning_resumes_to_the_uninterrupted_student(trained_r
     assert metrics[1]["student"]["dev"] == metrics[0]["student"]["dev"]
     assert not list((resumed / "student").glob("checkpoint-*")) and not list(tmp_path.glob("*.partial-*"))
     _one_line_error([*args, "--out", str(tmp_path / "never"), "--resume"], capsys)  # nothing to resume
+
+
+def test_a_resume_asked_the_same_paths_otherwise_written_is_taken_but_not_an_edited_recipe(tmp_path, monkeypatch):
+    """The stopped run's request is compared path for path: `--glue-dir glue` resumed as
+    `--glue-dir $PWD/glue` (or a teacher given relatively, then absolutely) asks the same and is
+    taken; a recipe edited in between is another schedule, refused."""
+    from sparsebert.pipeline.stage import ResumeRefused, StageOptions, _same_request
+    from sparsebert.pipeline.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "teacher").mkdir()
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("version: 1.1.0\n")
+    partial = tmp_path / "run.partial-1"
+    partial.mkdir()
+
+    def asked(where: Path, **changes):
+        opts = StageOptions(task="rte", model="all-MiniLM-L6-v2", out=tmp_path / "run", glue_dir=str(where / "glue"),
+                            teacher=str(where / "teacher"), resume=where != Path("."), **changes)
+        student = TrainConfig(epochs=1, learning_rate=1e-4, recipe=str(where / "mine.yaml"))
+        _same_request(partial, opts, TrainConfig(epochs=1, learning_rate=1e-4), student, None)
+
+    asked(Path("."))  # the stopped run, given relative paths
+    asked(tmp_path)  # resumed with the absolute ones
+    recipe.write_text("version: 1.1.0\nnum_epochs: 2.0\n")
+    with pytest.raises(ResumeRefused, match=r"configs\.student\.recipe_sha256"):
+        asked(tmp_path)
+
