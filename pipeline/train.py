@@ -133,11 +133,12 @@ def run_stage(arguments: dict, what: str) -> None:
     output_dir = Path(arguments["output_dir"])
     if finished(output_dir):
         print(f"[sparsebert] resuming: the {what} in {output_dir} had finished; kept as it is", flush=True)
-        return
-    resumed = resumable_checkpoint(output_dir)
-    if resumed is not None:
-        print(f"[sparsebert] resuming the {what} from {resumed}", flush=True)
-    run_sparseml({**arguments, "resume_from_checkpoint": str(resumed) if resumed else None})
+    else:
+        resumed = resumable_checkpoint(output_dir)
+        if resumed is not None:
+            print(f"[sparsebert] resuming the {what} from {resumed}", flush=True)
+        run_sparseml({**arguments, "resume_from_checkpoint": str(resumed) if resumed else None})
+    # Also where a run was stopped after the stage finished but before they were removed.
     for folder in output_dir.glob("checkpoint-*"):
         shutil.rmtree(folder, ignore_errors=True)
 

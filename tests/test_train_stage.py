@@ -386,3 +386,17 @@ def test_a_resume_asked_the_same_paths_otherwise_written_is_taken_but_not_an_edi
     with pytest.raises(ResumeRefused, match=r"configs\.student\.recipe_sha256"):
         asked(tmp_path)
 
+
+def test_a_stage_stopped_after_it_finished_is_kept_and_its_checkpoints_removed(tmp_path, monkeypatch):
+    """A run killed between a stage's last save (``trainer_state.json``) and the removal of its
+    checkpoints left them in the stage's folder: resumed, the stage is not trained again, and
+    the checkpoints (hundreds of MB each for the default model) do not end up in the run folder."""
+    from sparsebert.pipeline import train as training
+
+    stage = tmp_path / "student"
+    (stage / "checkpoint-4").mkdir(parents=True)
+    (stage / "checkpoint-4" / "recipe_state.pt").write_bytes(b"")
+    (stage / "trainer_state.json").write_text("{}")
+    monkeypatch.setattr(training, "run_sparseml", lambda arguments: pytest.fail("trained again"))
+    training.run_stage({"output_dir": str(stage)}, "student")
+    assert not list(stage.glob("checkpoint-*")) and (stage / "trainer_state.json").is_file()
