@@ -253,7 +253,7 @@ def _modifier_state(modifier) -> dict:
                             if name.startswith("_") and (value is None or isinstance(value, (bool, int, float)))}}
     masks = vars(modifier).get("_module_masks")
     if masks is not None:
-        state["masks"] = [mask.clone() for mask in masks.param_masks]
+        state["masks"] = [mask.bool() for mask in masks.param_masks]  # a quarter of the float masks' size
         state["masks_enabled"] = masks.enabled
     return state
 
@@ -296,7 +296,7 @@ def _restore_recipe_state(trainer, checkpoint: Path) -> None:
         if "masks" in saved:
             masks = vars(modifier)["_module_masks"]
             masks.enabled = saved["masks_enabled"]
-            masks.set_param_masks(saved["masks"])
+            masks.set_param_masks([mask.to(held.dtype) for mask, held in zip(saved["masks"], masks.param_masks)])
 
 
 def _recipe_length(manager) -> float | None:
