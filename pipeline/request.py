@@ -76,6 +76,8 @@ class TrainRequest:
     teacher_limit: int | None = None
     seed: int = 42
     overwrite: bool = False
+    resume: bool = False
+    checkpoint_every: int | None = None  # None: about 10 checkpoints a stage, at least MIN_CHECKPOINT_STEPS apart
 
     @classmethod
     def default(cls, name: str):
@@ -183,6 +185,8 @@ def check_config(cfg: TrainConfig, what: str) -> None:
     if cfg.epochs <= 0 or cfg.learning_rate <= 0:
         raise TrainingRefused(f"the {what}'s epochs and learning rate must be positive, got {cfg.epochs} and "
                               f"{cfg.learning_rate}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise TrainingRefused(f"--checkpoint-every must be at least 1 step, not {cfg.checkpoint_every}")
     if cfg.recipe:
         sparsity = cfg.recipe_args.get("final_sparsity")
         if sparsity is not None and not 0 <= sparsity < 1:
@@ -257,7 +261,7 @@ def plan(request: TrainRequest):
                                    [("--sparsity", "final_sparsity", request.sparsity),
                                     ("--student-epochs", "num_epochs", request.student_epochs), *rate])
     common = dict(batch_size=request.batch_size, max_seq_length=request.max_seq_length, seed=request.seed,
-                  precision=resolve_precision(request.precision))
+                  precision=resolve_precision(request.precision), checkpoint_every=request.checkpoint_every)
     teacher_cfg = TrainConfig(epochs=request.teacher_epochs, learning_rate=request.teacher_lr, **common)
     student_cfg = TrainConfig(epochs=epochs, learning_rate=recipe_args.get("learning_rate", student_lr),
                               recipe=str(recipe), recipe_args=recipe_args, **common)
@@ -271,7 +275,7 @@ def plan(request: TrainRequest):
                                recipe_args=int8_args, **common)
     opts = StageOptions(task=request.task, model=model, out=request.out, glue_dir=request.glue_dir,
                         teacher=request.teacher, limit=request.limit, teacher_limit=request.teacher_limit,
-                        overwrite=request.overwrite,
+                        overwrite=request.overwrite, resume=request.resume,
                         model_name=request.model, augment=request.augment, augment_cache=request.augment_cache,
                         student_init=request.student_init, student_layers=request.student_layers,
                         task_schedule=task_schedule(original) or None)

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsebert import atomic, checkpoint, flops, glue, hardware
+from sparsebert.errors import UserError
 from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
@@ -40,6 +42,7 @@ class StageOptions:
     student_init: str = "pretrained"  # "teacher": fine-tune-then-prune, the order the paper argues against
     student_layers: int | None = None  # keep only the first K layers: a small dense student
     task_schedule: dict | None = None  # the task's own default schedule, when it was applied (request.TASK_SCHEDULES)
+    resume: bool = False  # go on with the run a stopped `sparsebert train` left beside ``out``
 
 
 def describe(task: glue.GlueTask, model_dir: Path, dev_sets: dict, seq_len: int, patterns: list[str],
@@ -104,8 +107,11 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
         if given and (Path(given) / "config.json").is_file():
             atomic.verify(Path(given))
     reads = (opts.teacher, opts.model, opts.augment_cache)  # may lie in a failed run's leftover
-    with atomic.building(opts.out, opts.overwrite, keep_on_error=True, in_use=reads) as partial:
+    _refuse_dropping_a_stopped_run(opts, reads)
+    with atomic.building(opts.out, opts.overwrite, keep_on_error=True, in_use=reads, resume=opts.resume,
+                         kept_for="the same command with --resume goes on from where it stopped") as partial:
         folder = RunFolder(partial)
+        _same_request(partial, opts, teacher_cfg, student_cfg, int8_cfg)
         try:
             metrics = atomic.relocated(_train(opts, folder, teacher_cfg, student_cfg, int8_cfg), partial, opts.out)
         except BaseException as error:
@@ -117,6 +123,79 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
                 atomic.write_manifest(written, "train")
         folder.write_metrics(metrics)
     return metrics
+
+
+class ResumeRefused(UserError):
+    pass
+
+
+# What a run was asked, in its folder: a resumed run must be asked the same.
+REQUEST_FILE = "request.json"
+
+
+def stopped_runs(out: Path) -> list[Path]:
+    """What runs stopped after they began training left beside ``out``: work to go on with."""
+    return [p for p in atomic.leftovers(out, [atomic.PARTIAL]) if (p / REQUEST_FILE).is_file()]
+
+
+def _refuse_dropping_a_stopped_run(opts: StageOptions, reads) -> None:
+    """A new run removes what stopped runs left beside ``out``; one that had begun training holds
+    work worth going on with, so it is removed only when asked (``--overwrite``). One this run
+    reads from (its teacher given to ``--teacher``) is kept anyway (``atomic.building``)."""
+    read = [Path(r).resolve() for r in reads if r]
+    stopped = [p for p in stopped_runs(opts.out) if not any(p.resolve() in (r, *r.parents) for r in read)]
+    if stopped and not (opts.resume or opts.overwrite):
+        raise ResumeRefused(f"a run stopped before it finished left {stopped[-1]}: pass --resume to go on with it, "
+                            "or --overwrite to start again (it is then removed)")
+
+
+def _same_request(partial: Path, opts: StageOptions, *configs: TrainConfig | None) -> None:
+    """Record what this run is asked in ``partial``; when resuming, refuse a request that differs
+    from the stopped run's (its checkpoints were trained for that one)."""
+    asked = _request(opts, configs)
+    path = partial / REQUEST_FILE
+    if opts.resume:
+        if not path.is_file():
+            raise ResumeRefused(f"{partial} has no {REQUEST_FILE} (its run stopped before it began training): "
+                                "run it again without --resume")
+        before = json.loads(path.read_text())
+        if before != asked:
+            changed = sorted(_differences(before, asked))
+            raise ResumeRefused(f"--resume must be asked what the stopped run in {partial} was: it differs in "
+                                f"{', '.join(changed)}")
+        print(f"[sparsebert] resuming the run stopped in {partial}", flush=True)
+        return
+    atomic.write_json(path, asked, indent=2)
+
+
+def _request(opts: StageOptions, configs) -> dict:
+    """What ``_same_request`` compares: the options and configs, each path as the absolute path it
+    names (``--glue-dir data`` and ``--glue-dir $PWD/data`` ask the same), and each recipe's
+    content (an edited recipe asks another schedule, which its checkpoints were not trained for)."""
+    options = {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite", "resume")}
+    for key in ("model", "model_name", "glue_dir", "teacher", "augment_cache"):
+        options[key] = _absolute(options[key])
+    settings = [asdict(c) if c else None for c in configs]
+    for cfg in settings:
+        if cfg and cfg.get("recipe"):
+            cfg["recipe"] = _absolute(cfg["recipe"])
+            cfg["recipe_sha256"] = hashlib.sha256(Path(cfg["recipe"]).read_bytes()).hexdigest()
+    return json.loads(json.dumps({"options": options, "configs": settings}, default=str))
+
+
+def _absolute(path):
+    """A path that exists as its absolute form; anything else (a hub name, None) as it is."""
+    return str(Path(path).expanduser().resolve()) if path is not None and Path(path).expanduser().exists() else path
+
+
+def _differences(before, now, where: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in before.keys() | now.keys()
+                for d in _differences(before.get(key), now.get(key), f"{where}.{key}" if where else key)]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        names = ["teacher", "student", "int8"] if where == "configs" else map(str, range(len(now)))
+        return [d for name, b, n in zip(names, before, now) for d in _differences(b, n, f"{where}.{name}")]
+    return [] if before == now else [f"{where} ({before!r} then, {now!r} now)"]
 
 
 def _name_a_finished_teacher(folder: RunFolder, error: BaseException) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sparsebert import atomic, glue
@@ -107,17 +107,29 @@ def cell_request(cell: Cell, out: Path, teacher: Path | None, settings: dict):
         fields.pop("teacher_limit", None)
     if cell.variant != "small":  # distill.yaml prunes nothing
         fields["sparsity"] = cell.sparsity
-    return TrainRequest(task=cell.task, out=out / cell.task / cell.name, overwrite=True, **fields)
+    folder = out / cell.task / cell.name
+    # A cell a stopped sweep left half-trained goes on from its last checkpoint.
+    from sparsebert.pipeline.stage import stopped_runs
+
+    return TrainRequest(task=cell.task, out=folder, overwrite=True, resume=bool(stopped_runs(folder)), **fields)
 
 
 def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train) -> dict:
-    """The cell's metrics: read back when it finished before, else trained now."""
+    """The cell's metrics: read back when it finished before, else trained now (going on with
+    what a stopped sweep left of it, when that was asked the same)."""
+    from sparsebert.pipeline.stage import ResumeRefused
+
     folder = out / cell.task / cell.name
     if not (folder / "metrics.json").is_file():
         print(f"[sweep] {cell.task} {cell.name}: training -> {folder}", flush=True)
         started = time.time()
+        request = cell_request(cell, out, teacher, settings)
         try:
-            metrics = train(cell_request(cell, out, teacher, settings))
+            try:
+                metrics = train(request)
+            except ResumeRefused as error:  # the stopped run was asked otherwise (the sweep's flags changed)
+                print(f"[sweep] {cell.task} {cell.name}: not resumed ({error}); training it again", flush=True)
+                metrics = train(replace(request, resume=False))
         except UserError as error:
             raise SweepError(f"{cell.task} {cell.name}: {error}. Finished cells are kept: run the same command "
                              "to resume") from error

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,19 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast); resolved from "auto" by the CLI
     recipe: str | None = None
     recipe_args: dict = field(default_factory=dict)
+    checkpoint_every: int | None = None  # steps between the checkpoints a stopped run resumes from (None: default_checkpoint_steps)
 
 
 # About this many points on every training curve.
 CURVE_POINTS = 50
+# About this many checkpoints per stage, but not closer than this many steps: each costs a second or
+# two (weights, optimizer moments, masks), and a short stage loses little when it starts again.
+CHECKPOINTS = 10
+MIN_CHECKPOINT_STEPS = 50
+
+
+def default_checkpoint_steps(total_steps: int) -> int:
+    return max(MIN_CHECKPOINT_STEPS, total_steps // CHECKPOINTS)
 
 
 def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfig,
@@ -61,7 +71,11 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
         "logging_strategy": "steps",
         "logging_steps": _logging_steps(data["splits"]["train"]["examples"], cfg),
         "bf16": cfg.precision == "bf16",
-        "save_strategy": "no",
+        # Checkpoints to resume from; the two newest are kept (one may be cut short by a kill),
+        # and all are removed once the stage has finished.
+        "save_strategy": "steps",
+        "save_steps": cfg.checkpoint_every or default_checkpoint_steps(_total_steps(data["splits"]["train"]["examples"], cfg)),
+        "save_total_limit": 2,
         "evaluation_strategy": "no",
         "report_to": "none",
         "seed": cfg.seed,
@@ -77,9 +91,12 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     return args
 
 
+def _total_steps(train_examples: int, cfg: TrainConfig) -> int:
+    return int(math.ceil(train_examples / cfg.batch_size) * cfg.epochs)
+
+
 def _logging_steps(train_examples: int, cfg: TrainConfig) -> int:
-    steps = math.ceil(train_examples / cfg.batch_size) * cfg.epochs
-    return max(1, int(steps // CURVE_POINTS))
+    return max(1, _total_steps(train_examples, cfg) // CURVE_POINTS)
 
 
 def run_sparseml(arguments: dict) -> None:
@@ -94,6 +111,36 @@ def run_sparseml(arguments: dict) -> None:
     if not os.environ.get("OMP_NUM_THREADS"):  # an explicit choice (several runs at once) wins
         torch.set_num_threads(hardware.physical_cores())
     text_classification.main(**arguments)
+
+
+def finished(output_dir: Path) -> bool:
+    """Whether a training stage wrote its final model into ``output_dir``: SparseML's script saves
+    the model, then the trainer's state (``trainer_state.json``, checked here)."""
+    return (Path(output_dir) / "trainer_state.json").is_file()
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest whole checkpoint a stopped stage left in ``output_dir`` (the recipe's state is
+    written last), or None."""
+    whole = [c for c in Path(output_dir).glob("checkpoint-*")
+             if c.name.split("-")[-1].isdigit() and (c / sparseml_mends.RECIPE_STATE).is_file()]
+    return max(whole, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def run_stage(arguments: dict, what: str) -> None:
+    """One training stage in ``arguments["output_dir"]``: resumed from the checkpoint a stopped run
+    left there, skipped where that run finished it; its checkpoints removed once it finishes."""
+    output_dir = Path(arguments["output_dir"])
+    if finished(output_dir):
+        print(f"[sparsebert] resuming: the {what} in {output_dir} had finished; kept as it is", flush=True)
+    else:
+        resumed = resumable_checkpoint(output_dir)
+        if resumed is not None:
+            print(f"[sparsebert] resuming the {what} from {resumed}", flush=True)
+        run_sparseml({**arguments, "resume_from_checkpoint": str(resumed) if resumed else None})
+    # Also where a run was stopped after the stage finished but before they were removed.
+    for folder in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def student_label_order(task: glue.GlueTask) -> list[str] | None:
@@ -141,14 +188,14 @@ def first_layers(model: str, layers: int, output_dir: Path) -> Path:
 
 def train_teacher(model: str, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
     """Fine-tune the dense model on the task (no recipe: nothing is pruned)."""
-    run_sparseml(sparseml_arguments(model, data, output_dir, cfg))
+    run_stage(sparseml_arguments(model, data, output_dir, cfg), "teacher")
     return output_dir
 
 
 def train_student(model: str, teacher: Path, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
     """Prune the *pre-trained* model while distilling it from the fine-tuned teacher."""
     cfg.recipe = cfg.recipe or str(recipe_path("sparsebert"))
-    run_sparseml(sparseml_arguments(model, data, output_dir, cfg, teacher=str(teacher)))
+    run_stage(sparseml_arguments(model, data, output_dir, cfg, teacher=str(teacher)), "student")
     return output_dir
 
 
@@ -158,5 +205,5 @@ def train_int8(student: Path, teacher: Path, data: dict, output_dir: Path, cfg: 
     bf16 autocast would round the linears' inputs before the emulation does."""
     cfg.recipe = cfg.recipe or str(recipe_path("sparsebert-int8"))
     cfg.precision = "fp32"
-    run_sparseml(sparseml_arguments(str(student), data, output_dir, cfg, teacher=str(teacher)))
+    run_stage(sparseml_arguments(str(student), data, output_dir, cfg, teacher=str(teacher)), "INT8 student")
     return output_dir

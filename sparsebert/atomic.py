@@ -112,21 +112,28 @@ def refuse_taken(folder: Path, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def building(folder: Path, overwrite: bool = False, keep_on_error: bool = False, in_use=()) -> Iterator[Path]:
+def building(folder: Path, overwrite: bool = False, keep_on_error: bool = False, in_use=(),
+             resume: bool = False, kept_for: str | None = None) -> Iterator[Path]:
     """Yield an empty sibling folder to write ``folder``'s new content into; once the block ends
     without an error it takes ``folder``'s place (an earlier result, only with ``overwrite``, is
     removed only then). After an error it is removed, or with ``keep_on_error`` kept and named (what
     it holds may be worth reusing). Leftovers of runs that were stopped are removed first, but not
-    one holding a path of ``in_use`` (files this run reads)."""
+    one holding a path of ``in_use`` (files this run reads). With ``resume``, the newest such
+    leftover is yielded instead, as the stopped run left it, to go on with. ``kept_for`` says what
+    a kept folder is for (default: that the next run removes it)."""
     folder = refuse_taken(folder, overwrite)
-    remove_leftovers(folder, in_use)
-    partial, lock = _new_partial(folder)
+    if resume:
+        partial, lock = _stopped_partial(folder)
+    else:
+        remove_leftovers(folder, in_use)
+        partial, lock = _new_partial(folder)
     try:
         try:
             yield partial
         except BaseException as error:
             if keep_on_error:
-                add_note(error, f"what it wrote is kept in {partial} (the next run writing {folder.name} removes it)")
+                add_note(error, f"what it wrote is kept in {partial} "
+                                f"({kept_for or f'the next run writing {folder.name} removes it'})")
             else:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -165,6 +172,16 @@ def _new_partial(folder: Path) -> tuple[Path, int]:
             raise OutputRefused(f"{partial} was taken over by another run as it was made; try again")
         return partial, lock
     raise OutputRefused(f"no free {folder.name}{PARTIAL}<id> name beside {folder}; remove the leftovers there")
+
+
+def _stopped_partial(folder: Path) -> tuple[Path, int]:
+    """The newest partial result beside ``folder`` that no live run holds, locked by this process."""
+    for partial in sorted(leftovers(folder, [PARTIAL]), key=lambda p: p.stat().st_mtime, reverse=True):
+        lock = _try_lock(partial)
+        if lock is not None:
+            return partial, lock
+    raise OutputRefused(f"nothing to resume: no run stopped before it finished left a "
+                        f"{folder.name}{PARTIAL}<id> folder beside {folder} (or its run is still going)")
 
 
 def _try_lock(partial: Path) -> int | None:

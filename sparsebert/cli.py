@@ -85,6 +85,12 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
                         "distils on all of them (it learns the teacher's answers, not the labels)")
     p.add_argument("--seed", type=int, default=TrainRequest.default("seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the run a stopped (killed) `sparsebert train` of the same flags left beside "
+                        "--out: finished stages kept, the one it stopped in resumed from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="optimizer steps between the checkpoints --resume goes on from (default: about 10 a "
+                        "stage, at least 50 steps apart; removed once the stage finishes)")
 
 
 def _run_argument(p: argparse.ArgumentParser) -> None:

@@ -99,6 +99,18 @@ def mend_trainer(module) -> None:
       a recipe of 0.9 epochs trained a whole epoch: the learning rate fell over 1.0 epochs while
       the pruning schedule, ended at 0.9, left the last tenth at the target with the rate
       still high. The trainer now runs the recipe's own (fractional) length.
+    - resuming a checkpoint restarted the recipe at epoch 0: the optimizer wrapper always counts
+      its steps from 0, and nothing of the recipe's state (which modifiers started, when the masks
+      were last updated, the masks) is saved, so pruning began again on a pruned model while the
+      learning rate went on from the checkpoint. Each checkpoint now also holds the recipe's
+      state (``RECIPE_STATE``, written last, so a checkpoint without it is incomplete), and a
+      resumed trainer starts the recipe where it stopped; resuming a recipe's checkpoint without
+      it is refused. And the length-grouped sampler drew each epoch's order from the global
+      random state, which a resumed run reaches by another path: each epoch's order now depends
+      on the seed and the epoch alone, so a resumed run sees the batches an uninterrupted one does.
+      And the Hugging Face trainer of this stack reads its checkpoint's random states with torch's
+      default ``weights_only`` load, which torch >= 2.6 refuses for the NumPy state inside: every
+      resume failed there. The NumPy types of that state are allowed for that load.
     - every trainer records a training curve (``sparsebert.pipeline.curve``): the learning rate
       the stepping optimizer applied, the sparsity reached and each distillation term, in
       ``trainer_state.json``'s log history. (An addition, not a mend: SparseML's trainer takes
@@ -124,10 +136,12 @@ def mend_trainer(module) -> None:
         from sparsebert.pipeline.curve import TrainingCurve
 
         self.add_callback(_RecipeCountsTrainerSteps(self))
+        self.add_callback(_RecipeResumes(self))  # after the steps per epoch are the trainer's
         self.add_callback(TrainingCurve(self))
 
     trainer.__init__ = init_with_curve
     module.RecipeManagerTrainerInterface._data_loader_builder = _gradient_samples
+    _mend_resuming(trainer)
 
     from transformers import TrainerCallback
 
@@ -147,6 +161,142 @@ def mend_trainer(module) -> None:
             steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
             self.trainer.manager_steps_per_epoch = steps
             vars(optimizer)["_wrapper"]._wrapped_steps_per_epoch = steps
+
+
+    class _RecipeResumes(TrainerCallback):
+        """Before the first step of a resumed run: the recipe's state as the checkpoint saved it."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            checkpoint = getattr(self.trainer, "_resumed_checkpoint", None)
+            if checkpoint is not None:
+                _restore_recipe_state(self.trainer, Path(checkpoint))
+
+
+# Written into every checkpoint after the rest of it: the recipe's position and state.
+RECIPE_STATE = "recipe_state.pt"
+
+
+class RecipeStateMissing(UserError):
+    pass
+
+
+def _mend_resuming(trainer) -> None:
+    save_checkpoint, train, get_sampler = trainer._save_checkpoint, trainer.train, trainer._get_train_sampler
+
+    def save_checkpoint_with_recipe(self, model, trial, metrics=None):
+        save_checkpoint(self, model, trial, metrics=metrics)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero():
+            _save_recipe_state(self, folder)
+
+    def train_resuming_the_recipe(self, *args, **kwargs):
+        self._resumed_checkpoint = _resumed_checkpoint(self, kwargs.get("resume_from_checkpoint"))
+        return train(self, *args, **kwargs)
+
+    def sampler_seeded_by_epoch(self):
+        sampler = get_sampler(self)
+        if hasattr(sampler, "generator") and not hasattr(sampler, "set_epoch"):  # LengthGroupedSampler
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            # The data loader calls set_epoch before each epoch, a resumed run's first one included.
+            sampler.set_epoch = lambda epoch: setattr(sampler, "generator", _generator(seed + epoch))
+            sampler.set_epoch(0)
+        return sampler
+
+    load_rng_state = trainer._load_rng_state
+
+    def load_rng_state_with_numpy(self, checkpoint):
+        import numpy
+        import torch
+
+        numpy_state = [numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype, type(numpy.dtype(numpy.uint32))]
+        with torch.serialization.safe_globals(numpy_state):
+            return load_rng_state(self, checkpoint)
+
+    trainer._save_checkpoint = save_checkpoint_with_recipe
+    trainer._load_rng_state = load_rng_state_with_numpy
+    trainer.train = train_resuming_the_recipe
+    trainer._get_train_sampler = sampler_seeded_by_epoch
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _resumed_checkpoint(trainer, asked) -> str | None:
+    """The checkpoint ``train(resume_from_checkpoint=asked)`` resumes (True: the output folder's
+    last), refused where it lacks the recipe's state: resumed, the recipe would start again."""
+    if not asked:
+        return None
+    if asked is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        asked = get_last_checkpoint(trainer.args.output_dir)
+        if asked is None:
+            return None  # the trainer itself says there is nothing to resume
+    if trainer.manager is not None and not (Path(asked) / RECIPE_STATE).is_file():
+        raise RecipeStateMissing(
+            f"{asked} has no {RECIPE_STATE} (the recipe's state, which the checkpoint was not saved with or was "
+            "stopped before it wrote): resumed, the recipe would start again at epoch 0 on a pruned model")
+    return str(asked)
+
+
+def _modifier_state(modifier) -> dict:
+    """What a modifier's schedule holds (its plain attributes: whether it started or ended, when it
+    last updated, its step counts) and, for a pruning modifier, its masks."""
+    state = {"type": type(modifier).__name__,
+             "attributes": {name: value for name, value in vars(modifier).items()
+                            if name.startswith("_") and (value is None or isinstance(value, (bool, int, float)))}}
+    masks = vars(modifier).get("_module_masks")
+    if masks is not None:
+        state["masks"] = [mask.bool() for mask in masks.param_masks]  # a quarter of the float masks' size
+        state["masks_enabled"] = masks.enabled
+    return state
+
+
+def _save_recipe_state(trainer, folder: Path) -> None:
+    import torch
+
+    from sparsebert.pipeline.curve import scheduled_optimizer
+
+    state = {"global_step": trainer.state.global_step}
+    optimizer = scheduled_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
+    if trainer.manager is not None and optimizer is not None:
+        wrapper = vars(optimizer)["_wrapper"]
+        state.update(steps=wrapper._wrapped_steps, epoch=wrapper._wrapped_epoch,
+                     modifiers=[_modifier_state(m) for m in trainer.manager.iter_modifiers()])
+    partial = folder / f"{RECIPE_STATE}.partial"
+    torch.save(state, partial)
+    os.replace(partial, folder / RECIPE_STATE)
+
+
+def _restore_recipe_state(trainer, checkpoint: Path) -> None:
+    """The recipe where the checkpoint left it: the optimizer wrapper's step count (from which
+    every modifier reads the epoch), each modifier's schedule and the pruning masks."""
+    import torch
+
+    from sparsebert.pipeline.curve import scheduled_optimizer
+
+    optimizer = scheduled_optimizer(trainer.optimizer)
+    if trainer.manager is None or optimizer is None:
+        return
+    state = torch.load(checkpoint / RECIPE_STATE, weights_only=False)
+    modifiers = list(trainer.manager.iter_modifiers())
+    if [m["type"] for m in state["modifiers"]] != [type(m).__name__ for m in modifiers]:
+        raise RecipeStateMissing(f"{checkpoint} was saved with another recipe ({[m['type'] for m in state['modifiers']]}); "
+                                 "resume it with the recipe it was trained with")
+    wrapper = vars(optimizer)["_wrapper"]
+    wrapper._wrapped_steps, wrapper._wrapped_epoch = state["steps"], state["epoch"]
+    for modifier, saved in zip(modifiers, state["modifiers"]):
+        vars(modifier).update(saved["attributes"])
+        if "masks" in saved:
+            masks = vars(modifier)["_module_masks"]
+            masks.enabled = saved["masks_enabled"]
+            masks.set_param_masks([mask.to(held.dtype) for mask, held in zip(saved["masks"], masks.param_masks)])
 
 
 def _recipe_length(manager) -> float | None:

@@ -36,12 +36,14 @@ class RecordLearningRates(TrainerCallback):
 
 
 def train(out: Path, model_state_path: Path, epochs=2, accumulation=1, examples=64, prune_end_fraction=0.6,
-          recipe="sparsebert", **recipe_args):
+          recipe="sparsebert", save_steps=None, resume=None, **recipe_args):
     student, teacher = tiny_bert(0), tiny_bert(1).eval()
+    saving = dict(save_strategy="steps", save_steps=save_steps, group_by_length=True) if save_steps else {}
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
         num_train_epochs=epochs, learning_rate=PEAK_LR, warmup_ratio=0.25, lr_scheduler_type="linear",
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+        logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        **({"save_strategy": "no"} | saving))
     trainer = Trainer(model=student, model_state_path=str(model_state_path), recipe=str(recipe_path(recipe)),
                       recipe_args={"num_epochs": epochs, "final_sparsity": 0.8, "prune_end_fraction": prune_end_fraction,
                                    **recipe_args},
@@ -51,7 +53,7 @@ def train(out: Path, model_state_path: Path, epochs=2, accumulation=1, examples=
     recorder.trainer = trainer
     trainer.add_callback(recorder)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model()
     trainer.save_state()
     trainer.save_optimizer_and_scheduler(str(out))
@@ -391,3 +393,28 @@ def test_a_recipe_of_a_fraction_of_an_epoch_trains_that_fraction(tmp_path):
     assert trainer.state.global_step == 12  # 8 batches of 8 per epoch, 1.5 epochs
     assert recipe_epoch(trainer) == pytest.approx(1.5)
     assert recorder.applied[-1] < 0.2 * PEAK_LR  # the linear decay ends with the steps (unmended: 0.38)
+
+
+def test_a_resumed_run_goes_on_with_the_recipe_and_the_data_order(tmp_path):
+    """Resuming restarted SparseML's recipe at epoch 0 (its optimizer wrapper counted steps from 0,
+    and neither the masks nor the modifiers' schedule were saved), and the length-grouped sampler
+    drew a resumed epoch's order from another random state than the uninterrupted run's; the
+    trainer's own random states could not be read back (torch >= 2.6's weights-only load).
+    Resumed mid-pruning in its second epoch, a run ends with the uninterrupted run's weights."""
+    from sparsebert.sparseml_mends import RECIPE_STATE, RecipeStateMissing
+
+    whole, _, _ = train(tmp_path / "whole", model_state_path=tmp_path, epochs=3, save_steps=2)
+    checkpoint = tmp_path / "whole" / "checkpoint-10"  # 8 steps an epoch; pruning ends at step 14.4
+    state = torch.load(checkpoint / RECIPE_STATE, weights_only=False)
+    pruning = state["modifiers"][0]
+    pruned = torch.cat([(mask == 0).flatten() for mask in pruning["masks"]]).float().mean().item()
+    assert state["steps"] == 10 and pruning["attributes"]["_started"] and 0.3 < pruned < 0.8  # mid-pruning
+    resumed, recorder, _ = train(tmp_path / "resumed", model_state_path=tmp_path, epochs=3, resume=checkpoint)
+    assert len(recorder.applied) == 14  # only the steps after the checkpoint were taken
+    assert recipe_epoch(resumed) == pytest.approx(3.0)
+    for name, weight in whole.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[name], weight, atol=1e-6), name
+
+    (checkpoint / RECIPE_STATE).unlink()  # a checkpoint an unmended SparseML saved
+    with pytest.raises(RecipeStateMissing, match="the recipe would start again at epoch 0"):
+        train(tmp_path / "refused", model_state_path=tmp_path, epochs=3, resume=checkpoint)

@@ -262,3 +262,43 @@ def test_machine_says_when_a_cell_trained_on_fewer_threads_than_cores():
     assert machine({**described, "torch_threads": 1}) == "AMD EPYC (2 cores, 1 used)"
     assert machine({**described, "physical_cores": 1, "torch_threads": 1}) == "AMD EPYC (1 core)"  # pinned
     assert machine({**described, "device": "NVIDIA H100"}) == "NVIDIA H100"
+
+
+def test_a_cell_a_stopped_sweep_left_half_trained_is_resumed(tmp_path):
+    """A cell whose run stopped after it began training (its `.partial-<id>` holds the request)
+    goes on from its checkpoint; one stopped before (no request recorded) starts again."""
+    from sparsebert.pipeline.stage import REQUEST_FILE
+    from sparsebert.pipeline.sweep import Cell, cell_request
+
+    cell = Cell("rte", "base", 0.8)
+    assert not cell_request(cell, tmp_path, None, {}).resume
+    stopped = tmp_path / "rte" / "base-80.partial-123"
+    stopped.mkdir(parents=True)
+    assert not cell_request(cell, tmp_path, None, {}).resume  # stopped before training began
+    (stopped / REQUEST_FILE).write_text("{}")
+    assert cell_request(cell, tmp_path, None, {}).resume
+    assert not cell_request(Cell("rte", "base", 0.9), tmp_path, None, {}).resume  # another cell's
+
+
+def test_a_cell_a_stopped_sweep_trained_with_other_flags_is_trained_again(tmp_path, monkeypatch):
+    """A stopped cell the sweep now asks otherwise (its flags changed) is not resumed: --resume
+    refuses it, and the cell starts again rather than stopping the sweep at each run."""
+    from sparsebert.pipeline.stage import REQUEST_FILE, ResumeRefused
+    from sparsebert.pipeline import stage
+    from sparsebert.pipeline.sweep import Cell, run_cell
+
+    monkeypatch.setattr(stage, "summary", lambda metrics: "")
+    cell = Cell("rte", "base", 0.8)
+    (tmp_path / "rte" / "base-80.partial-123").mkdir(parents=True)
+    (tmp_path / "rte" / "base-80.partial-123" / REQUEST_FILE).write_text("{}")
+    asked = []
+
+    def train(request):
+        asked.append(request.resume)
+        if request.resume:
+            raise ResumeRefused("--resume must be asked what the stopped run was: it differs in configs.student.seed")
+        (request.out).mkdir(parents=True)
+        (request.out / "metrics.json").write_text('{"done": true}')
+        return {"done": True}
+
+    assert run_cell(cell, tmp_path, None, {}, train) == {"done": True} and asked == [True, False]

@@ -306,3 +306,97 @@ def test_the_stage_refuses_what_the_cli_refuses(glue_dir, tmp_path):
                                                     recipe_args={"num_epochs": 3}), "disagrees with --recipe-args")]:
         with pytest.raises(training.TrainingRefused, match=message):
             training.train(request)
+
+
+def test_a_run_killed_mid_pruning_resumes_to_the_uninterrupted_student(trained_run, glue_dir, tmp_path, capsys):
+    """`sparsebert train` SIGKILLed while its student is being pruned, then run again with
+    --resume, ends with the student an uninterrupted run trains: the same weights, so the same
+    zeros in every matrix and the same dev metric. Without --resume, or asked something else,
+    the stopped run is refused rather than thrown away."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--task", "rte", "--glue-dir", str(glue_dir), "--limit", "32", "--teacher",
+            str(trained_run / "teacher"), "--student-epochs", "3", "--batch-size", "8", "--max-seq-length", "32",
+            "--sparsity", "0.9", "--checkpoint-every", "2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main([*args, "--out", str(whole)]) == 0
+    # 4 steps an epoch, 12 in all, pruning over the first 7.2: step 6 is in the second epoch, mid-pruning.
+    child = subprocess.Popen([str(Path(sys.executable).parent / "sparsebert"), *args, "--out", str(resumed)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(tmp_path.glob("resumed.partial-*/student/checkpoint-6/recipe_state.pt")):
+            assert child.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL and not resumed.exists()
+    stopped = next(tmp_path.glob("resumed.partial-*"))
+    mid = load_file(stopped / "student" / "checkpoint-6" / "model.safetensors")
+    patterns = pruned_patterns(whole / "student")
+    assert 0.3 < np.mean([(w == 0).float().mean().item() for n, w in mid.items() if is_pruned(n, patterns)]) < 0.9
+
+    capsys.readouterr()
+    assert "pass --resume to go on with it" in _one_line_error([*args, "--out", str(resumed)], capsys)
+    err = _one_line_error([*args, "--out", str(resumed), "--resume", "--seed", "7"], capsys)
+    assert "configs.student.seed (42 then, 7 now)" in err, err
+    assert main([*args, "--out", str(resumed), "--resume"]) == 0
+    assert f"resuming the student from {stopped}/student/checkpoint-" in capsys.readouterr().out
+
+    first, second = (load_file(run / "student" / "model.safetensors") for run in (whole, resumed))
+    for name, weight in first.items():
+        assert np.allclose(second[name].float().numpy(), weight.float().numpy(), atol=1e-6), name
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (whole, resumed)]
+    assert metrics[1]["student"]["encoder_linear_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert metrics[1]["student"]["dev"] == metrics[0]["student"]["dev"]
+    assert not list((resumed / "student").glob("checkpoint-*")) and not list(tmp_path.glob("*.partial-*"))
+    _one_line_error([*args, "--out", str(tmp_path / "never"), "--resume"], capsys)  # nothing to resume
+
+
+def test_a_resume_asked_the_same_paths_otherwise_written_is_taken_but_not_an_edited_recipe(tmp_path, monkeypatch):
+    """The stopped run's request is compared path for path: `--glue-dir glue` resumed as
+    `--glue-dir $PWD/glue` (or a teacher given relatively, then absolutely) asks the same and is
+    taken; a recipe edited in between is another schedule, refused."""
+    from sparsebert.pipeline.stage import ResumeRefused, StageOptions, _same_request
+    from sparsebert.pipeline.train import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "teacher").mkdir()
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("version: 1.1.0\n")
+    partial = tmp_path / "run.partial-1"
+    partial.mkdir()
+
+    def asked(where: Path, **changes):
+        opts = StageOptions(task="rte", model="all-MiniLM-L6-v2", out=tmp_path / "run", glue_dir=str(where / "glue"),
+                            teacher=str(where / "teacher"), resume=where != Path("."), **changes)
+        student = TrainConfig(epochs=1, learning_rate=1e-4, recipe=str(where / "mine.yaml"))
+        _same_request(partial, opts, TrainConfig(epochs=1, learning_rate=1e-4), student, None)
+
+    asked(Path("."))  # the stopped run, given relative paths
+    asked(tmp_path)  # resumed with the absolute ones
+    recipe.write_text("version: 1.1.0\nnum_epochs: 2.0\n")
+    with pytest.raises(ResumeRefused, match=r"configs\.student\.recipe_sha256"):
+        asked(tmp_path)
+
+
+def test_a_stage_stopped_after_it_finished_is_kept_and_its_checkpoints_removed(tmp_path, monkeypatch):
+    """A run killed between a stage's last save (``trainer_state.json``) and the removal of its
+    checkpoints left them in the stage's folder: resumed, the stage is not trained again, and
+    the checkpoints (hundreds of MB each for the default model) do not end up in the run folder."""
+    from sparsebert.pipeline import train as training
+
+    stage = tmp_path / "student"
+    (stage / "checkpoint-4").mkdir(parents=True)
+    (stage / "checkpoint-4" / "recipe_state.pt").write_bytes(b"")
+    (stage / "trainer_state.json").write_text("{}")
+    monkeypatch.setattr(training, "run_sparseml", lambda arguments: pytest.fail("trained again"))
+    training.run_stage({"output_dir": str(stage)}, "student")
+    assert not list(stage.glob("checkpoint-*")) and (stage / "trainer_state.json").is_file()
