@@ -78,15 +78,15 @@ class RssSampler:
 
 
 @contextlib.contextmanager
-def server_process(deployment: Path, engine: str, workdir: Path, threads: int | None, log: Path):
+def server_process(deployment: Path, engine: str, workdir: Path, threads: int | None, log: Path, name: str = NAME):
     """(process, client) of ``deployment`` served by ``python -m sparsebert.deploy.serve``, ready;
     stopped with SIGTERM (a graceful shutdown) on leaving."""
     port = free_port()
-    command = [sys.executable, "-m", "sparsebert.deploy.serve", str(deployment), "--name", NAME, "--engine", engine,
+    command = [sys.executable, "-m", "sparsebert.deploy.serve", str(deployment), "--name", name, "--engine", engine,
                "--port", str(port), "--workdir", str(workdir), *(["--threads", str(threads)] if threads else [])]
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    client = SparseBertClient(f"http://127.0.0.1:{port}", NAME)
+    client = SparseBertClient(f"http://127.0.0.1:{port}", name)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not client.ready():

@@ -35,7 +35,6 @@ from sparsebert.deploy.serve import (MAX_BODY_BYTES, MAX_SEQUENCES, MAX_TEXT_CHA
 from sparsebert.errors import UserError
 
 NAME = "rte"
-STARTUP_TIMEOUT_S = 240
 PAIR = [["A man is playing a guitar on stage.", "A man is making music."]]
 # What export writes for the tiny RTE run; written here for a deployment exported without it.
 RTE_SERVING = {"task": "rte", "text_inputs": 2, "regression": False, "sequence_length": 128}
@@ -77,38 +76,15 @@ class Server:
         return f"{self.url}/v2/models/{NAME}/infer"
 
 
-def wait_until_ready(process: subprocess.Popen, client: SparseBertClient, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if client.ready():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module", params=["deepsparse", "onnxruntime"])
 def server(request, deployment, original_digest, tmp_path_factory):
     """One server process per engine (started, used by this module's tests, then stopped)."""
+    from sparsebert.deploy.soak import server_process
+
     engine = request.param
     workdir = tmp_path_factory.mktemp(f"serve-{engine}")
-    port, log = free_port(), workdir / "server.log"
-    command = [sys.executable, "-m", "sparsebert.deploy.serve", str(deployment), "--name", NAME,
-               "--port", str(port), "--workdir", str(workdir), "--engine", engine]
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(process, SparseBertClient(url, NAME), log)
-        yield Server(url, engine, workdir)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with server_process(deployment, engine, workdir, None, workdir / "server.log", name=NAME) as (_, client):
+        yield Server(client.url, engine, workdir)
 
 
 def post(url: str, body: bytes, content_type: str | None = "application/json", method: str = "POST"):
