@@ -110,13 +110,11 @@ class Graph:
         return cls(category, {out: n.name for n in graph.node for out in n.output},
                    {key: names[0] for key, names in signatures.items() if len(names) == 1}, initializers)
 
-    def node_for(self, name: str, outputs: list[str]) -> str | None:
-        """The graph node a kernel stands for: the one it is named after (a fused kernel keeps its
-        first node's name, plus a suffix), else the one that makes its first output."""
+    def named(self, name: str) -> str | None:
+        """The node a kernel is named after (a fused kernel keeps its first node's name, plus a suffix)."""
         if name in self.category:
             return name
-        named = next((n for n in _prefixes(name) if n in self.category), None)
-        return named or next(filter(None, map(self.maker, outputs)), None)
+        return next((n for n in _prefixes(name) if n in self.category), None)
 
     def maker(self, tensor: str) -> str | None:
         """The node that makes ``tensor``, or the tensor an engine renamed it from by a suffix
@@ -199,12 +197,12 @@ def _ort_kernel(name: str, ms: float, optimized: dict, graph: Graph) -> Kernel:
     if name not in optimized:
         raise ProfileError(f"ONNX Runtime timed a kernel {name!r} that its optimized graph does not hold")
     node = optimized[name]
-    # Named after a node or making its tensor; else a node ORT moved (an INT8 graph's QuantizeLinear,
-    # pushed above a Transpose and renamed), known by its op and constants; else one it inserted,
-    # which counts with the node whose output it reads.
-    original = (graph.node_for(name, list(node.output))
-                or graph.signature.get((node.op_type, tuple(i for i in node.input if i in graph.initializers)))
-                or next(filter(None, map(graph.maker, node.input)), None))
+    # Named after a node; else a node ORT moved (an INT8 graph's QuantizeLinear, pushed above a
+    # Transpose and renamed after the tensor it now reads), known by its op and constants; else the
+    # maker of its output, or (a node ORT inserted) of the input it reads.
+    constants = tuple(i for i in node.input if i in graph.initializers)
+    original = (graph.named(name) or graph.signature.get((node.op_type, constants))
+                or next(filter(None, map(graph.maker, [*node.output, *node.input])), None))
     if original is None:
         if node.op_type not in _FUSED_OPS:
             raise ProfileError(f"ONNX Runtime's kernel {name!r} ({node.op_type}) traces to no node of the exported graph")
