@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
     p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="*",
                    help="also a random BERT-base-sized model, dense and pruned to each SPARSITY "
-                        "(default 0.9 0.95), built once into --bert-base-cache")
+                        "(default 0.9 0.95), each pruned one in FP32 and INT8, built once into --bert-base-cache")
     p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
     _threads_argument(p)
     p.add_argument("--engines", nargs="+", default=list(engine_names()), choices=engine_names(),

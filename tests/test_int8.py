@@ -244,3 +244,30 @@ def test_int8_flags_are_checked_before_training(tmp_path, capsys):
     assert "--int8-lr must be positive" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
+
+def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
+    """`bench --bert-base`'s INT8 rows: the INT8 recipe's quantization applied to a random pruned
+    model and its scales observed, then exported as a trained INT8 student is: an integer graph
+    whose linears keep every zero, its logits those of PyTorch's fake quantization."""
+    import torch
+    from tiny import tiny_task_checkpoint
+
+    from sparsebert import glue
+    from sparsebert.deploy import bench
+    from sparsebert.deploy.export import export_and_check
+
+    source = tiny_task_checkpoint(glue.get_task("rte"), tmp_path / "fp32")
+    model = load_classifier(source)
+    patterns = pruned_patterns()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_pruned(name, patterns):
+                param.mul_(param.abs() > param.abs().flatten().median())
+    model.save_pretrained(source)
+    bench._quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2)
+    assert is_quantized(tmp_path / "int8")
+    report = export_and_check(tmp_path / "int8", tmp_path / "export", 32, max_logit_difference=1e-2)
+    assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]  # every zero still a zero
+    assert report["onnx_encoder_linear_sparsity"] >= 0.5 - 1e-6
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "export" / "deployment" / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") >= 12  # the six linears of each of the two layers
