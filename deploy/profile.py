@@ -416,11 +416,11 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: dict, out_dir: Path) -> None:
+def write(report: dict, out_dir: Path, stem: str = "profile") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out_dir / "profile.json", report, indent=2)
-    atomic.write_text(out_dir / "profile.md", markdown(report))
-    plot(report, out_dir / "profile.png")
+    atomic.write_json(out_dir / f"{stem}.json", report, indent=2)
+    atomic.write_text(out_dir / f"{stem}.md", markdown(report))
+    plot(report, out_dir / f"{stem}.png")
 
 
 def profile(family: str, targets: list[Target], sequence_length: int, batch_size: int = 1, threads: int | None = 1,

@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=50, help="timed forward passes per engine and model")
     p.add_argument("--engines", nargs="+", default=["onnxruntime", "deepsparse"], choices=["onnxruntime", "deepsparse"],
                    help="the engines with a per-kernel profiler of their own")
+    p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="*",
+                   help="instead: bench --bert-base's random BERT-base models (dense, and each SPARSITY in FP32 and "
+                        "INT8; default 0.9 0.95), from --bert-base-cache; writes bench/profile-bert-base.*")
+    p.add_argument("--bert-base-cache", type=Path, help="folder of the BERT-base models (default <run>/bench/bert-base)")
 
     p = sub.add_parser("loadtest", help="serve each of the run's models in turn and drive it over HTTP with the "
                                         "task's dev texts at several concurrencies (bench/loadtest.*)")
@@ -408,11 +412,8 @@ def cmd_bench(args) -> int:
         raise UsageError("--real-text must be 0 or more examples, and every bucket at least 8 tokens")
     own = list(models)  # the run's models; real text is timed on these only
     if args.bert_base is not None:
-        sparsities = args.bert_base or [0.9, 0.95]
-        if not all(0 < s < 1 for s in sparsities):
-            raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
         cache = args.bert_base_cache or run.bench_dir / "bert-base"
-        models += bench.bert_base_models(cache, sparsities, length)
+        models += bench.bert_base_models(cache, _bert_base_sparsities(args.bert_base), length)
     report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
                              engines=args.engines, threads=args.threads)
     if args.real_text:
@@ -445,15 +446,30 @@ def cmd_profile(args) -> int:
 
     if args.threads < 1 or args.batch_size < 1 or args.passes < 1:
         raise UsageError("--threads, --batch-size and --passes must be at least 1")
+    sparsities = None if args.bert_base is None else _bert_base_sparsities(args.bert_base)
     run = RunFolder(args.run)
-    family, variants = _run_variants(run)
-    targets = [profile.Target(variant, run.checkpoint(which), run.deployment(which)) for variant, which in variants]
-    report = profile.profile(family, targets, run.exported_length("student"), args.batch_size, args.threads,
-                             args.passes, args.engines)
-    profile.write(report, run.bench_dir)
+    length, stem = run.exported_length("student"), "profile"
+    if sparsities is None:
+        family, variants = _run_variants(run)
+        targets = [profile.Target(variant, run.checkpoint(which), run.deployment(which)) for variant, which in variants]
+    else:
+        from sparsebert.deploy import bench
+
+        family, stem = bench.BERT_BASE, "profile-bert-base"
+        models = bench.bert_base_models(args.bert_base_cache or run.bench_dir / "bert-base", sparsities, length)
+        targets = [profile.Target(m.variant, m.model_dir, m.deployment) for m in models]
+    report = profile.profile(family, targets, length, args.batch_size, args.threads, args.passes, args.engines)
+    profile.write(report, run.bench_dir, stem)
     print(profile.markdown(report))
-    print(f"[sparsebert] wrote {run.bench_dir}/profile.json, profile.md, profile.png")
+    print(f"[sparsebert] wrote {run.bench_dir}/{stem}.json, {stem}.md, {stem}.png")
     return 0
+
+
+def _bert_base_sparsities(given: list[float]) -> list[float]:
+    sparsities = given or [0.9, 0.95]
+    if not all(0 < s < 1 for s in sparsities):
+        raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
+    return sparsities
 
 
 def cmd_loadtest(args) -> int:

@@ -98,3 +98,10 @@ def test_compare_sets_each_sparse_pass_against_the_dense_ones():
     assert c["vs_dense_same_engine"] == pytest.approx(4.0) and c["vs_dense_onnxruntime"] == pytest.approx(3.0)
     assert c["time_bound"] == pytest.approx(1 / (0.1 + 0.9 * 0.05))  # the dense DeepSparse pass's 90%
     assert c["flop_bound"] == 9.0
+
+
+def test_profile_refuses_bad_flags_before_reading_the_run(tmp_path, capsys):
+    assert main(["profile", str(tmp_path), "--bert-base", "1.5"]) == 2
+    assert "sparsities must be in (0, 1)" in capsys.readouterr().err
+    assert main(["profile", str(tmp_path), "--passes", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
