@@ -17,7 +17,6 @@ Writes ``profile.json``, ``profile.md`` and ``profile.png`` (one stacked bar per
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -94,21 +93,9 @@ class Graph:
             raise ProfileError(f"{onnx_path}: {len(nameless)} nodes have no name ({nameless[:3]}); they cannot be "
                                "told apart in a profile")
         category = {n.name: category_of(n, initializers, patterns) for n in graph.node}
-        consumers: dict[str, list[str]] = {}
-        for n in graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n.name)
-        for n in graph.node:  # an INT8 linear's input quantization is that linear's cost
-            users = {category[c] for o in n.output for c in consumers.get(o, [])}
-            if n.op_type in _QUANTIZE and users == {"encoder_linears"}:
-                category[n.name] = "encoder_linears"
-        signatures: dict[tuple, list[str]] = {}
-        for n in graph.node:
-            constants = tuple(i for i in n.input if i in initializers)
-            if constants:
-                signatures.setdefault((n.op_type, constants), []).append(n.name)
+        _quantization_with_its_linear(graph.node, category)
         return cls(category, {out: n.name for n in graph.node for out in n.output},
-                   {key: names[0] for key, names in signatures.items() if len(names) == 1}, initializers)
+                   _unique_signatures(graph.node, initializers), initializers)
 
     def named(self, name: str) -> str | None:
         """The node a kernel is named after (a fused kernel keeps its first node's name, plus a suffix)."""
@@ -123,6 +110,29 @@ class Graph:
             return self.producer[tensor]
         cuts = [i for i, c in enumerate(tensor) if c == "_"]
         return next((self.producer[tensor[:i]] for i in reversed(cuts) if tensor[:i] in self.producer), None)
+
+
+def _quantization_with_its_linear(nodes, category: dict[str, str]) -> None:
+    """An INT8 linear's input quantization is that linear's cost (a QuantizeLinear that feeds
+    encoder linears only)."""
+    consumers: dict[str, list[str]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    for n in nodes:
+        users = {category[c] for o in n.output for c in consumers.get(o, [])}
+        if n.op_type in _QUANTIZE and users == {"encoder_linears"}:
+            category[n.name] = "encoder_linears"
+
+
+def _unique_signatures(nodes, initializers: set[str]) -> dict[tuple, str]:
+    """(op, its initializer inputs) -> the node, for the pairs only one node has."""
+    signatures: dict[tuple, list[str]] = {}
+    for n in nodes:
+        constants = tuple(i for i in n.input if i in initializers)
+        if constants:
+            signatures.setdefault((n.op_type, constants), []).append(n.name)
+    return {key: names[0] for key, names in signatures.items() if len(names) == 1}
 
 
 def _prefixes(name: str):
