@@ -359,9 +359,9 @@ def markdown(report: dict) -> str:
              f"{', '.join(m.get('cpu_features', [])) or 'no AVX512'}; DeepSparse on {m.get('deepsparse_isa')}). "
              "Each engine's own per-kernel timing (ONNX Runtime's profiler, DeepSparse's debug analysis), each "
              "kernel traced to the exported graph's nodes; ms per pass (share). A kernel that fuses nodes of several "
-             "categories counts in the costliest (DeepSparse fuses the residual add and LayerNorm after a linear "
-             "into the linear's kernel, and the softmax into the attention matmul's). Plain pass: the median pass "
-             "on the bench's runner, without the profiler.", "",
+             "categories counts in the costliest (DeepSparse runs the softmax inside the attention matmul's kernel, "
+             "the GELU inside the intermediate linear's, and some LayerNorms inside the linear before them, which "
+             "ones varying by model). Plain pass: the median pass on the bench's runner, without the profiler.", "",
              "| model | engine | plain pass ms | profiled pass ms | " + " | ".join(LABELS[c] for c in CATEGORIES) + " |",
              "|---|---|---|---|" + "---|" * len(CATEGORIES)]
     for r in report["rows"]:
