@@ -369,23 +369,69 @@ def write(report: dict, out_dir: Path) -> None:
     plot(report, out_dir / "bench.png")
 
 
-def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int = 128) -> list[Model]:
-    """A BERT-base-sized classifier with random weights, dense and magnitude-pruned per matrix
-    to each of ``sparsities`` (speed depends on where the zeros are, not on the values), built
-    and exported once into ``cache``."""
-    from sparsebert.deploy.export import export
+BERT_BASE = "BERT-base (random weights)"
 
+
+def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int = 128, int8: bool = True) -> list[Model]:
+    """A BERT-base-sized classifier with random weights, dense and magnitude-pruned per matrix
+    to each of ``sparsities`` (speed depends on where the zeros are, not on the values), and
+    with ``int8`` each pruned one made INT8 too (``_quantized_copy``), built and exported once
+    into ``cache``."""
     models = []
     for target in [0.0, *sparsities]:
         variant = "dense" if target == 0 else f"sparse {target:.0%}"
         folder = cache / ("dense" if target == 0 else f"sparse{round(target * 100)}")
-        if not (folder / "deployment" / "model.onnx").is_file():
-            # a killed build is never taken for the cache; one without its model is rebuilt
-            with atomic.building(folder, overwrite=True) as partial:
-                _random_bert_base(partial / "checkpoint", target)
-                export(partial / "checkpoint", partial, sequence_length)
-        models.append(Model("BERT-base (random weights)", variant, folder / "checkpoint", folder / "deployment"))
+        _build_once(folder, sequence_length, lambda checkpoint, target=target: _random_bert_base(checkpoint, target))
+        models.append(Model(BERT_BASE, variant, folder / "checkpoint", folder / "deployment"))
+        if int8 and target:
+            quantized = folder.with_name(f"{folder.name}-int8")
+            _build_once(quantized, sequence_length, lambda checkpoint, source=folder: _quantized_copy(
+                source / "checkpoint", checkpoint, sequence_length))
+            models.append(Model(BERT_BASE, f"{variant} INT8", quantized / "checkpoint", quantized / "deployment",
+                                precision="int8"))
     return models
+
+
+def _build_once(folder: Path, sequence_length: int, make_checkpoint) -> None:
+    """``folder/checkpoint`` by ``make_checkpoint`` and its export, unless a whole one is there."""
+    from sparsebert.deploy.export import export
+
+    if not (folder / "deployment" / "model.onnx").is_file():
+        # a killed build is never taken for the cache; one without its model is rebuilt
+        with atomic.building(folder, overwrite=True) as partial:
+            make_checkpoint(partial / "checkpoint")
+            export(partial / "checkpoint", partial, sequence_length)
+
+
+def _quantized_copy(source: Path, folder: Path, sequence_length: int, batches: int = 4) -> None:
+    """The pruned random model made INT8 as `train --int8` makes the student, less the training:
+    the INT8 recipe's quantization (and zero-holding) modifiers applied, each scale observed on a
+    few random batches, and saved with that recipe, so the export reads it as the QAT checkpoint
+    it is and writes the same integer graph (MatMulInteger, zeros kept) as for a trained student.
+    ONNX Runtime's own quantizers would write another graph than the one the project ships."""
+    import math
+
+    import torch
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from torch.ao.quantization import disable_observer, enable_observer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparsebert.recipe import recipe_path
+
+    shipped = ScheduledModifierManager.from_yaml(str(recipe_path("sparsebert-int8")))
+    recipe = ScheduledModifierManager([m for m in shipped.iter_modifiers() if type(m).__name__ in
+                                       ("QuantizationModifier", "ConstantPruningModifier")])  # no distillation
+    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    recipe.apply_structure(model, epoch=math.inf)
+    model.apply(enable_observer)
+    with torch.no_grad():
+        for seed in range(batches):
+            inputs = random_inputs(["input_ids", "attention_mask"], 4, sequence_length, seed=seed)
+            model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    model.apply(disable_observer)
+    model.save_pretrained(folder)
+    recipe.save(str(folder / "recipe.yaml"))
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
 def _random_bert_base(folder: Path, sparsity: float) -> None:

@@ -7,6 +7,7 @@
     sparsebert parity runs/rte [--served]             # PyTorch vs ONNX Runtime vs DeepSparse (vs the server)
     sparsebert serve  runs/rte                        # deepsparse.server on 127.0.0.1
     sparsebert bench  runs/rte                        # latency, sparse (and INT8) vs dense, fixed rows and real text
+    sparsebert profile runs/rte                       # where each engine's forward pass spends its time
     sparsebert loadtest runs/rte                      # the served models over HTTP at 1, 4, 16 and 64 clients
     sparsebert gates  runs/rte                        # CI thresholds on the reports
     sparsebert run    --task rte --out runs/rte      # all of the above, in turn
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
     p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="*",
                    help="also a random BERT-base-sized model, dense and pruned to each SPARSITY "
-                        "(default 0.9 0.95), built once into --bert-base-cache")
+                        "(default 0.9 0.95), each pruned one in FP32 and INT8, built once into --bert-base-cache")
     p.add_argument("--bert-base-cache", type=Path, help="folder for the BERT-base models (default <run>/bench/bert-base)")
     _threads_argument(p)
     p.add_argument("--engines", nargs="+", default=list(engine_names()), choices=engine_names(),
@@ -200,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported length, and on the smallest --buckets length that holds it (0: skip)")
     p.add_argument("--buckets", type=int, nargs="+", default=[32, 64, 128],
                    help="sequence-length buckets of the real-text timing (capped at the exported length)")
+
+    p = sub.add_parser("profile", help="where a forward pass's time goes on each engine, by category (encoder "
+                                       "linears, attention, softmax, LayerNorm/GELU, embeddings, the rest): "
+                                       "bench/profile.*")
+    _run_argument(p)
+    p.add_argument("--threads", type=int, default=1, help="threads per engine (default 1, as `make run`'s bench)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--passes", type=int, default=50, help="timed forward passes per engine and model")
+    p.add_argument("--engines", nargs="+", default=["onnxruntime", "deepsparse"], choices=["onnxruntime", "deepsparse"],
+                   help="the engines with a per-kernel profiler of their own")
+    p.add_argument("--bert-base", type=float, metavar="SPARSITY", nargs="*",
+                   help="instead: bench --bert-base's random BERT-base models (dense, and each SPARSITY in FP32 and "
+                        "INT8; default 0.9 0.95), from --bert-base-cache; writes bench/profile-bert-base.*")
+    p.add_argument("--bert-base-cache", type=Path, help="folder of the BERT-base models (default <run>/bench/bert-base)")
 
     p = sub.add_parser("loadtest", help="serve each of the run's models in turn and drive it over HTTP with the "
                                         "task's dev texts at several concurrencies (bench/loadtest.*)")
@@ -395,24 +410,16 @@ def cmd_bench(args) -> int:
     from sparsebert.deploy.engines import served_engines
 
     run = RunFolder(args.run)
-    model = run.metrics["model"]  # a folder path when the run was started with one
-    family = f"{Path(model).name if Path(model).is_absolute() else model} ({run.task.name})"
-    sparsity = run.metrics["student"]["encoder_linear_sparsity"]
+    family, variants = _run_variants(run)
     length = run.exported_length("student")
-    models = [bench.Model(family, "dense", run.checkpoint("teacher"), run.deployment("teacher")),
-              bench.Model(family, f"sparse {sparsity:.0%}", run.checkpoint("student"), run.deployment("student"))]
-    if INT8 in run.checkpoints:
-        models.append(bench.Model(family, f"sparse {sparsity:.0%} INT8", run.checkpoint(INT8), run.deployment(INT8),
-                                  precision="int8"))
+    models = [bench.Model(family, variant, run.checkpoint(which), run.deployment(which),
+                          precision="int8" if which == INT8 else "fp32") for variant, which in variants]
     if args.real_text < 0 or any(b < 8 for b in args.buckets):
         raise UsageError("--real-text must be 0 or more examples, and every bucket at least 8 tokens")
     own = list(models)  # the run's models; real text is timed on these only
     if args.bert_base is not None:
-        sparsities = args.bert_base or [0.9, 0.95]
-        if not all(0 < s < 1 for s in sparsities):
-            raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
         cache = args.bert_base_cache or run.bench_dir / "bert-base"
-        models += bench.bert_base_models(cache, sparsities, length)
+        models += bench.bert_base_models(cache, _bert_base_sparsities(args.bert_base), length)
     report = bench.benchmark(models, args.batch_sizes, sequence_length=length, seconds=args.seconds,
                              engines=args.engines, threads=args.threads)
     if args.real_text:
@@ -427,6 +434,48 @@ def cmd_bench(args) -> int:
     print(bench.markdown(report))
     print(f"[sparsebert] wrote {run.bench_dir}/bench.json, bench.md, bench.png")
     return 0
+
+
+def _run_variants(run: RunFolder) -> tuple[str, list[tuple[str, str]]]:
+    """The run's model family, and each of its models' variant name with its checkpoint, dense first."""
+    model = run.metrics["model"]  # a folder path when the run was started with one
+    family = f"{Path(model).name if Path(model).is_absolute() else model} ({run.task.name})"
+    sparsity = run.metrics["student"]["encoder_linear_sparsity"]
+    variants = [("dense", "teacher"), (f"sparse {sparsity:.0%}", "student")]
+    if INT8 in run.checkpoints:
+        variants.append((f"sparse {sparsity:.0%} INT8", INT8))
+    return family, variants
+
+
+def cmd_profile(args) -> int:
+    from sparsebert.deploy import profile
+
+    if args.threads < 1 or args.batch_size < 1 or args.passes < 1:
+        raise UsageError("--threads, --batch-size and --passes must be at least 1")
+    sparsities = None if args.bert_base is None else _bert_base_sparsities(args.bert_base)
+    run = RunFolder(args.run)
+    length, stem = run.exported_length("student"), "profile"
+    if sparsities is None:
+        family, variants = _run_variants(run)
+        targets = [profile.Target(variant, run.checkpoint(which), run.deployment(which)) for variant, which in variants]
+    else:
+        from sparsebert.deploy import bench
+
+        family, stem = bench.BERT_BASE, "profile-bert-base"
+        models = bench.bert_base_models(args.bert_base_cache or run.bench_dir / "bert-base", sparsities, length)
+        targets = [profile.Target(m.variant, m.model_dir, m.deployment) for m in models]
+    report = profile.profile(family, targets, length, args.batch_size, args.threads, args.passes, args.engines)
+    profile.write(report, run.bench_dir, stem)
+    print(profile.markdown(report))
+    print(f"[sparsebert] wrote {run.bench_dir}/{stem}.json, {stem}.md, {stem}.png")
+    return 0
+
+
+def _bert_base_sparsities(given: list[float]) -> list[float]:
+    sparsities = given or [0.9, 0.95]
+    if not all(0 < s < 1 for s in sparsities):
+        raise UsageError(f"--bert-base sparsities must be in (0, 1), got {sparsities}")
+    return sparsities
 
 
 def cmd_loadtest(args) -> int:
@@ -556,7 +605,7 @@ def _why_gates_fail(failed: list[str]) -> str:
 
 
 COMMANDS = {"train": cmd_train, "augment": cmd_augment, "sweep": cmd_sweep, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
-            "gates": cmd_gates, "serve": cmd_serve, "run": cmd_run, "loadtest": cmd_loadtest}
+            "gates": cmd_gates, "serve": cmd_serve, "profile": cmd_profile, "run": cmd_run, "loadtest": cmd_loadtest}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,26 @@ def test_int8_export_is_integer_sparse_and_close_to_pytorch(int8_run):
         assert np.abs(logits[engine] - logits["pytorch"]).max() < 0.1
 
 
+def test_int8_profile_counts_integer_linears_and_their_quantization_as_encoder_linears(int8_run):
+    """Each pruned linear's MatMulInteger, and the QuantizeLinear of its input, are encoder linears;
+    on ONNX Runtime, which moves those QuantizeLinears above the attention's Transpose and renames
+    them, every kernel still traces to a node of the graph, and the categories sum to the pass."""
+    from sparsebert.deploy import profile
+
+    path = int8_run / "export" / INT8 / "deployment" / "model.onnx"
+    nodes = onnx.load(str(path)).graph.node
+    graph = profile.Graph.read(path, pruned_patterns(int8_run / INT8))
+    integer = [n for n in nodes if n.op_type == "MatMulInteger" and "/pooler/" not in n.name]
+    assert len(integer) == 36 and all(graph.category[n.name] == "encoder_linears" for n in integer)
+    quantized = {n.name for n in nodes if n.op_type == "QuantizeLinear" and graph.category[n.name] == "encoder_linears"}
+    assert len(quantized) == 24  # one input per layer for q, k and v together, one for each of the other three
+    (row,) = profile.profile_model(profile.Target("sparse 90% INT8", int8_run / INT8, path.parent), 64, passes=3,
+                                   engines=["onnxruntime"])
+    assert sum(row["ms"].values()) == pytest.approx(row["total_ms"])
+    moved = [k for k in row["kernels"] if k["name"].endswith("_q") and k["name"] not in graph.category]
+    assert moved and all(k["category"] == "encoder_linears" for k in moved)
+
+
 def test_int8_sparsity_readback_notices_a_lost_zero(int8_run, tmp_path):
     from sparsebert.deploy.export import ExportError, int8_onnx_sparsity, pruned_weights
 
@@ -223,3 +243,31 @@ def test_int8_flags_are_checked_before_training(tmp_path, capsys):
     assert main(["train", "--task", "rte", "--out", str(tmp_path / "r"), "--int8", "--int8-lr", "0"]) == 2
     assert "--int8-lr must be positive" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
+    """`bench --bert-base`'s INT8 rows: the INT8 recipe's quantization applied to a random pruned
+    model and its scales observed, then exported as a trained INT8 student is: an integer graph
+    whose linears keep every zero, its logits those of PyTorch's fake quantization."""
+    import torch
+    from tiny import tiny_task_checkpoint
+
+    from sparsebert import glue
+    from sparsebert.deploy import bench
+    from sparsebert.deploy.export import export_and_check
+
+    source = tiny_task_checkpoint(glue.get_task("rte"), tmp_path / "fp32")
+    model = load_classifier(source)
+    patterns = pruned_patterns()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_pruned(name, patterns):
+                param.mul_(param.abs() > param.abs().flatten().median())
+    model.save_pretrained(source)
+    bench._quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2)
+    assert is_quantized(tmp_path / "int8")
+    report = export_and_check(tmp_path / "int8", tmp_path / "export", 32, max_logit_difference=1e-2)
+    assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]  # every zero still a zero
+    assert report["onnx_encoder_linear_sparsity"] >= 0.5 - 1e-6
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "export" / "deployment" / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") >= 12  # the six linears of each of the two layers
