@@ -258,7 +258,8 @@ def machine() -> dict:
     return hardware.describe_for_speed()
 
 
-def _cpu(report: dict) -> str:
+def machine_line(report: dict) -> str:
+    """The CPU, its features and the ISA DeepSparse ran on: beside every speed figure."""
     m = report["machine"]
     isa = f"; DeepSparse on {m['deepsparse_isa']}" if m.get("deepsparse_isa") else ""
     return (f"{m.get('cpu') or m.get('processor')} ({m['cpus']} CPUs; "
@@ -267,7 +268,7 @@ def _cpu(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     engines, columns = engine_names(), [(suffix, header) for _, _, suffix, header in ratio_columns()]
-    lines = [f"Fixed rows of {report['sequence_length']} tokens on {_cpu(report)}; threads per engine "
+    lines = [f"Fixed rows of {report['sequence_length']} tokens on {machine_line(report)}; threads per engine "
              f"{report['threads']}; {report.get('rounds', 1)} interleaved rounds; items/s (p50 ms per batch).", "",
              "| model | variant | threads | batch | " + " | ".join(engines) + " |",
              "|---|---|---|---|" + "---|" * len(engines)]
@@ -356,7 +357,7 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"{_cpu(report)}", fontsize=9)
+    fig.suptitle(f"{machine_line(report)}", fontsize=9)
     fig.tight_layout()
     atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)

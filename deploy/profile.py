@@ -353,10 +353,10 @@ def flop_shares(model_dir: Path, sequence_length: int) -> dict[str, float]:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    from sparsebert.deploy.bench import machine_line
+
     lines = [f"Forward pass of {report['sequence_length']} tokens, batch {report['batch_size']}, "
-             f"{report['threads']} thread(s), {report['passes']} passes, on {m.get('cpu')} ({m['cpus']} CPUs; "
-             f"{', '.join(m.get('cpu_features', [])) or 'no AVX512'}; DeepSparse on {m.get('deepsparse_isa')}). "
+             f"{report['threads']} thread(s), {report['passes']} passes, on {machine_line(report)}. "
              "Each engine's own per-kernel timing (ONNX Runtime's profiler, DeepSparse's debug analysis), each "
              "kernel traced to the exported graph's nodes; ms per pass (share). A kernel that fuses nodes of several "
              "categories counts in the costliest (DeepSparse runs the softmax inside the attention matmul's kernel, "

@@ -189,4 +189,4 @@ def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
     report = {"machine": bench.machine(), "sequence_length": 128, "threads": [1], "rows": [], "ratios": []}
     assert report["machine"]["deepsparse_isa"] == "avx2, INT8 emulated"
-    assert "DeepSparse on avx2, INT8 emulated" in bench._cpu(report)
+    assert "DeepSparse on avx2, INT8 emulated" in bench.machine_line(report)
