@@ -92,11 +92,12 @@ def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
     half, the rate falling from --student-lr to a tenth within each and restarting at the next mask
     update, then falling once more over the recovery. The rate is applied (not left at 0), the loss
     falls, the layer terms leave the loss (and stop pushing the weights) when they should, and the
-    student beats the baseline at the target sparsity."""
+    student beats the baseline at the target sparsity, ranked as one over all the pruned matrices
+    (global_ranking)."""
     teacher_run, _ = sst2_run
     rate = 2e-4
     options = {"hidden_normalize": True, "attention_scores": True, "temperature": 2.0,
-               "layer_distill_end_fraction": 0.6, "grad_norm_every": 10,
+               "layer_distill_end_fraction": 0.6, "grad_norm_every": 10, "global_ranking": True,
                "mask_updates": 3, "prune_end_fraction": 0.5}  # 16-step cycles
     metrics = _train(glue_dir, tmp_path / "sst2", "sst2", limit=1000, teacher_epochs=1, student_epochs=3,
                      sparsity=0.8, extra=["--teacher", str(teacher_run / "teacher"), "--recipe", "sparsebert-cyclic",
@@ -105,6 +106,9 @@ def test_loss_options_and_cyclic_recipe_learn(sst2_run, glue_dir, tmp_path):
     assert recipe_args["hidden_normalize"] is True and recipe_args["learning_rate"] == rate
     curve = json.loads((tmp_path / "sst2" / "student" / "curve.json").read_text())
     assert curve[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    # One ranking over all the pruned matrices: 80% overall, the matrices apart.
+    per_matrix = metrics["student"]["per_matrix_sparsity"].values()
+    assert max(per_matrix) - min(per_matrix) > 0.05, sorted(per_matrix)
 
     # The loss options.
     early = [p for p in curve if p["epoch"] < 0.5 * 3]
