@@ -123,8 +123,9 @@ def _batching_arguments(p: argparse.ArgumentParser, whose: str) -> None:
 def _checkpoint_argument(p: argparse.ArgumentParser, auto: bool = False) -> None:
     if auto:
         p.add_argument("--checkpoint", choices=(AUTO, *CHECKPOINTS), default=AUTO,
-                       help="which model of the run (default auto: the INT8 student where the run has one and "
-                            "the engine runs INT8 natively on this CPU, else the FP32 student; it says which)")
+                       help="which model of the run (default auto: the INT8 student where the run has one "
+                            "exported and this CPU runs INT8 natively, AVX512-VNNI or AMX; else the FP32 student; "
+                            "it says which and why)")
     else:
         p.add_argument("--checkpoint", choices=CHECKPOINTS, default="student",
                        help="which model of the run: the sparse student or the dense teacher")
@@ -559,7 +560,10 @@ def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:
     """What ``serve`` serves by default on this CPU, and why."""
     from sparsebert import hardware
 
-    int8, why = hardware.serve_int8(INT8 in run.checkpoints, engine)
+    exported = INT8 in run.checkpoints and (run.export_dir(INT8) / "deployment" / "model.onnx").is_file()
+    int8, why = hardware.serve_int8(exported)
+    if int8 and run.metrics.get("int8_cost_points") is not None:
+        why += f" ({run.metrics['int8_cost_points']:.2f} points below the FP32 student on the dev set)"
     return (INT8 if int8 else "student"), why
 
 

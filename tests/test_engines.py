@@ -152,31 +152,38 @@ def test_int8_on_a_cpu_that_emulates_it_is_said(monkeypatch, capsys, tmp_path):
     assert served[-1][0] == str(tmp_path / "student-int8")  # served as asked
 
 
-def test_serve_picks_fp32_where_deepsparse_would_emulate_int8(monkeypatch, capsys, tmp_path):
-    """With no --checkpoint, serve picks the INT8 student where the run has one and INT8 runs
-    natively; on an AVX2-only CPU (DeepSparse emulates INT8) or a run without it, the FP32 student,
-    and it says why. ONNX Runtime's INT8 is not emulated, so it keeps the INT8 student."""
+def test_serve_picks_int8_only_where_it_runs_natively_and_is_exported(monkeypatch, capsys, tmp_path):
+    """With no --checkpoint, serve picks the INT8 student where the run has one, exported, and the CPU
+    runs INT8 natively (AVX512-VNNI or AMX); elsewhere (DeepSparse emulates INT8 on AVX2 alone), or
+    when the INT8 export is missing, the FP32 student, and it says why."""
     from sparsebert import cli, hardware
     from sparsebert.deploy import serve
 
-    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
     served = []
     monkeypatch.setattr(serve, "main", lambda argv: served.append(argv) or 0)
-    cases = [({"avx2"}, True, "deepsparse", "student", "emulate"),
-             ({"avx2", "avx512_vnni"}, True, "deepsparse", "student-int8", "faster"),
-             ({"amx_int8"}, True, "deepsparse", "student-int8", "faster"),
-             ({"avx2"}, True, "onnxruntime", "student-int8", "faster"),
-             ({"avx2", "avx512_vnni"}, False, "deepsparse", "student", "no INT8 student")]
-    for flags, has_int8, engine, expected, why in cases:
-        checkpoints = ["student", "teacher", *(["student-int8"] if has_int8 else [])]
-        monkeypatch.setattr(cli, "RunFolder", lambda path, checkpoints=checkpoints: type("Run", (), {
+    cases = [({"avx2"}, True, True, "deepsparse", "student", "no AVX512-VNNI or AMX"),
+             ({"avx2"}, True, True, "onnxruntime", "student", "no AVX512-VNNI or AMX"),
+             ({"avx2", "avx512_vnni"}, True, True, "deepsparse", "student-int8", "runs natively"),
+             ({"amx_int8"}, True, True, "onnxruntime", "student-int8", "runs natively"),
+             ({"avx2", "avx512_vnni"}, True, False, "deepsparse", "student", "no exported INT8 student"),
+             ({"avx2", "avx512_vnni"}, False, False, "deepsparse", "student", "no exported INT8 student")]
+    for flags, trained, exported, engine, expected, why in cases:
+        run = tmp_path / f"run-{len(served)}"
+        if exported:
+            (run / "export" / "student-int8" / "deployment").mkdir(parents=True)
+            (run / "export" / "student-int8" / "deployment" / "model.onnx").write_bytes(b"")
+        checkpoints = ["student", "teacher", *(["student-int8"] if trained else [])]
+        monkeypatch.setattr(cli, "RunFolder", lambda path, run=run, checkpoints=checkpoints: type("Run", (), {
             "path": Path(path), "task": glue.get_task("rte"), "checkpoints": checkpoints,
-            "deployment": lambda self, which: tmp_path / which})())
+            "metrics": {"int8_cost_points": 0.19} if trained else {},
+            "export_dir": lambda self, which: run / "export" / which,
+            "deployment": lambda self, which: run / which})())
         monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
-        assert cli.main(["serve", str(tmp_path), "--engine", engine]) == 0
-        assert served[-1][0] == str(tmp_path / expected), (flags, has_int8, engine)
+        assert cli.main(["serve", str(run), "--engine", engine]) == 0
+        assert served[-1][0] == str(run / expected), (flags, trained, exported, engine)
         said = capsys.readouterr().err
-        assert f"serving {tmp_path}'s {expected} on {engine}" in said and why in said, said
+        assert f"serving {run}'s {expected} on {engine}" in said and why in said, said
+        assert ("0.19 points below" in said) == (expected == "student-int8")
 
 
 def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):
