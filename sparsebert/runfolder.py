@@ -39,6 +39,9 @@ class RunFolder:
     # Folders whose manifest was checked already: a stage reads one several times.
     _verified: set = field(default_factory=set, init=False, repr=False, compare=False)
 
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))  # a folder given as text reads the same
+
     # ---------------------------------------------------------------- layout
 
     @property

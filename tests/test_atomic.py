@@ -426,3 +426,10 @@ def test_an_export_killed_midway_leaves_the_earlier_export_to_read_and_the_next_
     assert main(["parity", str(run_copy), "--checkpoint", "student"]) == 0  # reads the earlier export
     assert main(["export", str(run_copy), "--overwrite"]) == 0
     assert sorted(p.name for p in export_folder.parent.iterdir()) == ["student", "teacher"]
+
+
+def test_a_run_folder_given_as_text_reads_as_a_path(tmp_path):
+    """`sparsebert run` named its run folder as text when it said what to serve, and the run ended
+    with a TypeError after its gates had passed."""
+    (tmp_path / "metrics.json").write_text('{"task": "rte"}')
+    assert RunFolder(str(tmp_path)).metrics == {"task": "rte"} and RunFolder(str(tmp_path)).path == tmp_path

@@ -197,3 +197,20 @@ def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):
     report = {"machine": bench.machine(), "sequence_length": 128, "threads": [1], "rows": [], "ratios": []}
     assert report["machine"]["deepsparse_isa"] == "avx2, INT8 emulated"
     assert "DeepSparse on avx2, INT8 emulated" in bench.machine_line(report)
+
+
+def test_run_ends_naming_the_model_to_serve(monkeypatch, tmp_path, capsys):
+    """`sparsebert run`'s last line names what `serve` would serve (its stages stubbed here: each
+    is tested on its own); it once failed there, after its gates, on a run folder named as text."""
+    from sparsebert import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"task": "rte"}')
+    monkeypatch.setattr(cli, "cmd_train", lambda args: 0)
+    for stage in ("export", "parity", "bench"):
+        monkeypatch.setitem(cli.COMMANDS, stage, lambda args: 0)
+    monkeypatch.setattr(cli, "_judge", lambda args: [])
+    assert cli.main(["run", "--task", "rte", "--out", str(run)]) == 0
+    assert f"serve it: sparsebert serve {run}  (the student on DeepSparse: the run has no exported INT8" \
+        in capsys.readouterr().out
