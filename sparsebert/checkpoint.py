@@ -34,6 +34,14 @@ def _torch_bin(model_dir: Path) -> dict:
     return torch.load(Path(model_dir) / PYTORCH_BIN, map_location="cpu")
 
 
+def read_trainer_file(path: Path):
+    """A file a training checkpoint holds beside its weights (the recipe's state: step counts,
+    schedule flags, masks), written by this project's own trainer: read whole, not weights-only."""
+    import torch
+
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
 def tensor_names(model_dir: Path) -> list[str]:
     """The names of a checkpoint's saved tensors, as saved; safetensors files are read without
     loading their tensors."""

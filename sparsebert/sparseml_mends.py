@@ -277,14 +277,13 @@ def _save_recipe_state(trainer, folder: Path) -> None:
 def _restore_recipe_state(trainer, checkpoint: Path) -> None:
     """The recipe where the checkpoint left it: the optimizer wrapper's step count (from which
     every modifier reads the epoch), each modifier's schedule and the pruning masks."""
-    import torch
-
+    from sparsebert.checkpoint import read_trainer_file
     from sparsebert.pipeline.curve import scheduled_optimizer
 
     optimizer = scheduled_optimizer(trainer.optimizer)
     if trainer.manager is None or optimizer is None:
         return
-    state = torch.load(checkpoint / RECIPE_STATE, weights_only=False)
+    state = read_trainer_file(checkpoint / RECIPE_STATE)
     modifiers = list(trainer.manager.iter_modifiers())
     if [m["type"] for m in state["modifiers"]] != [type(m).__name__ for m in modifiers]:
         raise RecipeStateMissing(f"{checkpoint} was saved with another recipe ({[m['type'] for m in state['modifiers']]}); "
