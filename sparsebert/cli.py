@@ -546,9 +546,8 @@ def cmd_serve(args) -> int:
     if which == AUTO:
         which, why = served_checkpoint(run, args.engine)
         print(f"[sparsebert] serving {run.path}'s {which} on {args.engine}: {why}", file=sys.stderr)
-    elif which == INT8 and args.engine == "deepsparse" and hardware.int8_note():
-        # served as asked, but the user should know it is the slower one here
-        print(f"[sparsebert] {hardware.int8_note()}", file=sys.stderr)
+    elif which == INT8 and args.engine == "deepsparse" and (note := hardware.int8_note()):
+        print(f"[sparsebert] {note}", file=sys.stderr)  # served as asked, but it is the slower one here
     return serve.main([str(run.deployment(which)), "--name", name, "--engine", args.engine,
                        "--host", args.host, "--port", str(args.port), "--batch-size", str(args.batch_size),
                        *(["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else []),
