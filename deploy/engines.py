@@ -10,6 +10,7 @@ an engine is added here and nowhere else."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -130,13 +131,19 @@ def with_csr_linears(model):
     return model
 
 
-def private_copy(onnx_path: Path) -> Path:
-    """A copy of ``model.onnx`` in a temporary folder: DeepSparse (and its ONNX Runtime
-    wrapper) rewrite the file they load in place with a fixed batch size."""
+@contextlib.contextmanager
+def private_copy(onnx_path: Path):
+    """A copy of ``model.onnx`` in a temporary folder, removed on leaving: DeepSparse (and its
+    ONNX Runtime wrapper) rewrite the file they load in place with a fixed batch size. Both
+    engines read the file once, when built, so the copy goes as soon as the engine stands:
+    one kept per runner filled the disk (a benchmark builds dozens of runners)."""
     folder = Path(tempfile.mkdtemp(prefix="sparsebert-onnx-"))
-    copy = folder / "model.onnx"
-    shutil.copyfile(onnx_path, copy)
-    return copy
+    try:
+        copy = folder / "model.onnx"
+        shutil.copyfile(onnx_path, copy)
+        yield copy
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def exported_length(onnx_path: Path) -> int | None:
@@ -187,28 +194,29 @@ class OnnxRuntimeBackend:
                  input_names: list[str], threads: int | None):
         import onnxruntime
 
-        self.input_names, self._copy = input_names, None
+        self.input_names = input_names
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         path = deployment / "model.onnx"
-        if exported_length(path) != sequence_length:
-            # The graph's sequence length is fixed at export; run another length (a bucket)
-            # on a copy with its inputs reshaped, as DeepSparse does on its own copy.
-            from deepsparse.utils.onnx import override_onnx_input_shapes
+        if exported_length(path) == sequence_length:
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return
+        # The graph's sequence length is fixed at export; run another length (a bucket)
+        # on a copy with its inputs reshaped, as DeepSparse does on its own copy.
+        from deepsparse.utils.onnx import override_onnx_input_shapes
 
-            self._copy = path = private_copy(path)
+        with private_copy(path) as copy:
             shapes = [[batch_size, sequence_length]] * len(input_names)
-            with override_onnx_input_shapes(str(path), shapes, inplace=True):  # rewrites the copy
+            with override_onnx_input_shapes(str(copy), shapes, inplace=True):  # rewrites the copy
                 pass
-        self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = onnxruntime.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self._session.run(None, {n: inputs[n] for n in self.input_names})[0]
 
     def close(self) -> None:
-        if self._copy:
-            shutil.rmtree(self._copy.parent, ignore_errors=True)
+        pass
 
 
 class DeepSparseBackend:
@@ -217,10 +225,10 @@ class DeepSparseBackend:
         from deepsparse import Engine as DeepSparseEngine
 
         self.input_names = input_names
-        self._copy = private_copy(deployment / "model.onnx")
         cores = {"num_cores": threads} if threads else {}  # default: all cores
         shapes = [[batch_size, sequence_length]] * len(input_names)
-        self._engine = DeepSparseEngine(model=str(self._copy), batch_size=batch_size, input_shapes=shapes, **cores)
+        with private_copy(deployment / "model.onnx") as copy:
+            self._engine = DeepSparseEngine(model=str(copy), batch_size=batch_size, input_shapes=shapes, **cores)
         if list(self._engine.input_names) != input_names:
             raise ValueError(f"DeepSparse reads inputs {self._engine.input_names}, the ONNX file {input_names}")
 
@@ -229,7 +237,6 @@ class DeepSparseBackend:
 
     def close(self) -> None:
         del self._engine
-        shutil.rmtree(self._copy.parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the table

@@ -229,13 +229,10 @@ def deepsparse_kernels(onnx_path: Path, graph: Graph, inputs: list[np.ndarray], 
 
     from sparsebert.deploy.engines import private_copy
 
-    copy = private_copy(onnx_path)  # DeepSparse rewrites the file it loads
-    try:
+    with private_copy(onnx_path) as copy:  # DeepSparse rewrites the file it loads
         shapes = [list(a.shape) for a in inputs]
         result = model_debug_analysis(str(copy), inputs, batch_size=batch_size, num_cores=threads,
                                       num_iterations=passes, num_warmup_iterations=warmup, input_shapes=shapes)
-    finally:
-        shutil.rmtree(copy.parent, ignore_errors=True)
     kernels = []
     for layer in _layers(result["layer_info"]):
         tensors = [t for t in layer.get("canonical_name", "").split(",") if t and t != "<none>"]

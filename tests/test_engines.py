@@ -214,3 +214,27 @@ def test_run_ends_naming_the_model_to_serve(monkeypatch, tmp_path, capsys):
     assert cli.main(["run", "--task", "rte", "--out", str(run)]) == 0
     assert f"serve it: sparsebert serve {run}  (the student on DeepSparse: the run has no exported INT8" \
         in capsys.readouterr().out
+
+
+def test_runners_leave_no_copy_of_the_model_behind_and_still_answer(deployed, tmp_path, monkeypatch):
+    """DeepSparse and a reshaped ONNX Runtime load a private copy of model.onnx; it goes once the
+    engine stands (a kept copy per runner filled CI's disk during the real-text benchmark)."""
+    import tempfile
+
+    import numpy as np
+
+    from sparsebert import inference
+    from transformers import AutoTokenizer
+
+    task, checkpoint, deployment, examples = deployed
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    names = inference.onnx_input_names(deployment / "model.onnx")
+    tokenizer = AutoTokenizer.from_pretrained(deployment)
+    for length in (LENGTH, 16):  # 16: a bucket the graph was not exported at, run on a copy
+        batch = inference.encode(tokenizer, examples[:2], names, length, fixed_length=True)
+        reference = engines.Runner("pytorch", checkpoint, deployment, 2, length)(batch)
+        for engine in ("onnxruntime", "deepsparse"):
+            runner = engines.Runner(engine, checkpoint, deployment, 2, length)
+            assert list(tmp_path.iterdir()) == [], f"{engine} at length {length} left its copy"
+            np.testing.assert_allclose(runner(batch), reference, atol=1e-3)
+            runner.close()
