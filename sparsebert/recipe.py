@@ -24,15 +24,15 @@ def recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe not found: {name_or_path}")
 
 
-def parse_recipe_args(text: str | None) -> dict:
+def parse_recipe_args(text: str | None, flag: str = "--recipe-args") -> dict:
     if not text:
         return {}
     try:
         args = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecipeError(f"--recipe-args is not valid JSON: {e.msg}") from None
+        raise RecipeError(f"{flag} is not valid JSON: {e.msg}") from None
     if not isinstance(args, dict):
-        raise RecipeError("--recipe-args must be a JSON object, e.g. '{\"final_sparsity\": 0.9}'")
+        raise RecipeError(f"{flag} must be a JSON object, e.g. '{{\"final_sparsity\": 0.9}}'")
     return args
 
 
@@ -81,10 +81,26 @@ def check_recipe(path: Path, recipe_args: dict) -> list:
         raise RecipeError(f"{path}: invalid recipe: {first}") from None
     modifiers = list(manager.iter_modifiers())
     for modifier in modifiers:
+        _check_mask_type(path, modifier)
         if isinstance(getattr(modifier, "params", None), str):  # __ALL__, __ALL_PRUNABLE__
             raise RecipeError(f"{path}: {type(modifier).__name__} params {modifier.params!r}: list the "
                               "matrices (names or re: patterns), so they can be measured and gated")
     return modifiers
+
+
+def _check_mask_type(path: Path, modifier) -> None:
+    """GMP takes any ``mask_type`` and fails at its first mask update, minutes into training;
+    SparseML's own factory says now whether it names a mask it can make."""
+    from sparseml.pytorch.sparsification.pruning.mask_creator import get_mask_creator_default
+
+    mask_type = getattr(modifier, "mask_type", None)
+    if mask_type is None:
+        return
+    try:
+        get_mask_creator_default(mask_type)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{path}: mask_type {mask_type!r} is not one SparseML makes "
+                          f"(unstructured, block4, N:M, [rows, columns]): {str(e).splitlines()[0]}") from None
 
 
 def _strip_tags(text: str) -> str:

@@ -400,3 +400,19 @@ def test_a_stage_stopped_after_it_finished_is_kept_and_its_checkpoints_removed(t
     monkeypatch.setattr(training, "run_sparseml", lambda arguments: pytest.fail("trained again"))
     training.run_stage({"output_dir": str(stage)}, "student")
     assert not list(stage.glob("checkpoint-*")) and (stage / "trainer_state.json").is_file()
+
+
+def test_block4_masks_prune_whole_groups_of_four_inputs(trained_run, glue_dir, tmp_path):
+    """mask_type block4 (a recipe variable): each pruned matrix loses whole groups of 4 neighbouring
+    weights along a row's inputs, the pattern DeepSparse's INT8 kernels favour, at the target."""
+    run = tmp_path / "block4"
+    assert main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--out", str(run), "--limit", "32",
+                 "--teacher", str(trained_run / "teacher"), "--student-epochs", "1", "--batch-size", "16",
+                 "--max-seq-length", "32", "--sparsity", "0.75", "--recipe-args", '{"mask_type": "block4"}']) == 0
+    pruned = json.loads((run / "metrics.json").read_text())["student"]["per_matrix_sparsity"]
+    weights = load_weights(run / "student")
+    assert len(pruned) == 36
+    for name in pruned:
+        groups = (weights[name].reshape(weights[name].shape[0], -1, 4) == 0).sum(axis=-1)
+        assert set(np.unique(groups)) <= {0, 4}, name  # a group goes whole or stays whole
+        assert (groups == 4).mean() == pytest.approx(0.75, abs=0.01), name
