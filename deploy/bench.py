@@ -376,24 +376,24 @@ BERT_BASE = "BERT-base (random weights)"
 def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int = 128, int8: bool = True) -> list[Model]:
     """A BERT-base-sized classifier with random weights, dense and magnitude-pruned per matrix
     to each of ``sparsities`` (speed depends on where the zeros are, not on the values), and
-    with ``int8`` each pruned one made INT8 too (``_quantized_copy``), built and exported once
+    with ``int8`` each pruned one made INT8 too (``quantized_copy``), built and exported once
     into ``cache``."""
     models = []
     for target in [0.0, *sparsities]:
         variant = "dense" if target == 0 else f"sparse {target:.0%}"
         folder = cache / ("dense" if target == 0 else f"sparse{round(target * 100)}")
-        _build_once(folder, sequence_length, lambda checkpoint, target=target: _random_bert_base(checkpoint, target))
+        build_once(folder, sequence_length, lambda checkpoint, target=target: _random_bert_base(checkpoint, target))
         models.append(Model(BERT_BASE, variant, folder / "checkpoint", folder / "deployment"))
         if int8 and target:
             quantized = folder.with_name(f"{folder.name}-int8")
-            _build_once(quantized, sequence_length, lambda checkpoint, source=folder: _quantized_copy(
+            build_once(quantized, sequence_length, lambda checkpoint, source=folder: quantized_copy(
                 source / "checkpoint", checkpoint, sequence_length))
             models.append(Model(BERT_BASE, f"{variant} INT8", quantized / "checkpoint", quantized / "deployment",
                                 precision="int8"))
     return models
 
 
-def _build_once(folder: Path, sequence_length: int, make_checkpoint) -> None:
+def build_once(folder: Path, sequence_length: int, make_checkpoint) -> None:
     """``folder/checkpoint`` by ``make_checkpoint`` and its export, unless a whole one is there."""
     from sparsebert.deploy.export import export
 
@@ -404,7 +404,8 @@ def _build_once(folder: Path, sequence_length: int, make_checkpoint) -> None:
             export(partial / "checkpoint", partial, sequence_length)
 
 
-def _quantized_copy(source: Path, folder: Path, sequence_length: int, batches: int = 4) -> None:
+def quantized_copy(source: Path, folder: Path, sequence_length: int, batches: int = 4,
+                    recipe_args: dict | None = None) -> None:
     """The pruned random model made INT8 as `train --int8` makes the student, less the training:
     the INT8 recipe's quantization (and zero-holding) modifiers applied, each scale observed on a
     few random batches, and saved with that recipe, so the export reads it as the QAT checkpoint
@@ -418,11 +419,12 @@ def _quantized_copy(source: Path, folder: Path, sequence_length: int, batches: i
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from sparsebert.recipe import recipe_path
+    from sparsebert.sparseml_mends import quantizable
 
-    shipped = ScheduledModifierManager.from_yaml(str(recipe_path("sparsebert-int8")))
+    shipped = ScheduledModifierManager.from_yaml(str(recipe_path("sparsebert-int8")), recipe_variables=recipe_args)
     recipe = ScheduledModifierManager([m for m in shipped.iter_modifiers() if type(m).__name__ in
                                        ("QuantizationModifier", "ConstantPruningModifier")])  # no distillation
-    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    model = quantizable(AutoModelForSequenceClassification.from_pretrained(source).eval())
     recipe.apply_structure(model, epoch=math.inf)
     model.apply(enable_observer)
     with torch.no_grad():

@@ -62,8 +62,8 @@ def category_of(node, initializers: set[str], patterns: list[str]) -> str:
     leaf = module.rsplit(".", 1)[-1]
     if module and is_pruned(f"{module}.weight", patterns):
         return "encoder_linears"  # the matmul, its bias and (INT8) its input's quantization
-    if node.op_type in _MATMULS and not any(i in initializers for i in node.input):
-        return "attention_matmuls"  # q.k and probabilities.v: both operands are activations
+    if node.op_type in _MATMULS and not any(i in initializers for i in node.input[:2]):
+        return "attention_matmuls"  # q.k and probabilities.v: both operands are activations (INT8: zero points aside)
     if node.op_type == "Softmax":
         return "softmax"
     if leaf in ("LayerNorm", "intermediate_act_fn") or node.op_type in _FUSED_OPS:
@@ -113,16 +113,16 @@ class Graph:
 
 
 def _quantization_with_its_linear(nodes, category: dict[str, str]) -> None:
-    """An INT8 linear's input quantization is that linear's cost (a QuantizeLinear that feeds
-    encoder linears only)."""
+    """An INT8 matmul's input quantization is that matmul's cost (a QuantizeLinear that feeds
+    encoder linears only, or attention matmuls only)."""
     consumers: dict[str, list[str]] = {}
     for n in nodes:
         for i in n.input:
             consumers.setdefault(i, []).append(n.name)
     for n in nodes:
         users = {category[c] for o in n.output for c in consumers.get(o, [])}
-        if n.op_type in _QUANTIZE and users == {"encoder_linears"}:
-            category[n.name] = "encoder_linears"
+        if n.op_type in _QUANTIZE and len(users) == 1 and users <= {"encoder_linears", "attention_matmuls"}:
+            category[n.name] = users.pop()
 
 
 def _unique_signatures(nodes, initializers: set[str]) -> dict[tuple, str]:

@@ -71,6 +71,7 @@ class TrainRequest:
     int8: bool = False
     int8_epochs: float | None = None
     int8_lr: float = 2e-5
+    int8_recipe_args: dict = field(default_factory=dict)
     augment_cache: Path | None = None
     limit: int | None = None
     teacher_limit: int | None = None
@@ -97,6 +98,8 @@ def check(request: TrainRequest) -> TrainRequest:
             raise TrainingRefused(f"--{name.replace('_', '-')} must be positive")
     if request.int8_epochs is not None and not request.int8:
         raise TrainingRefused("--int8-epochs needs --int8")
+    if request.int8_recipe_args and not request.int8:
+        raise TrainingRefused("--int8-recipe-args needs --int8")
     if request.augment_cache is not None and not (request.augment or task_schedule(request)):
         raise TrainingRefused("--augment-cache needs --augment N")
     request = replace(request, out=Path(request.out or Path("runs") / task.name))
@@ -270,7 +273,8 @@ def plan(request: TrainRequest):
         int8_recipe = recipe_path("sparsebert-int8")
         # The same distillation as the student's: its loss variables carry over (num_epochs does not).
         shared = {k: v for k, v in recipe_args.items() if k in recipe_variables(int8_recipe) and k != "num_epochs"}
-        int8_args, int8_epochs = schedule(int8_recipe, shared, [("--int8-epochs", "num_epochs", request.int8_epochs)])
+        int8_args, int8_epochs = schedule(int8_recipe, {**shared, **request.int8_recipe_args},
+                                          [("--int8-epochs", "num_epochs", request.int8_epochs)])
         int8_cfg = TrainConfig(epochs=int8_epochs, learning_rate=request.int8_lr, recipe=str(int8_recipe),
                                recipe_args=int8_args, **common)
     opts = StageOptions(task=request.task, model=model, out=request.out, glue_dir=request.glue_dir,

@@ -78,6 +78,8 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-epochs", type=float,
                    help="epochs of quantization-aware training (default: the INT8 recipe's num_epochs, 2)")
     p.add_argument("--int8-lr", type=float, default=TrainRequest.default("int8_lr"), help="learning rate of quantization-aware training")
+    p.add_argument("--int8-recipe-args", help='JSON object of the INT8 recipe\'s variables (the distillation\'s are '
+                   'carried over from --recipe-args), e.g. \'{"observer_end_fraction": 0.3}\'')
     p.add_argument("--augment-cache", type=Path,
                    help="folder where augmented data is kept and reused (default <out>/data)")
     p.add_argument("--limit", type=int, help="use at most N train and N dev examples (smoke runs)")
@@ -270,7 +272,8 @@ def train_request(args):
     from sparsebert.recipe import parse_recipe_args
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainRequest)}
-    return TrainRequest(**{**values, "recipe_args": parse_recipe_args(args.recipe_args)})
+    return TrainRequest(**{**values, "recipe_args": parse_recipe_args(args.recipe_args),
+                            "int8_recipe_args": parse_recipe_args(args.int8_recipe_args, "--int8-recipe-args")})
 
 
 def cmd_train(args) -> int:
@@ -333,8 +336,9 @@ def sweep_settings(flags: list[str]) -> dict:
     _training_arguments(parser)
     defaults = vars(parser.parse_args(["--task", "-"]))
     given = {k: v for k, v in vars(parser.parse_args(["--task", "-", *flags])).items() if v != defaults[k]}
-    if "recipe_args" in given:
-        given["recipe_args"] = parse_recipe_args(given["recipe_args"])
+    for name in ("recipe_args", "int8_recipe_args"):
+        if name in given:
+            given[name] = parse_recipe_args(given[name], "--" + name.replace("_", "-"))
     return given
 
 

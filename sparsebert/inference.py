@@ -116,6 +116,10 @@ def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
     return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
 
 
+# Saved state of a quantized attention matmul (SparseML's quantizable self-attention).
+QUANTIZED_ATTENTION = "attention_scores_matmul.input_quant_stubs"
+
+
 def load_classifier(model_dir: Path):
     """The checkpoint's model in eval mode, whatever training made it.
 
@@ -146,8 +150,12 @@ def load_classifier(model_dir: Path):
         raise InferenceError(f"{model_dir} holds a quantized (QAT) checkpoint but no recipe.yaml to "
                              "rebuild its structure from")
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_dir))
-    ScheduledModifierManager.from_yaml(str(recipe)).apply_structure(model, epoch=math.inf)
     state = checkpoint.saved_tensors(model_dir)
+    if any(QUANTIZED_ATTENTION in name for name in state):  # INT8 attention matmuls: rewrite as training did
+        from sparsebert.sparseml_mends import quantizable
+
+        model = quantizable(model)
+    ScheduledModifierManager.from_yaml(str(recipe)).apply_structure(model, epoch=math.inf)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InferenceError(f"{model_dir}: its weights do not fit the structure its recipe.yaml builds "

@@ -398,6 +398,35 @@ def mend_mask_threshold(module) -> None:
     module.memory_aware_threshold = select_threshold
 
 
+def mend_quantizable_attention(module) -> None:
+    """SparseML rewrites a model's self-attention so that its two matmuls (query x key, and
+    probabilities x value) can be quantized, but it looks the rewrite up by the top module's class
+    and registers it for the base models only (``BertModel``, ``DistilBertModel``...): a
+    ``BertForSequenceClassification`` was never rewritten, so INT8 training quantized the linears
+    and left every attention matmul in FP32. Each registered family's sequence classifier now gets
+    its base model's rewrite (the same forward; no new weights; an FP32 model computes the same)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, \
+        MODEL_MAPPING_NAMES
+
+    from sparseml.modifiers.quantization_legacy.modification.registry import ModificationRegistry
+
+    registered = set(ModificationRegistry.registered_names()) | set(ModificationRegistry.registered_aliases())
+    for model_type, base in MODEL_MAPPING_NAMES.items():
+        head = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+        if isinstance(base, str) and base.lower() in registered and head and head.lower() not in registered:
+            ModificationRegistry.register_value(ModificationRegistry.get_value_from_registry(base), name=head)
+            registered.add(head.lower())  # model types share classes (llama, code_llama)
+
+
+def quantizable(model):
+    """``model`` with SparseML's quantizable self-attention where its family has one (see
+    ``mend_quantizable_attention``), as SparseML's loaders give it to training."""
+    import sparseml.transformers.sparsification.modification  # noqa: F401  (registers, then mended)
+    from sparseml.modifiers.quantization_legacy.modification import modify_model
+
+    return modify_model(model)
+
+
 def mend_task_model_loading(module) -> None:
     """``sparseml.export`` (and its console script) load a text-classification checkpoint with
     ``SparseAutoModel.text_classification_from_pretrained``, which never applies the recipe saved
@@ -474,6 +503,7 @@ AFTER_IMPORT = {
     "sparseml.pytorch.sparsification.pruning.mask_creator": mend_mask_threshold,
     "sparseml.pytorch.sparsification.quantization.quantization_scheme": mend_quantization_scheme,
     "sparseml.pytorch.sparsification.training.modifier_lr": mend_cyclic_learning_rate,
+    "sparseml.transformers.sparsification.modification": mend_quantizable_attention,
     "sparseml.transformers.text_classification": mend_text_classification,
     "sparseml.transformers.utils.load_task_model": mend_task_model_loading,
     "sparseml.transformers.sparsification.trainer": mend_trainer,

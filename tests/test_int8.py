@@ -80,8 +80,9 @@ def test_int8_export_is_integer_sparse_and_close_to_pytorch(int8_run):
     assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]
     assert report["onnx_encoder_linear_sparsity"] >= 0.9 - 1e-6
     deployment = int8_run / "export" / INT8 / "deployment"
-    ops = [n.op_type for n in onnx.load(str(deployment / "model.onnx")).graph.node]
-    assert ops.count("MatMulInteger") >= 36  # every pruned linear runs on integers
+    integer = [n.name for n in onnx.load(str(deployment / "model.onnx")).graph.node if n.op_type == "MatMulInteger"]
+    assert sum("/module/" in n for n in integer) >= 36  # every pruned linear runs on integers
+    assert sum("_matmul/" in n for n in integer) == 12  # and both attention matmuls of every layer
     fp32 = json.loads((int8_run / "export" / "student" / "export.json").read_text())
     assert fp32["precision"] == "fp32" and "MatMulInteger" not in [
         n.op_type for n in onnx.load(str(int8_run / "export" / "student" / "deployment" / "model.onnx")).graph.node]
@@ -95,7 +96,8 @@ def test_int8_export_is_integer_sparse_and_close_to_pytorch(int8_run):
 
 
 def test_int8_profile_counts_integer_linears_and_their_quantization_as_encoder_linears(int8_run):
-    """Each pruned linear's MatMulInteger, and the QuantizeLinear of its input, are encoder linears;
+    """Each pruned linear's MatMulInteger, and the QuantizeLinear of its input, are encoder linears
+    (an attention matmul's, attention matmuls);
     on ONNX Runtime, which moves those QuantizeLinears above the attention's Transpose and renames
     them, every kernel still traces to a node of the graph, and the categories sum to the pass."""
     from sparsebert.deploy import profile
@@ -103,15 +105,19 @@ def test_int8_profile_counts_integer_linears_and_their_quantization_as_encoder_l
     path = int8_run / "export" / INT8 / "deployment" / "model.onnx"
     nodes = onnx.load(str(path)).graph.node
     graph = profile.Graph.read(path, pruned_patterns(int8_run / INT8))
-    integer = [n for n in nodes if n.op_type == "MatMulInteger" and "/pooler/" not in n.name]
+    integer = [n for n in nodes if n.op_type == "MatMulInteger" and "/module/" in n.name and "/pooler/" not in n.name]
     assert len(integer) == 36 and all(graph.category[n.name] == "encoder_linears" for n in integer)
     quantized = {n.name for n in nodes if n.op_type == "QuantizeLinear" and graph.category[n.name] == "encoder_linears"}
     assert len(quantized) == 24  # one input per layer for q, k and v together, one for each of the other three
+    attention = [n for n in nodes if n.op_type == "MatMulInteger" and "_matmul/" in n.name]
+    assert len(attention) == 12 and all(graph.category[n.name] == "attention_matmuls" for n in attention)
     (row,) = profile.profile_model(profile.Target("sparse 90% INT8", int8_run / INT8, path.parent), 64, passes=3,
                                    engines=["onnxruntime"])
     assert sum(row["ms"].values()) == pytest.approx(row["total_ms"])
     moved = [k for k in row["kernels"] if k["name"].endswith("_q") and k["name"] not in graph.category]
-    assert moved and all(k["category"] == "encoder_linears" for k in moved)
+    # each is its matmul's cost: a linear's input, or an attention matmul's operand
+    assert moved and all(k["category"] == ("attention_matmuls" if "_matmul/" in k["nodes"][0] else "encoder_linears")
+                         for k in moved)
 
 
 def test_int8_sparsity_readback_notices_a_lost_zero(int8_run, tmp_path):
@@ -242,7 +248,22 @@ def test_int8_flags_are_checked_before_training(tmp_path, capsys):
     assert "--int8-epochs needs --int8" in capsys.readouterr().err
     assert main(["train", "--task", "rte", "--out", str(tmp_path / "r"), "--int8", "--int8-lr", "0"]) == 2
     assert "--int8-lr must be positive" in capsys.readouterr().err
+    assert main(["train", "--task", "rte", "--out", str(tmp_path / "r"), "--int8-recipe-args", '{"observer_end_fraction": 0.3}']) == 2
+    assert "--int8-recipe-args needs --int8" in capsys.readouterr().err
+    assert main(["train", "--task", "rte", "--out", str(tmp_path / "r"), "--int8", "--int8-recipe-args",
+                 '{"final_sparsity": 0.9}']) == 2  # a student recipe's variable, not the INT8 recipe's
+    assert "unknown recipe variable(s) ['final_sparsity']" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_int8_recipe_args_reach_the_int8_stage_beside_the_carried_loss_weights(glue_dir, tmp_path):
+    from sparsebert.pipeline.request import TrainRequest, plan
+
+    linears_only = ["LayerNorm", "Embedding", "QATMatMul"]
+    *_, int8_cfg = plan(TrainRequest(task="rte", glue_dir=str(glue_dir), out=tmp_path / "r", int8=True,
+                                     recipe_args={"hidden_weight": 2.0},
+                                     int8_recipe_args={"not_quantized": linears_only}))
+    assert int8_cfg.recipe_args == {"hidden_weight": 2.0, "not_quantized": linears_only}
 
 
 def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
@@ -264,10 +285,12 @@ def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
             if is_pruned(name, patterns):
                 param.mul_(param.abs() > param.abs().flatten().median())
     model.save_pretrained(source)
-    bench._quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2)
+    bench.quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2)
     assert is_quantized(tmp_path / "int8")
     report = export_and_check(tmp_path / "int8", tmp_path / "export", 32, max_logit_difference=1e-2)
     assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]  # every zero still a zero
     assert report["onnx_encoder_linear_sparsity"] >= 0.5 - 1e-6
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "export" / "deployment" / "model.onnx")).graph.node]
-    assert ops.count("MatMulInteger") >= 12  # the six linears of each of the two layers
+    nodes = onnx.load(str(tmp_path / "export" / "deployment" / "model.onnx")).graph.node
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert sum("/module/" in n for n in integer) >= 12  # the six linears of each of the two layers
+    assert sum("_matmul/" in n for n in integer) == 4  # and both attention matmuls of each

@@ -154,3 +154,19 @@ def test_unknown_shared_block_is_refused():
     with pytest.raises(ValueError, match="2 shared blocks begin but 1 end"):
         build.render("# >>> shared: distillation (x)\nkeep_me: 1\n# >>> shared: distillation (x)\n"
                      "# <<< shared: distillation\n")
+
+
+@pytest.mark.parametrize("name", ["sparsebert", "sparsebert-cyclic"])
+def test_mask_type_is_a_recipe_variable_checked_before_training(name):
+    pruning = {type(m).__name__: m for m in check_recipe(recipe_path(name), {"mask_type": "block4"})}
+    assert pruning["GMPruningModifier"].mask_type == "block4"
+    with pytest.raises(RecipeError, match="mask_type 'block7' is not one SparseML makes"):
+        check_recipe(recipe_path(name), {"mask_type": "block7"})
+
+
+def test_int8_recipe_quantizes_the_attention_matmuls_unless_told_not_to():
+    quantize = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert-int8"), {})}["QuantizationModifier"]
+    assert "QATMatMul" not in quantize.ignore and "Embedding" in quantize.ignore
+    linears_only = {type(m).__name__: m for m in check_recipe(
+        recipe_path("sparsebert-int8"), {"not_quantized": quantize.ignore + ["QATMatMul"]})}["QuantizationModifier"]
+    assert "QATMatMul" in linears_only.ignore

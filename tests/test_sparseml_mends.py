@@ -279,6 +279,28 @@ def test_sparseml_export_loads_a_qat_checkpoint_with_its_structure(tmp_path):
         assert torch.allclose(model(**inputs).logits, trained(**inputs).logits, atol=1e-6)
 
 
+def test_sparseml_gives_a_classifier_quantizable_attention_matmuls(tmp_path):
+    """SparseML registered its quantizable self-attention for BertModel alone and looks it up by
+    the top module's class: a sequence classifier kept plain attention, and INT8 training left
+    both attention matmuls in FP32. Mended, SparseML's loader rewrites it (same logits) and the
+    QAT recipe fake-quantizes both operands of each matmul."""
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from sparseml.transformers import SparseAutoModel
+    from torch.ao.quantization import FakeQuantize
+
+    model, inputs = tiny_bert(0), batch()
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = SparseAutoModel.text_classification_from_pretrained(str(tmp_path / "tiny")).eval()
+    attention = loaded.bert.encoder.layer[0].attention.self
+    assert type(attention).__name__ == "BertSelfAttentionWithQuantizableMatmuls"
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-6)
+    (tmp_path / "qat.yaml").write_text(QAT_RECIPE)
+    ScheduledModifierManager.from_yaml(str(tmp_path / "qat.yaml")).initialize(loaded, epoch=0.0)
+    for matmul in (attention.attention_scores_matmul, attention.context_layer_matmul):
+        assert sum(isinstance(m, FakeQuantize) for m in matmul.modules()) == 3, matmul  # both operands, the product
+
+
 # ---------------------------------------------------------------- the mends are live, or nothing trains
 
 UNHOOKED = """
