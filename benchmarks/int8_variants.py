@@ -49,7 +49,7 @@ def pruned_copy(source: str, folder: Path, sparsity: float, mask_type: str) -> N
     with torch.no_grad():
         for name, param in model.named_parameters():
             if sparsity and is_pruned(name, patterns):
-                (mask,) = creator.create_sparsity_masks([param.data], [sparsity])
+                (mask,) = creator.create_sparsity_masks([param.data.abs()], [sparsity])  # by magnitude, as GMP
                 param.mul_(mask)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)

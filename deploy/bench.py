@@ -385,7 +385,8 @@ def bert_base_models(cache: Path, sparsities: list[float], sequence_length: int 
         build_once(folder, sequence_length, lambda checkpoint, target=target: _random_bert_base(checkpoint, target))
         models.append(Model(BERT_BASE, variant, folder / "checkpoint", folder / "deployment"))
         if int8 and target:
-            quantized = folder.with_name(f"{folder.name}-int8")
+            # named for what it quantizes: a cache from before held INT8 linears and FP32 attention
+            quantized = folder.with_name(f"{folder.name}-int8-attention")
             build_once(quantized, sequence_length, lambda checkpoint, source=folder: quantized_copy(
                 source / "checkpoint", checkpoint, sequence_length))
             models.append(Model(BERT_BASE, f"{variant} INT8", quantized / "checkpoint", quantized / "deployment",

@@ -62,6 +62,8 @@ def category_of(node, initializers: set[str], patterns: list[str]) -> str:
     leaf = module.rsplit(".", 1)[-1]
     if module and is_pruned(f"{module}.weight", patterns):
         return "encoder_linears"  # the matmul, its bias and (INT8) its input's quantization
+    if any(part.endswith("_matmul") for part in module.split(".")):
+        return "attention_matmuls"  # an INT8 attention matmul: its operands' quantization and its rescale
     if node.op_type in _MATMULS and not any(i in initializers for i in node.input[:2]):
         return "attention_matmuls"  # q.k and probabilities.v: both operands are activations (INT8: zero points aside)
     if node.op_type == "Softmax":

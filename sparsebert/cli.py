@@ -273,7 +273,8 @@ def train_request(args):
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainRequest)}
     return TrainRequest(**{**values, "recipe_args": parse_recipe_args(args.recipe_args),
-                            "int8_recipe_args": parse_recipe_args(args.int8_recipe_args, "--int8-recipe-args")})
+                            "int8_recipe_args": parse_recipe_args(args.int8_recipe_args, "--int8-recipe-args",
+                                                                    '{"observer_end_fraction": 0.3}')})
 
 
 def cmd_train(args) -> int:

@@ -151,11 +151,19 @@ def load_classifier(model_dir: Path):
                              "rebuild its structure from")
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_dir))
     state = checkpoint.saved_tensors(model_dir)
-    if any(QUANTIZED_ATTENTION in name for name in state):  # INT8 attention matmuls: rewrite as training did
+    manager = ScheduledModifierManager.from_yaml(str(recipe))
+    ignored = {name for m in manager.iter_modifiers() for name in (getattr(m, "ignore", None) or [])}
+    # Training rewrote the attention for quantizable matmuls (sparseml_mends.quantizable) since
+    # the rewrite reached classifiers: its quantized state is saved, or its recipe names the
+    # rewrite's matmuls to leave in FP32. An INT8 checkpoint from before has neither.
+    if any(QUANTIZED_ATTENTION in name for name in state) or "QATMatMul" in ignored:
         from sparsebert.sparseml_mends import quantizable
 
         model = quantizable(model)
-    ScheduledModifierManager.from_yaml(str(recipe)).apply_structure(model, epoch=math.inf)
+    try:
+        manager.apply_structure(model, epoch=math.inf)
+    except ValueError as e:
+        raise InferenceError(f"{model_dir}: its recipe.yaml does not fit the model: {str(e).splitlines()[0]}") from None
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InferenceError(f"{model_dir}: its weights do not fit the structure its recipe.yaml builds "

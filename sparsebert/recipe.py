@@ -24,7 +24,7 @@ def recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe not found: {name_or_path}")
 
 
-def parse_recipe_args(text: str | None, flag: str = "--recipe-args") -> dict:
+def parse_recipe_args(text: str | None, flag: str = "--recipe-args", example: str = '{"final_sparsity": 0.9}') -> dict:
     if not text:
         return {}
     try:
@@ -32,7 +32,7 @@ def parse_recipe_args(text: str | None, flag: str = "--recipe-args") -> dict:
     except json.JSONDecodeError as e:
         raise RecipeError(f"{flag} is not valid JSON: {e.msg}") from None
     if not isinstance(args, dict):
-        raise RecipeError(f"{flag} must be a JSON object, e.g. '{{\"final_sparsity\": 0.9}}'")
+        raise RecipeError(f"{flag} must be a JSON object, e.g. '{example}'")
     return args
 
 

@@ -398,24 +398,29 @@ def mend_mask_threshold(module) -> None:
     module.memory_aware_threshold = select_threshold
 
 
+# Families whose SparseML attention rewrite was checked to keep an FP32 model's logits (tests).
+# Not DistilBERT (its rewrite calls the QATMatMul class, not an instance: TypeError) nor
+# MobileBERT (it replaces a trained linear with a new, random one).
+QUANTIZABLE_ATTENTION_FAMILIES = ("bert",)
+
+
 def mend_quantizable_attention(module) -> None:
     """SparseML rewrites a model's self-attention so that its two matmuls (query x key, and
     probabilities x value) can be quantized, but it looks the rewrite up by the top module's class
-    and registers it for the base models only (``BertModel``, ``DistilBertModel``...): a
-    ``BertForSequenceClassification`` was never rewritten, so INT8 training quantized the linears
-    and left every attention matmul in FP32. Each registered family's sequence classifier now gets
-    its base model's rewrite (the same forward; no new weights; an FP32 model computes the same)."""
+    and registers it for the base model only (``BertModel``): a ``BertForSequenceClassification``
+    was never rewritten, so INT8 training quantized the linears and left every attention matmul in
+    FP32. The sequence classifier of each family in ``QUANTIZABLE_ATTENTION_FAMILIES`` now gets its
+    base model's rewrite (the same forward, no new weights: an FP32 model's logits are unchanged)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, \
         MODEL_MAPPING_NAMES
 
     from sparseml.modifiers.quantization_legacy.modification.registry import ModificationRegistry
 
     registered = set(ModificationRegistry.registered_names()) | set(ModificationRegistry.registered_aliases())
-    for model_type, base in MODEL_MAPPING_NAMES.items():
-        head = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
-        if isinstance(base, str) and base.lower() in registered and head and head.lower() not in registered:
+    for family in QUANTIZABLE_ATTENTION_FAMILIES:
+        base, head = MODEL_MAPPING_NAMES[family], MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[family]
+        if base.lower() in registered and head.lower() not in registered:
             ModificationRegistry.register_value(ModificationRegistry.get_value_from_registry(base), name=head)
-            registered.add(head.lower())  # model types share classes (llama, code_llama)
 
 
 def quantizable(model):

@@ -266,10 +266,17 @@ def test_int8_recipe_args_reach_the_int8_stage_beside_the_carried_loss_weights(g
     assert int8_cfg.recipe_args == {"hidden_weight": 2.0, "not_quantized": linears_only}
 
 
-def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
+LINEARS_ONLY = {"not_quantized": ["LayerNorm", "Embedding", "BertEmbeddings", "Tanh", "GELUActivation", "Dropout",
+                                  "classifier", "QATMatMul"]}
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["linears-and-attention", "linears-only"])
+def test_a_random_pruned_model_is_made_int8_without_training(tmp_path, attention):
     """`bench --bert-base`'s INT8 rows: the INT8 recipe's quantization applied to a random pruned
     model and its scales observed, then exported as a trained INT8 student is: an integer graph
-    whose linears keep every zero, its logits those of PyTorch's fake quantization."""
+    whose linears keep every zero, its logits those of PyTorch's fake quantization. The attention
+    matmuls run on integers too, unless the recipe's not_quantized names QATMatMul (the checkpoint
+    then still loads: its attention was rewritten, with nothing quantized in it)."""
     import torch
     from tiny import tiny_task_checkpoint
 
@@ -285,7 +292,8 @@ def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
             if is_pruned(name, patterns):
                 param.mul_(param.abs() > param.abs().flatten().median())
     model.save_pretrained(source)
-    bench.quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2)
+    bench.quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2,
+                         recipe_args=None if attention else LINEARS_ONLY)
     assert is_quantized(tmp_path / "int8")
     report = export_and_check(tmp_path / "int8", tmp_path / "export", 32, max_logit_difference=1e-2)
     assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]  # every zero still a zero
@@ -293,4 +301,5 @@ def test_a_random_pruned_model_is_made_int8_without_training(tmp_path):
     nodes = onnx.load(str(tmp_path / "export" / "deployment" / "model.onnx")).graph.node
     integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
     assert sum("/module/" in n for n in integer) >= 12  # the six linears of each of the two layers
-    assert sum("_matmul/" in n for n in integer) == 4  # and both attention matmuls of each
+    assert sum("_matmul/" in n for n in integer) == (4 if attention else 0)  # both attention matmuls of each
+    assert sum(n.op_type == "MatMul" for n in nodes) == (0 if attention else 4)

@@ -164,6 +164,14 @@ def test_mask_type_is_a_recipe_variable_checked_before_training(name):
         check_recipe(recipe_path(name), {"mask_type": "block7"})
 
 
+def test_block4_second_order_pruning_needs_fisher_blocks_of_whole_groups():
+    with pytest.raises(RecipeError, match="fisher_block_size must be divisible by 4"):
+        check_recipe(recipe_path("sparsebert-obs"), {"mask_type": "block4"})
+    pruning = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert-obs"),
+                                                          {"mask_type": "block4", "fisher_block_size": 48})}
+    assert pruning["OBSPruningModifier"].mask_type == "block4"
+
+
 def test_int8_recipe_quantizes_the_attention_matmuls_unless_told_not_to():
     quantize = {type(m).__name__: m for m in check_recipe(recipe_path("sparsebert-int8"), {})}["QuantizationModifier"]
     assert "QATMatMul" not in quantize.ignore and "Embedding" in quantize.ignore

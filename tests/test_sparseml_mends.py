@@ -301,6 +301,23 @@ def test_sparseml_gives_a_classifier_quantizable_attention_matmuls(tmp_path):
         assert sum(isinstance(m, FakeQuantize) for m in matmul.modules()) == 3, matmul  # both operands, the product
 
 
+def test_families_whose_sparseml_rewrite_is_broken_keep_their_attention(tmp_path):
+    """SparseML's DistilBERT rewrite calls the QATMatMul class instead of an instance (TypeError
+    in every forward): its classifier is not given it, and loads and runs as it was saved."""
+    from sparseml.transformers import SparseAutoModel
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4,
+                                                                 hidden_dim=64, max_position_embeddings=32)).eval()
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = SparseAutoModel.text_classification_from_pretrained(str(tmp_path / "tiny")).eval()
+    assert type(loaded.distilbert.transformer.layer[0].attention) is type(model.distilbert.transformer.layer[0].attention)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the mends are live, or nothing trains
 
 UNHOOKED = """
