@@ -567,7 +567,8 @@ def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:
     exported = INT8 in run.checkpoints and (run.export_dir(INT8) / "deployment" / "model.onnx").is_file()
     int8, why = hardware.serve_int8(exported)
     if int8 and run.metrics.get("int8_cost_points") is not None:
-        why += f" ({run.metrics['int8_cost_points']:.2f} points below the FP32 student on the dev set)"
+        cost = run.metrics["int8_cost_points"]
+        why += f" ({abs(cost):.2f} points {'below' if cost >= 0 else 'above'} the FP32 student on the dev set)"
     return (INT8 if int8 else "student"), why
 
 

@@ -186,6 +186,18 @@ def test_serve_picks_int8_only_where_it_runs_natively_and_is_exported(monkeypatc
         assert ("0.19 points below" in said) == (expected == "student-int8")
 
 
+def test_an_int8_student_that_scores_higher_is_said_to(monkeypatch, tmp_path):
+    from sparsebert import cli, hardware
+
+    (tmp_path / "export" / "student-int8" / "deployment").mkdir(parents=True)
+    (tmp_path / "export" / "student-int8" / "deployment" / "model.onnx").write_bytes(b"")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    run = type("Run", (), {"checkpoints": ["student", "student-int8"], "metrics": {"int8_cost_points": -0.11},
+                           "export_dir": lambda self, which: tmp_path / "export" / which})()
+    which, why = cli.served_checkpoint(run, "deepsparse")
+    assert which == "student-int8" and "0.11 points above the FP32 student" in why, why
+
+
 def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):
     """The bench's header names DeepSparse's ISA and whether its INT8 is native, from DeepSparse's own
     detection (NM_ARCH overrides it)."""
