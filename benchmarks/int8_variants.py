@@ -55,10 +55,9 @@ def pruned_copy(source: str, folder: Path, sparsity: float, mask_type: str) -> N
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
-def variants(source: str, cache: Path, sparsity: float, sequence_length: int):
+def variants(source: str, family: str, cache: Path, sparsity: float, sequence_length: int):
     from sparsebert.deploy import bench
 
-    family = Path(source).name
     dense = cache / "dense"
     bench.build_once(dense, sequence_length, lambda checkpoint: pruned_copy(source, checkpoint, 0.0, "unstructured"))
     models = [bench.Model(family, "dense", dense / "checkpoint", dense / "deployment")]
@@ -79,7 +78,7 @@ def variants(source: str, cache: Path, sparsity: float, sequence_length: int):
 
 def main(argv=None) -> int:
     from sparsebert.deploy import bench
-    from sparsebert.models import embedded_default
+    from sparsebert.models import DEFAULT_MODEL, embedded_default
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a BERT folder (default: the embedded all-MiniLM-L6-v2)")
@@ -90,7 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/int8-variants"), help="built models, kept and reused")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
-    models = variants(str(args.model or embedded_default()), args.cache, args.sparsity, args.sequence_length)
+    family = Path(args.model).name if args.model else DEFAULT_MODEL
+    models = variants(str(args.model or embedded_default()), family, args.cache, args.sparsity, args.sequence_length)
     report = bench.benchmark(models, [1], args.sequence_length, args.seconds, engines=["onnxruntime", "deepsparse"],
                              threads=[args.threads])
     print(bench.markdown(report))
