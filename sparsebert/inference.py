@@ -116,8 +116,9 @@ def answers(logits: np.ndarray, config) -> tuple[list[str], list[float]]:
     return [names[int(i)] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
 
 
-# Saved state of a quantized attention matmul (SparseML's quantizable self-attention).
-QUANTIZED_ATTENTION = "attention_scores_matmul.input_quant_stubs"
+# In the saved state of a quantized attention matmul (SparseML's quantizable self-attention:
+# attention_scores_matmul, context_layer_matmul).
+QUANTIZED_ATTENTION = "_matmul.input_quant_stubs"
 
 
 def load_classifier(model_dir: Path):
@@ -156,7 +157,8 @@ def load_classifier(model_dir: Path):
     # Training rewrote the attention for quantizable matmuls (sparseml_mends.quantizable) since
     # the rewrite reached classifiers: its quantized state is saved, or its recipe names the
     # rewrite's matmuls to leave in FP32. An INT8 checkpoint from before has neither.
-    if any(QUANTIZED_ATTENTION in name for name in state) or "QATMatMul" in ignored:
+    if any(QUANTIZED_ATTENTION in name for name in state) or \
+            any(name == "QATMatMul" or name.endswith("_matmul") for name in ignored):
         from sparsebert.sparseml_mends import quantizable
 
         model = quantizable(model)

@@ -303,3 +303,13 @@ def test_a_random_pruned_model_is_made_int8_without_training(tmp_path, attention
     assert sum("/module/" in n for n in integer) >= 12  # the six linears of each of the two layers
     assert sum("_matmul/" in n for n in integer) == (4 if attention else 0)  # both attention matmuls of each
     assert sum(n.op_type == "MatMul" for n in nodes) == (0 if attention else 4)
+    from sparsebert.deploy import profile
+
+    graph = profile.Graph.read(tmp_path / "export" / "deployment" / "model.onnx", patterns)
+    scoped = [n.name for n in nodes if "_matmul/" in n.name]  # operands' quantization, matmul, rescale
+    assert len(scoped) > (4 if attention else 0) and all(graph.category[n] == "attention_matmuls" for n in scoped)
+    if not attention:  # a recipe naming what no module is: one clear error, not SparseML's traceback
+        recipe = tmp_path / "int8" / "recipe.yaml"
+        recipe.write_text(recipe.read_text().replace("QATMatMul", "QATMatMul, NoSuchModule"))
+        with pytest.raises(InferenceError, match="its recipe.yaml does not fit the model"):
+            load_classifier(tmp_path / "int8")
