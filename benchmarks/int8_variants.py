@@ -12,8 +12,8 @@ values, so every variant is made from the same pre-trained model without trainin
 
 Each is exported as a trained student is and timed at batch 1, ``--sequence-length`` tokens, on
 dense-baseline ONNX Runtime and DeepSparse; every ratio is against the dense model on ONNX Runtime,
-with the FLOP bound beside it. What each variant costs in accuracy needs training:
-docs/study/study.md ("INT8 attention and 4-block").
+with the FLOP bound beside it (docs/int8/variants.md). What each variant costs in accuracy needs
+training: docs/results.md, "INT8 attention matmuls and 4-block pruning".
 
     python benchmarks/int8_variants.py [--model DIR] [--sparsity 0.95] [--threads 1] [--seconds 5] \\
         [--cache runs/int8-variants] [--json out.json]
