@@ -30,10 +30,6 @@ from sparsebert import offline, sparseml_mends
 offline.configure()
 sparseml_mends.apply()
 
-LINEARS_ONLY = {"not_quantized": ["LayerNorm", "Embedding", "BertEmbeddings", "Tanh", "GELUActivation", "Dropout",
-                                  "classifier", "QATMatMul"]}
-
-
 def pruned_copy(source: str, folder: Path, sparsity: float, mask_type: str) -> None:
     """``source`` as a two-label classifier, its recipe's pruned matrices cut to ``sparsity`` by
     magnitude with SparseML's mask creator for ``mask_type``."""
@@ -67,7 +63,7 @@ def variants(source: str, family: str, cache: Path, sparsity: float, sequence_le
         bench.build_once(pruned, sequence_length,
                          lambda checkpoint, m=mask_type: pruned_copy(source, checkpoint, sparsity, m))
         models.append(bench.Model(family, name, pruned / "checkpoint", pruned / "deployment"))
-        for suffix, args in (("INT8 linears", LINEARS_ONLY), ("INT8", None)):
+        for suffix, args in (("INT8 linears", bench.int8_linears_only()), ("INT8", None)):
             folder = pruned.with_name(f"{pruned.name}-{suffix.lower().replace(' ', '-')}")
             bench.build_once(folder, sequence_length, lambda checkpoint, a=args: bench.quantized_copy(
                 pruned / "checkpoint", checkpoint, sequence_length, recipe_args=a))

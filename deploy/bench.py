@@ -405,6 +405,14 @@ def build_once(folder: Path, sequence_length: int, make_checkpoint) -> None:
             export(partial / "checkpoint", partial, sequence_length)
 
 
+def int8_linears_only() -> dict:
+    """INT8 recipe variables that keep the attention matmuls in FP32: the recipe's own
+    ``not_quantized`` list and SparseML's quantizable matmul."""
+    from sparsebert.recipe import recipe_path, recipe_variables
+
+    return {"not_quantized": [*recipe_variables(recipe_path("sparsebert-int8"))["not_quantized"], "QATMatMul"]}
+
+
 def quantized_copy(source: Path, folder: Path, sequence_length: int, batches: int = 4,
                     recipe_args: dict | None = None) -> None:
     """The pruned random model made INT8 as `train --int8` makes the student, less the training:

@@ -95,7 +95,7 @@ class Graph:
             raise ProfileError(f"{onnx_path}: {len(nameless)} nodes have no name ({nameless[:3]}); they cannot be "
                                "told apart in a profile")
         category = {n.name: category_of(n, initializers, patterns) for n in graph.node}
-        _quantization_with_its_linear(graph.node, category)
+        _quantization_with_its_matmul(graph.node, category)
         return cls(category, {out: n.name for n in graph.node for out in n.output},
                    _unique_signatures(graph.node, initializers), initializers)
 
@@ -114,7 +114,7 @@ class Graph:
         return next((self.producer[tensor[:i]] for i in reversed(cuts) if tensor[:i] in self.producer), None)
 
 
-def _quantization_with_its_linear(nodes, category: dict[str, str]) -> None:
+def _quantization_with_its_matmul(nodes, category: dict[str, str]) -> None:
     """An INT8 matmul's input quantization is that matmul's cost (a QuantizeLinear that feeds
     encoder linears only, or attention matmuls only)."""
     consumers: dict[str, list[str]] = {}

@@ -266,10 +266,6 @@ def test_int8_recipe_args_reach_the_int8_stage_beside_the_carried_loss_weights(g
     assert int8_cfg.recipe_args == {"hidden_weight": 2.0, "not_quantized": linears_only}
 
 
-LINEARS_ONLY = {"not_quantized": ["LayerNorm", "Embedding", "BertEmbeddings", "Tanh", "GELUActivation", "Dropout",
-                                  "classifier", "QATMatMul"]}
-
-
 @pytest.mark.parametrize("attention", [True, False], ids=["linears-and-attention", "linears-only"])
 def test_a_random_pruned_model_is_made_int8_without_training(tmp_path, attention):
     """`bench --bert-base`'s INT8 rows: the INT8 recipe's quantization applied to a random pruned
@@ -293,7 +289,7 @@ def test_a_random_pruned_model_is_made_int8_without_training(tmp_path, attention
                 param.mul_(param.abs() > param.abs().flatten().median())
     model.save_pretrained(source)
     bench.quantized_copy(source, tmp_path / "int8", sequence_length=32, batches=2,
-                         recipe_args=None if attention else LINEARS_ONLY)
+                         recipe_args=None if attention else bench.int8_linears_only())
     assert is_quantized(tmp_path / "int8")
     report = export_and_check(tmp_path / "int8", tmp_path / "export", 32, max_logit_difference=1e-2)
     assert report["precision"] == "int8" and report["sparsity_matches_checkpoint"]  # every zero still a zero
