@@ -1,28 +1,29 @@
-"""Is there a licence-clean engine that turns unstructured sparsity into speed on this CPU?
+"""The pruned linears alone: how much faster than a dense GEMM each licence-clean sparse kernel
+multiplies them, one matrix shape at a time, side by side in one run, at 1 thread and all cores.
 
-DeepSparse's licence allows evaluation only, so this measures what else can run the pruned
-encoder linears faster than dense, side by side in one run, at 1 thread and at all cores:
+- ONNX Runtime's dense MatMul (MLAS): what the dense baseline runs; all matrices of a shape in
+  one session, so its call overhead is paid once, as in the whole graph;
+- PyTorch's dense ``linear`` (MKL/oneDNN);
+- PyTorch CSR (``torch.sparse.mm``): the ``pytorch-csr`` engine's kernel;
+- the Numba CSR kernel (``deploy/sparse_kernels.py``): the ``onnxruntime-sparse`` engine's, on
+  feature-major activations as that engine hands them over (its transposes are in the engine's
+  figures, not here), always on one thread, as the engine runs it (the dense kernels take the
+  ``threads`` of the row).
 
-- PyTorch dense ``linear`` (MKL/oneDNN GEMM): the reference;
-- PyTorch CSR (``Tensor.to_sparse_csr`` and ``torch.sparse.mm``): the sparse kernels torch ships;
-- ONNX Runtime is not a candidate: it densifies sparse initializers when it loads a model;
-- OpenVINO's sparse weight decompression (INT8 MatMuls) runs only on CPUs with AMX, by its
-  docs; Apache TVM's block-sparse dense needs a TVM build. Each is reported as found or not
-  (with the CPU's AMX flag), not installed by this script.
+    python benchmarks/sparse_engines.py [runs/mrpc/student] [--sparsity 0.95] [--tokens 128 2048] \\
+        [--seconds 2] [--json out.json]
 
-    python benchmarks/sparse_engines.py runs/mrpc/student [--seconds 2] [--json out.json]
-
-Every pruned matrix of the checkpoint (36 for the default model) is multiplied by one batch of
-``--tokens`` token vectors (batch 1 at sequence 128 is 128 rows), the work of one forward pass
-through the encoder's linears; the figure is the time of all of them, and the ratio is dense
-time over sparse time (above 1: the sparse kernel is faster).
+Without a checkpoint, the default model's encoder linears are pruned by magnitude to
+``--sparsity`` (where the zeros sit, not the weights' values, decides the speed). Each figure is
+the time to multiply every matrix of that shape once by ``--tokens`` token vectors (batch 1 at
+128 tokens is 128), the best of three interleaved rounds; ratios are dense over sparse.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -34,8 +35,6 @@ sparseml_mends.apply()
 
 def time_call(call, seconds: float) -> float:
     """Median seconds per call over about ``seconds``."""
-    import statistics
-
     call()
     times, deadline = [], time.perf_counter() + seconds
     while len(times) < 3 or time.perf_counter() < deadline:
@@ -45,80 +44,124 @@ def time_call(call, seconds: float) -> float:
     return statistics.median(times)
 
 
-def measure(weights: list, tokens: int, threads: int, seconds: float) -> dict:
+def pruned_weights(checkpoint: Path | None, sparsity: float) -> dict:
+    """{name: (out x in) float32 array} of the pruned matrices: the checkpoint's, or the default
+    model's cut to ``sparsity`` by magnitude, each matrix on its own (as GMP cuts them)."""
+    import numpy as np
+
+    from sparsebert.checkpoint import is_pruned, load_weights, pruned_patterns
+    from sparsebert.models import embedded_default
+
+    source = checkpoint or embedded_default()
+    patterns = pruned_patterns(checkpoint) if checkpoint else pruned_patterns()
+    weights = {}
+    for name, array in load_weights(source).items():
+        if is_pruned(name, patterns) and array.ndim == 2:
+            array = np.asarray(array, dtype=np.float32).copy()
+            if checkpoint is None:
+                cut = np.partition(np.abs(array).ravel(), int(sparsity * array.size))[int(sparsity * array.size)]
+                array[np.abs(array) < cut] = 0
+            weights[name] = array
+    return weights
+
+
+def onnxruntime_dense(group: list, threads: int):
+    """One session multiplying one input by every matrix of the group (y = x W^T, as exported)."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_dim, in_dim = group[0].shape
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(len(group))]
+    graph = helper.make_graph(nodes, "linears", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", in_dim])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["t", out_dim])
+                               for i in range(len(group))],
+                              [numpy_helper.from_array(w.T.copy(), f"w{i}") for i, w in enumerate(group)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                        .SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def measure(group: list, tokens: int, threads: int, seconds: float) -> dict:
+    import numpy as np
     import torch
 
+    from sparsebert.deploy.sparse_kernels import CSRMatrix
+
     torch.set_num_threads(threads)
-    inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
-    csr = [w.to_sparse_csr() for w in weights]
-    with torch.inference_mode():  # the same products, or the timing means nothing
-        for w, c, x in zip(weights, csr, inputs):
-            assert torch.allclose(torch.sparse.mm(c, x.t()).t(), torch.nn.functional.linear(x, w), atol=1e-4)
+    x = np.random.default_rng(0).standard_normal((tokens, group[0].shape[1])).astype(np.float32)
+    x_t, x_torch = np.ascontiguousarray(x.T), torch.from_numpy(x)
+    dense_torch = [torch.from_numpy(w) for w in group]
+    csr_torch = [w.to_sparse_csr() for w in dense_torch]
+    csr_numba = [CSRMatrix.from_dense(w) for w in group]
+    session = onnxruntime_dense(group, threads)
+    expected = [x @ w.T for w in group]
+    # The same products, or the timing means nothing.
+    for want, got in zip(expected, session.run(None, {"x": x})):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for want, w in zip(expected, csr_numba):
+        np.testing.assert_allclose(w.matmul_t(x_t).T, want, rtol=1e-4, atol=1e-4)
 
-    def dense():
+    def torch_dense():
         with torch.inference_mode():
-            for w, x in zip(weights, inputs):
-                torch.nn.functional.linear(x, w)
+            for w in dense_torch:
+                torch.nn.functional.linear(x_torch, w)
 
-    def sparse_csr():  # the same layout in and out as linear: x (tokens, in) -> (tokens, out)
+    def torch_csr():
         with torch.inference_mode():
-            for w, x in zip(csr, inputs):
-                torch.sparse.mm(w, x.t()).t().contiguous()
+            for w in csr_torch:
+                torch.sparse.mm(w, x_torch.t()).t().contiguous()
 
-    # Interleaved in rounds, so drift of the machine hits both alike.
-    timings = {"dense": [], "csr": []}
-    for _ in range(3):
-        timings["dense"].append(time_call(dense, seconds / 3))
-        timings["csr"].append(time_call(sparse_csr, seconds / 3))
-    dense_ms, csr_ms = (1000 * min(timings[k]) for k in ("dense", "csr"))
-    return {"threads": threads, "torch_dense_ms": dense_ms, "torch_csr_ms": csr_ms,
-            "csr_speedup_over_dense": dense_ms / csr_ms}
-
-
-def other_engines() -> dict:
-    flags = hardware.cpu_flags()
-    return {
-        "openvino": {"installed": importlib.util.find_spec("openvino") is not None,
-                     "cpu_has_amx": bool({"amx_int8", "amx_bf16"} & flags),
-                     "note": "sparse weight decompression runs INT8 MatMuls on AMX CPUs only (OpenVINO docs)"},
-        "tvm": {"installed": importlib.util.find_spec("tvm") is not None,
-                "note": "block-sparse dense (sparse_dense) needs a TVM build and a tuned schedule"},
-        "onnxruntime": {"note": "densifies sparse initializers at load: the dense baseline, not a candidate"},
-    }
+    calls = {"onnxruntime_dense": lambda: session.run(None, {"x": x}), "torch_dense": torch_dense,
+             "torch_csr": torch_csr, "numba_csr": lambda: [w.matmul_t(x_t) for w in csr_numba]}
+    timings = {name: [] for name in calls}
+    for _ in range(3):  # interleaved rounds: drift of the machine hits every kernel alike
+        for name, call in calls.items():
+            timings[name].append(time_call(call, seconds / 3 / len(calls)))
+    ms = {f"{name}_ms": 1000 * min(values) for name, values in timings.items()}
+    return {"threads": threads, "tokens": tokens, **ms,
+            "numba_vs_onnxruntime_dense": ms["onnxruntime_dense_ms"] / ms["numba_csr_ms"],
+            "numba_vs_torch_dense": ms["torch_dense_ms"] / ms["numba_csr_ms"],
+            "torch_csr_vs_torch_dense": ms["torch_dense_ms"] / ms["torch_csr_ms"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a pruned student folder (written by `sparsebert train`)")
-    parser.add_argument("--tokens", type=int, default=128, help="rows per matrix product (batch x sequence)")
+    parser.add_argument("checkpoint", type=Path, nargs="?", help="a pruned student folder (default: the "
+                                                                 "default model pruned by magnitude)")
+    parser.add_argument("--sparsity", type=float, default=0.95, help="without a checkpoint: the zeros per matrix")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 2048],
+                        help="rows per product (batch x sequence: 128 is batch 1, 2048 batch 16)")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    import torch
-
-    from sparsebert.checkpoint import is_pruned, load_weights, pruned_patterns
-
-    patterns = pruned_patterns(args.checkpoint)
-    weights = [torch.from_numpy(w).float() for n, w in load_weights(args.checkpoint).items() if is_pruned(n, patterns)]
+    weights = pruned_weights(args.checkpoint, args.sparsity)
     if not weights:
         raise SystemExit(f"{args.checkpoint}: no pruned matrix found")
-    sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    groups = {}
+    for array in weights.values():
+        groups.setdefault(array.shape, []).append(array)
+    sparsity = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.size for w in weights.values())
     machine = hardware.describe()
-    report = {"checkpoint": str(args.checkpoint), "matrices": len(weights), "sparsity": sparsity,
-              "tokens": args.tokens, "machine": machine,
-              "runs": [measure(weights, args.tokens, t, args.seconds)
-                       for t in dict.fromkeys([1, hardware.physical_cores()])],
-              "other_engines": other_engines()}
-    print(f"{machine['cpu']} ({machine['cpus']} CPUs; {', '.join(machine['cpu_features'])}); "
-          f"{len(weights)} matrices at {sparsity:.1%} sparsity, {args.tokens} rows each")
-    for run in report["runs"]:
-        print(f"  {run['threads']} thread(s): torch dense {run['torch_dense_ms']:.2f} ms, torch CSR "
-              f"{run['torch_csr_ms']:.2f} ms -> CSR is {run['csr_speedup_over_dense']:.2f}x dense")
-    for name, info in report["other_engines"].items():
-        print(f"  {name}: {info}")
+    print(f"{machine['cpu']} ({machine['cpus']} CPUs; {', '.join(machine['cpu_features']) or 'no AVX512'}); "
+          f"{len(weights)} matrices at {sparsity:.1%} sparsity ({args.checkpoint or 'default model, by magnitude'})")
+    print("| out x in | matrices | tokens | threads | ORT dense ms | torch dense ms | torch CSR ms | Numba CSR ms (1 thread) "
+          "| Numba / ORT dense | Numba / torch dense | torch CSR / torch dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for threads in dict.fromkeys([1, hardware.physical_cores()]):
+        for tokens in args.tokens:
+            for shape, group in groups.items():
+                row = {"shape": list(shape), "matrices": len(group), **measure(group, tokens, threads, args.seconds)}
+                rows.append(row)
+                print(f"| {shape[0]} x {shape[1]} | {len(group)} | {tokens} | {threads} | {row['onnxruntime_dense_ms']:.2f} "
+                      f"| {row['torch_dense_ms']:.2f} | {row['torch_csr_ms']:.2f} | {row['numba_csr_ms']:.2f} "
+                      f"| {row['numba_vs_onnxruntime_dense']:.2f}x | {row['numba_vs_torch_dense']:.2f}x "
+                      f"| {row['torch_csr_vs_torch_dense']:.2f}x |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                                         "sparsity": sparsity, "machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The ways to run a deployment, in one table (``TABLE``): PyTorch (the checkpoint), ONNX Runtime
-and DeepSparse (the ONNX file), and PyTorch with the pruned linears as CSR matrices
-(``pytorch-csr``: the licence-clean sparse engine; DeepSparse's licence is for evaluation only).
+and DeepSparse (the ONNX file), ONNX Runtime with the pruned MatMuls on a CSR kernel
+(``onnxruntime-sparse``: the licence-clean sparse engine; DeepSparse's licence is for evaluation
+only), and PyTorch with the pruned linears as CSR matrices (``pytorch-csr``).
 Each takes the same fixed-shape int64 inputs, named as the ONNX graph names them
 (``input_names``), and returns raw logits, so parity and latency compare like with like.
 
@@ -49,6 +50,10 @@ class Engine:
     # The dense runs the benchmark divides this engine's sparse figures by (its ratio columns);
     # None: the dense baseline for an engine that exploits sparsity, nothing otherwise.
     vs_dense: tuple[str, ...] | None = None
+    # For an engine_type DeepSparse's pipelines do not know: (onnx_path, cores) -> the engine
+    # the pipeline calls (a list of inputs in the graph's order in, its outputs out). Only
+    # `sparsebert serve` builds it; the stock deepsparse.server refuses the engine_type.
+    pipeline_engine: Callable | None = None
 
     @property
     def ratios_over(self) -> tuple[str, ...]:
@@ -71,6 +76,15 @@ def pipeline_engine_type(name: str) -> str:
     if serves_as is None:
         raise ValueError(f"engine {name!r} is not served (served: {', '.join(served_engines())})")
     return serves_as
+
+
+def pipeline_engine_builder(engine_type: str) -> Callable | None:
+    """How to build the engine a DeepSparse pipeline of ``engine_type`` calls, where the project
+    builds it (None: DeepSparse builds its own)."""
+    for engine in TABLE.values():
+        if engine.serves_as == engine_type:
+            return engine.pipeline_engine
+    return None
 
 
 def engines_for(int8: bool, sparse: bool = True, timed: bool = False, among: Iterable[str] | None = None) -> list[str]:
@@ -239,6 +253,13 @@ class DeepSparseBackend:
         del self._engine
 
 
+def _onnxruntime_sparse():
+    """The sparse engine's module, imported when used: it compiles its kernel with Numba."""
+    from sparsebert.deploy import onnxruntime_sparse
+
+    return onnxruntime_sparse
+
+
 # ---------------------------------------------------------------- the table
 
 TABLE: dict[str, Engine] = {e.name: e for e in (
@@ -250,6 +271,10 @@ TABLE: dict[str, Engine] = {e.name: e for e in (
     Engine("deepsparse", "the ONNX file on DeepSparse (sparse kernels; licence for evaluation only)",
            DeepSparseBackend, int8=NATIVE, exploits_sparsity=True, needs_sparse_model=False, serves_as="deepsparse",
            label="DS", vs_dense=("onnxruntime", "deepsparse", "pytorch")),
+    Engine("onnxruntime-sparse", "the ONNX file on ONNX Runtime, its pruned MatMuls on a Numba CSR kernel "
+           "(licence-clean sparse)", lambda *args: _onnxruntime_sparse().OnnxRuntimeSparseBackend(*args), int8=None, exploits_sparsity=True,
+           needs_sparse_model=True, serves_as="onnxruntime-sparse", label="ORT-sparse",
+           pipeline_engine=lambda *args: _onnxruntime_sparse().PipelineEngine(*args)),
     Engine("pytorch-csr", "PyTorch with the pruned linears as CSR matrices (licence-clean sparse)", TorchCSRBackend,
            int8=None, exploits_sparsity=True, needs_sparse_model=True, serves_as=None, label="PyTorch-CSR"),
 )}

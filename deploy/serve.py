@@ -47,7 +47,7 @@ from sparsebert import offline, sparseml_mends
 from sparsebert.inference import char_limit, cut_text, label_names
 from sparsebert.deploy import errors
 from sparsebert.deploy.batcher import Batcher
-from sparsebert.deploy.engines import pipeline_engine_type, served_engines
+from sparsebert.deploy.engines import pipeline_engine_builder, pipeline_engine_type, served_engines
 from sparsebert.deploy.errors import (DeadlineExceeded, InvalidInput, ModelNotReady, PayloadTooLarge,
                                       UnprocessableInput, UnsupportedMediaType)
 from sparsebert.errors import UserError
@@ -205,8 +205,11 @@ def server_config(model_copy: Path, settings: ServeSettings) -> dict:
 def write_server_config(workdir: Path, model_copy: Path, settings: ServeSettings) -> Path:
     path = workdir / "server.yaml"
     command = f"deepsparse.server --config_file {path} --host {settings.host} --port {settings.port}"
+    stock = (f"# Stock server (HTTP 500 on bad input):\n#   {command}\n"
+             if pipeline_engine_builder(pipeline_engine_type(settings.engine)) is None else
+             f"# The stock deepsparse.server cannot run {settings.engine} (the project's own engine).\n")
     header = (f"# deepsparse.server config for {settings.name} ({settings.engine}), written by "
-              f"sparsebert.deploy.serve.\n# Stock server (HTTP 500 on bad input):\n#   {command}\n"
+              f"sparsebert.deploy.serve.\n{stock}"
               f"# Validating server (HTTP 4xx on bad input), same routes:\n"
               f"#   python -m sparsebert.deploy.serve --config {path} --port {settings.port}\n")
     path.write_text(header + yaml.safe_dump(server_config(model_copy, settings), sort_keys=False))
@@ -386,7 +389,16 @@ def load_pipeline(config_path: Path):
         raise DeploymentError(f"{config_path} must have exactly one endpoint")
     pipeline_config = config.endpoints[0].to_pipeline_config()
     pipeline_config.num_cores = config.num_cores  # what deepsparse.server sets from its context
-    return Pipeline.from_config(pipeline_config)
+    build = pipeline_engine_builder(pipeline_config.engine_type)
+    if build is None:
+        return Pipeline.from_config(pipeline_config)
+    # An engine of the project's own: DeepSparse builds the pipeline (tokenizer, buckets, labels)
+    # without an engine, and each bucket gets ours.
+    pipeline_config.kwargs = {**(pipeline_config.kwargs or {}), "_delay_engine_initialize": True}
+    pipeline = Pipeline.from_config(pipeline_config)
+    for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
+        bucket.engine = build(Path(bucket.onnx_file_path), config.num_cores)
+    return pipeline
 
 
 def truncation_length(endpoint: dict) -> int:

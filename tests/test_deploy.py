@@ -40,10 +40,11 @@ def test_parity_report_across_engines(exported_run):
     assert main(["parity", str(exported_run)]) == 0
     report = json.loads((exported_run / "parity-student.json").read_text())
     (split,) = report["splits"].values()
-    assert set(split["metrics"]) == {"pytorch", "onnxruntime", "deepsparse", "pytorch-csr"}
+    assert set(split["metrics"]) == {"pytorch", "onnxruntime", "deepsparse", "onnxruntime-sparse", "pytorch-csr"}
     assert split["examples"] == 48
     for engine in ("onnxruntime", "deepsparse", "pytorch-csr"):
         assert split["against_pytorch"][engine]["max_logit_difference"] < 1e-3
+    assert split["against_pytorch"]["onnxruntime-sparse"]["max_logit_difference"] < 1e-4  # issue #20's bar
     assert report["passed"] and report["sequence_length"] == 128
 
 
@@ -132,8 +133,9 @@ def test_bench_measures_and_plots(exported_run):
     assert main(["bench", str(exported_run), "--batch-sizes", "1", "--seconds", "0.2", "--threads", "1",
                  "--real-text", "12", "--buckets", "32", "128"]) == 0
     report = json.loads((exported_run / "bench" / "bench.json").read_text())
-    assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse", "pytorch-csr"}
-    assert {r["variant"] for r in report["rows"] if r["engine"] == "pytorch-csr"} == {"sparse 90%"}
+    assert {r["engine"] for r in report["rows"]} == {"pytorch", "onnxruntime", "deepsparse", "onnxruntime-sparse",
+                                                     "pytorch-csr"}
+    assert {r["variant"] for r in report["rows"] if r["engine"] in ("onnxruntime-sparse", "pytorch-csr")} == {"sparse 90%"}
     assert {r["threads"] for r in report["rows"]} == {1}  # 1 and all: tests/test_engines.py
     assert all(r["items_per_second"] > 0 and r["iterations"] >= 3 for r in report["rows"])
     assert "sparse_deepsparse_vs_dense_onnxruntime" in report["ratios"][0]
@@ -141,7 +143,7 @@ def test_bench_measures_and_plots(exported_run):
     assert real["examples"] == 12 and real["buckets"] == [32, 128]
     assert {r["threads"] for r in real["rows"]} == {1}  # --threads reaches the real-text pass
     assert {(r["input"], r["engine"]) for r in real["rows"]} == {
-        (i, e) for i in ("padded", "bucketed") for e in ("onnxruntime", "deepsparse")}
+        (i, e) for i in ("padded", "bucketed") for e in ("onnxruntime", "deepsparse", "onnxruntime-sparse")}
     assert (exported_run / "bench" / "bench.png").stat().st_size > 10_000
     text = (exported_run / "bench" / "bench.md").read_text()
     assert "| sparse DS / dense ORT |" in text and "Real text: 12 dev examples" in text

@@ -44,7 +44,7 @@ def fake(monkeypatch):
 def test_an_engine_added_to_the_table_reaches_the_cli_bench_and_parity(deployed, fake):
     task, checkpoint, deployment, examples = deployed
     parser = build_parser()
-    names = ["pytorch", "onnxruntime", "deepsparse", "pytorch-csr", "fake"]
+    names = ["pytorch", "onnxruntime", "deepsparse", "onnxruntime-sparse", "pytorch-csr", "fake"]
     assert parser.parse_args(["bench", "run"]).engines == names
     assert parser.parse_args(["serve", "run", "--engine", "fake"]).engine == "fake"
     assert ServeSettings(engine="fake").engine == "fake" and "fake" in engines.served_engines()  # real-text default
@@ -58,8 +58,8 @@ def test_an_engine_added_to_the_table_reaches_the_cli_bench_and_parity(deployed,
     assert ratios["sparse_fake_vs_dense_onnxruntime"] > 0  # a sparse engine is held to the dense baseline
     assert ratios["sparse_deepsparse_vs_dense_onnxruntime"] > 0  # the existing keys are unchanged
     text = bench.markdown(report)
-    assert "| pytorch | onnxruntime | deepsparse | pytorch-csr | fake |" in text
-    assert "| sparse PyTorch-CSR / dense ORT | sparse Fake / dense ORT |" in text
+    assert "| pytorch | onnxruntime | deepsparse | onnxruntime-sparse | pytorch-csr | fake |" in text
+    assert "| sparse ORT-sparse / dense ORT | sparse PyTorch-CSR / dense ORT | sparse Fake / dense ORT |" in text
 
     limits = thresholds.load()["parity"]
     report = parity.parity(task, checkpoint, deployment, {"dev": examples}, limits, batch_size=4,
@@ -126,7 +126,8 @@ def test_capabilities_come_from_the_table(fake):
 def test_ratio_columns_keep_the_keys_the_speed_floors_name():
     suffixes = [suffix for _, _, suffix, _ in engines.ratio_columns()]
     assert set(suffixes) == {"vs_dense_onnxruntime", "deepsparse_vs_dense_onnxruntime", "vs_dense_deepsparse",
-                             "deepsparse_vs_dense_pytorch", "pytorch_csr_vs_dense_onnxruntime"}
+                             "deepsparse_vs_dense_pytorch", "onnxruntime_sparse_vs_dense_onnxruntime",
+                             "pytorch_csr_vs_dense_onnxruntime"}
     floors = [k.removeprefix("min_") for k in thresholds.load()["speed"] if k.startswith("min_")]
     assert floors and all(f.removeprefix("sparse_int8_").removeprefix("sparse_") in suffixes for f in floors)
 

@@ -12,6 +12,7 @@ from tiny import tiny_task_checkpoint
 from sparsebert import glue
 from sparsebert.cli import main
 from sparsebert.deploy import thresholds
+from sparsebert.deploy.engines import served_engines
 from sparsebert.deploy.export import export_and_check
 from sparsebert.deploy.parity import compare_answers, probability_margins, served_parity
 from sparsebert.runfolder import RunFolder
@@ -24,7 +25,8 @@ LENGTH = 32  # below many dev rows (SST-2 included), so the server must truncate
 def exported(request, glue_dir, tmp_path_factory):
     task = glue.get_task(request.param)
     folder = tmp_path_factory.mktemp(f"served-{task.name}")
-    checkpoint = tiny_task_checkpoint(task, folder / "checkpoint")
+    # Pruned as a student is, so the sparse engines run their sparse kernels.
+    checkpoint = tiny_task_checkpoint(task, folder / "checkpoint", sparsity=0.9)
     export_and_check(checkpoint, folder / "export", LENGTH, task=task)
     _, splits = glue.load_task(task.name, str(glue_dir))
     # The longest dev rows first: they are the ones truncated at the exported length.
@@ -33,10 +35,11 @@ def exported(request, glue_dir, tmp_path_factory):
     return task, checkpoint, folder / "export" / "deployment", examples
 
 
-def test_served_answers_equal_pytorch_on_both_engines(exported):
+def test_served_answers_equal_pytorch_on_every_served_engine(exported):
     task, checkpoint, deployment, examples = exported
     report = served_parity(task, checkpoint, deployment, {"dev": examples}, thresholds.load()["parity"], LENGTH)
-    for engine in ("deepsparse", "onnxruntime"):
+    assert set(report["splits"]["dev"]) == set(served_engines()) >= {"deepsparse", "onnxruntime", "onnxruntime-sparse"}
+    for engine in served_engines():
         result = report["splits"]["dev"][engine]
         assert result["answers"] == len(examples), result
         assert result["label_mismatches"] == 0 and result["ties_flipped"] == 0, result
@@ -72,18 +75,19 @@ def test_comparison_catches_a_sigmoid_and_a_flipped_label():
 
 
 def test_parity_served_command_writes_a_report_the_gates_read(exported_run):
-    """`sparsebert parity --served` on the tiny RTE run: both engines, every dev row."""
+    """`sparsebert parity --served` on the tiny RTE run: every served engine, every dev row."""
     from sparsebert.deploy import gates
 
     assert main(["parity", str(exported_run), "--served"]) == 0
     path = exported_run / "parity-served-student.json"
     measured = path.read_text()
     report = json.loads(measured)
-    assert set(report["splits"]["dev"]) == {"deepsparse", "onnxruntime"}
+    assert set(report["splits"]["dev"]) == {"deepsparse", "onnxruntime", "onnxruntime-sparse"}
     assert all(r["answers"] == 48 for r in report["splits"]["dev"].values())
     limits = thresholds.load()["parity"]
     served = {g.name: g.passed for g in gates.served_parity_gates(RunFolder(exported_run), "student", limits)}
-    assert served == {"served answers student deepsparse (dev)": True, "served answers student onnxruntime (dev)": True}
+    assert served == {f"served answers student {e} (dev)": True
+                      for e in ("deepsparse", "onnxruntime", "onnxruntime-sparse")}
     report["splits"]["dev"]["onnxruntime"]["max_score_difference"] = 0.01
     path.write_text(json.dumps(report))
     try:

@@ -28,10 +28,12 @@ def dataset(examples=64, length=12, seed=0):
                                        "labels": labels.tolist()})
 
 
-def tiny_task_checkpoint(task, folder, seed=0, model_type="bert"):
+def tiny_task_checkpoint(task, folder, seed=0, model_type="bert", sparsity=0.0):
     """A small random classifier (or regressor) for a GLUE task, saved with the default model's
     uncased tokenizer and the label order training gives it. Its head is scaled up so that
-    answers are confident (labels are no ties) and a regression's values spread over 0-5."""
+    answers are confident (labels are no ties) and a regression's values spread over 0-5.
+    ``sparsity``: each linear of the encoder's layers keeps that share of zeros, the smallest
+    weights cut, as a pruned student's."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
     from sparsebert.models import embedded_default
@@ -55,6 +57,11 @@ def tiny_task_checkpoint(task, folder, seed=0, model_type="bert"):
         head = model.classifier
         head.weight.normal_(0, 3.0)
         head.bias.fill_(2.5 if task.is_regression else 0.0)
+        for name, module in model.named_modules():
+            if sparsity and isinstance(module, torch.nn.Linear) and "layer." in name:
+                weight = module.weight
+                cut = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
+                weight.mul_(weight.abs() > cut)
     model.save_pretrained(folder)
     source = str(embedded_default())
     tokenizer = (AutoTokenizer.from_pretrained(source) if tokenizer_class is None
