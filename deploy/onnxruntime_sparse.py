@@ -34,9 +34,10 @@ MIN_SPARSITY = 0.5
 class PrunedMatMul:
     node_name: str
     x: str  # the activations it reads (..., in)
-    y: str  # what the graph calls its output (..., out)
+    y: str  # what the graph calls its output (..., out): the MatMul's, or its bias Add's
     weight: CSRMatrix  # the MatMul's (in x out) initializer, transposed: out x in
     stage: int  # runs after segment `stage`
+    bias: np.ndarray | None = None  # the Add after it, when the kernel does it (then y is the Add's)
 
     @property
     def x_t(self) -> str:  # x flattened to (tokens, in) and transposed: the kernel's input
@@ -76,11 +77,39 @@ def pruned_matmuls(model, min_sparsity: float = MIN_SPARSITY) -> dict[str, CSRMa
     return found
 
 
+def bias_adds(model, pruned: dict[str, CSRMatrix]) -> dict[str, tuple[str, np.ndarray]]:
+    """{pruned MatMul name: (output of its bias Add, the bias)} where the MatMul's output goes to
+    one Add of a 1-D initializer as wide as it, and nowhere else: the kernel adds the bias (one
+    ONNX Runtime op fewer per linear, each costing more than adding it in the kernel)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    readers, outputs = {}, {o.name for o in graph.output}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    folds = {}
+    for node in graph.node:
+        if node.name not in pruned or node.output[0] in outputs or len(readers.get(node.output[0], [])) != 1:
+            continue
+        (add,) = readers[node.output[0]]
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        if add.op_type != "Add" or other not in initializers:
+            continue
+        bias = numpy_helper.to_array(initializers[other])
+        if bias.dtype == np.float32 and bias.shape == (pruned[node.name].shape[0],):
+            folds[node.name] = (add.output[0], bias)
+    return folds
+
+
 def split(model, min_sparsity: float = MIN_SPARSITY) -> tuple[list[Segment], list[PrunedMatMul]]:
     """The graph's dense segments (without sessions) and its pruned MatMuls, by level."""
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     weights = pruned_matmuls(model, min_sparsity)
+    folds = bias_adds(model, weights)
+    folded = {add_output for add_output, _ in folds.values()}
     level = {i.name: 0 for i in graph.input}
     node_level, pruned = [], []
     for node in graph.node:
@@ -91,8 +120,11 @@ def split(model, min_sparsity: float = MIN_SPARSITY) -> tuple[list[Segment], lis
         if node.name in weights:
             # Its input may be a graph input or another pruned MatMul's output: either is a value
             # of segment `at` (a pruned output is turned back at the start of the next segment).
-            pruned.append(PrunedMatMul(node.name, node.input[0], node.output[0], weights[node.name], stage=at))
-            level[node.output[0]] = at + 1
+            y, bias = folds.get(node.name, (node.output[0], None))
+            pruned.append(PrunedMatMul(node.name, node.input[0], y, weights[node.name], stage=at, bias=bias))
+            level[node.output[0]] = level[y] = at + 1
+            continue
+        if node.output[0] in folded:  # a bias Add the kernel does
             continue
         node_level.append((node, at))
         for name in node.output:
@@ -181,14 +213,17 @@ def _value_types(model, pruned: list[PrunedMatMul]) -> dict:
 
 
 class SparseGraph:
-    """The ONNX model at ``path`` as dense ONNX Runtime segments (on ``threads`` threads; None:
-    all cores) and pruned MatMuls on the kernel (on the calling thread)."""
+    """The ONNX model at ``path`` as dense ONNX Runtime segments and pruned MatMuls on the
+    kernel, each on ``threads`` threads (None: all cores)."""
 
     def __init__(self, path: Path, threads: int | None = None, min_sparsity: float = MIN_SPARSITY):
         import onnx
         import onnxruntime
 
+        from sparsebert.hardware import physical_cores
+
         model = onnx.load(str(path))
+        self.kernel_threads = threads or physical_cores()
         self.segments, self.pruned = split(model, min_sparsity)
         extra = _glue_nodes(self.segments, self.pruned)
         initializers = {init.name: init for init in model.graph.initializer}
@@ -200,8 +235,7 @@ class SparseGraph:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # ONNX Runtime's threads spin after each run, waiting for the next: here the kernel runs
-        # next, on the calling thread, and they took its core (batch 1 on both of 2 cores: 4.8
-        # items/s spinning, 63 not).
+        # next, and they took its cores (batch 1 on both of 2 cores: 4.8 items/s spinning, 63 not).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for segment in self.segments:
             proto = _segment_model(model, segment, types, initializers, extra)
@@ -218,7 +252,7 @@ class SparseGraph:
                 outputs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
                 values.update(zip(segment.outputs, outputs))
             for op in self.by_stage.get(index, ()):
-                values[op.y_t] = op.weight.matmul_t(values[op.x_t])
+                values[op.y_t] = op.weight.matmul_t(values[op.x_t], self.kernel_threads, op.bias)
         return [values[name] for name in self.output_names]
 
 

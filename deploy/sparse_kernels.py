@@ -45,29 +45,62 @@ class CSRMatrix:
     def sparsity(self) -> float:
         return 1.0 - len(self.data) / (self.shape[0] * self.shape[1])
 
-    def matmul_t(self, x_t: np.ndarray) -> np.ndarray:
-        """``W @ x_t`` for feature-major ``x_t`` (in x tokens), as a new (out x tokens) array."""
+    def matmul_t(self, x_t: np.ndarray, threads: int = 1, bias: np.ndarray | None = None) -> np.ndarray:
+        """``W @ x_t (+ bias)`` for feature-major ``x_t`` (in x tokens), as a new (out x tokens)
+        array, its rows split over up to ``threads`` threads when the product is large enough to
+        pay for it."""
         x_t = np.ascontiguousarray(x_t, dtype=np.float32)
         if x_t.ndim != 2 or x_t.shape[0] != self.shape[1]:
             raise ValueError(f"expected ({self.shape[1]}, tokens) activations, got {x_t.shape}")
         out = np.empty((self.shape[0], x_t.shape[1]), dtype=np.float32)
-        _csr_times_dense(self.indptr, self.indices, self.data, x_t, out)
+        bias = np.zeros(self.shape[0], np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
+        parts = self.row_split(threads if len(self.data) * x_t.shape[1] >= PARALLEL_MIN_WORK else 1)
+        helpers = [_pool().submit(_csr_times_dense, self.indptr, self.indices, self.data, bias, x_t, out, first, last)
+                   for first, last in parts[1:]]
+        _csr_times_dense(self.indptr, self.indices, self.data, bias, x_t, out, *parts[0])
+        for helper in helpers:
+            helper.result()
         return out
 
+    def row_split(self, parts: int) -> list[tuple[int, int]]:
+        """Up to ``parts`` contiguous row ranges holding about as many non-zeros each."""
+        targets = np.arange(1, parts) * len(self.data) / parts
+        bounds = [0, *np.searchsorted(self.indptr, targets).tolist(), self.shape[0]]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, self.shape[0])]
 
-# One thread: a parallel kernel lost everywhere it was tried (2-core AMD EPYC, 95% default model,
-# ONNX Runtime on both cores between the kernels): Numba's OpenMP threads spin after each call
-# and take the cores from ONNX Runtime's (1.9 items/s at batch 1), and its sleeping workqueue
-# threads cost more to wake than the batch-1 kernels take (42 items/s against 63 with the kernel
-# on one thread; at batch 16, 81 against 86).
+
+# Threads: the kernel releases the GIL, and row ranges go to plain Python threads that sleep
+# between calls. Numba's own parallel loops lost everywhere they were tried (2-core AMD EPYC, 95%
+# default model, ONNX Runtime on both cores between the kernels): its OpenMP threads spin after
+# each call and took the cores from ONNX Runtime's (1.9 items/s at batch 1), and its workqueue
+# cost more to wake than the batch-1 kernels take (42 items/s against 63 on one thread).
+# Below this many multiply-adds a product stays on the calling thread: handing a range over costs
+# tens of microseconds (at 128 tokens the intermediate and output linears split, the 384 x 384
+# ones do not).
+PARALLEL_MIN_WORK = 2_000_000
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from sparsebert.hardware import physical_cores
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, physical_cores() - 1), thread_name_prefix="sparse-kernel")
+    return _POOL
+
+
 # fastmath lets the compiler reorder each output's sum (within float32 rounding of the dense
 # result: parity is checked at 1e-4 a logit). cache: compiled once, kept on disk by Numba.
-@numba.njit(fastmath=True, cache=True)
-def _csr_times_dense(indptr, indices, data, x_t, out):
-    """out = W @ x_t, W as CSR: each non-zero adds a scaled row of x_t to its output row."""
-    for n in range(out.shape[0]):
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _csr_times_dense(indptr, indices, data, bias, x_t, out, first, last):
+    """Rows first..last-1 of out = W @ x_t + bias, W as CSR: each non-zero adds a scaled row of
+    x_t to its output row."""
+    for n in range(first, last):
         acc = out[n]
-        acc[:] = 0.0
+        acc[:] = bias[n]
         p, end = indptr[n], indptr[n + 1]
         while p + GROUP <= end:
             k0, k1, k2, k3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]

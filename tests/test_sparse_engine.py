@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsebert.deploy.onnxruntime_sparse import SparseGraph, split
+from sparsebert.deploy import sparse_kernels
 from sparsebert.deploy.sparse_kernels import CSRMatrix
 
 
@@ -21,7 +22,7 @@ def sparse_matrix(rng, rows, cols, sparsity):
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 128])
-def test_the_kernel_equals_the_dense_product_and_stores_no_zero(tokens):
+def test_the_kernel_equals_the_dense_product_and_stores_no_zero(tokens, monkeypatch):
     rng = np.random.default_rng(tokens)
     weight = sparse_matrix(rng, 96, 80, 0.9)
     weight[3] = 0  # a row with nothing to add
@@ -31,8 +32,24 @@ def test_the_kernel_equals_the_dense_product_and_stores_no_zero(tokens):
     assert csr.sparsity == pytest.approx(1 - np.count_nonzero(weight) / weight.size)
     x_t = rng.standard_normal((80, tokens)).astype(np.float32)
     np.testing.assert_allclose(csr.matmul_t(x_t), weight @ x_t, rtol=1e-5, atol=1e-5)
+    bias = rng.standard_normal(96).astype(np.float32)
+    np.testing.assert_allclose(csr.matmul_t(x_t, bias=bias), weight @ x_t + bias[:, None], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(sparse_kernels, "PARALLEL_MIN_WORK", 0)  # split however small
+    for threads in (2, 3):
+        np.testing.assert_allclose(csr.matmul_t(x_t, threads), weight @ x_t, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"expected \(80, tokens\)"):
         csr.matmul_t(x_t.T)
+
+
+def test_rows_are_split_whole_and_by_their_non_zeros():
+    weight = np.zeros((10, 4), dtype=np.float32)
+    weight[0] = 1  # 4 non-zeros in the first row, one in each of the rest
+    weight[1:, 0] = 1
+    csr = CSRMatrix.from_dense(weight)
+    assert csr.row_split(1) == [(0, 10)]
+    assert csr.row_split(2) == [(0, 4), (4, 10)]  # 7 and 6 non-zeros, not 5 rows each
+    parts = csr.row_split(4)
+    assert parts[0][0] == 0 and parts[-1][1] == 10 and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
 
 
 def chain_model(rng, sparsity=0.9):
@@ -58,7 +75,9 @@ def test_the_graph_is_cut_at_each_pruned_matmul_and_answers_as_the_whole_graph(t
     model = chain_model(rng)
     segments, pruned = split(model)
     assert [(op.node_name, op.stage) for op in pruned] == [("m1", 0), ("m2", 1), ("m4", 2)]  # m3 is dense
-    assert [[n.name for n in s.nodes] for s in segments] == [[], [], ["add", "relu", "m3"], []]
+    # m2's bias Add is done by the kernel (m2's output goes nowhere else); m1 and m4 have none
+    assert [(op.y, op.bias is not None) for op in pruned] == [("h1", False), ("h3", True), ("y", False)]
+    assert [[n.name for n in s.nodes] for s in segments] == [[], [], ["relu", "m3"], []]
     path = tmp_path / "chain.onnx"
     onnx.save(model, str(path))
     whole = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
