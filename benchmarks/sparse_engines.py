@@ -7,8 +7,8 @@ multiplies them, one matrix shape at a time, side by side in one run, at 1 threa
 - PyTorch CSR (``torch.sparse.mm``): the ``pytorch-csr`` engine's kernel;
 - the Numba CSR kernel (``deploy/sparse_kernels.py``): the ``onnxruntime-sparse`` engine's, on
   feature-major activations as that engine hands them over (its transposes are in the engine's
-  figures, not here), always on one thread, as the engine runs it (the dense kernels take the
-  ``threads`` of the row).
+  figures, not here), its rows split over the row's ``threads`` where the product is large
+  enough, as the engine runs it.
 
     python benchmarks/sparse_engines.py [runs/mrpc/student] [--sparsity 0.95] [--tokens 128 2048] \\
         [--seconds 2] [--json out.json]
@@ -113,7 +113,7 @@ def measure(group: list, tokens: int, threads: int, seconds: float) -> dict:
                 torch.sparse.mm(w, x_torch.t()).t().contiguous()
 
     calls = {"onnxruntime_dense": lambda: session.run(None, {"x": x}), "torch_dense": torch_dense,
-             "torch_csr": torch_csr, "numba_csr": lambda: [w.matmul_t(x_t) for w in csr_numba]}
+             "torch_csr": torch_csr, "numba_csr": lambda: [w.matmul_t(x_t, threads) for w in csr_numba]}
     timings = {name: [] for name in calls}
     for _ in range(3):  # interleaved rounds: drift of the machine hits every kernel alike
         for name, call in calls.items():
@@ -146,7 +146,7 @@ def main() -> None:
     machine = hardware.describe()
     print(f"{machine['cpu']} ({machine['cpus']} CPUs; {', '.join(machine['cpu_features']) or 'no AVX512'}); "
           f"{len(weights)} matrices at {sparsity:.1%} sparsity ({args.checkpoint or 'default model, by magnitude'})")
-    print("| out x in | matrices | tokens | threads | ORT dense ms | torch dense ms | torch CSR ms | Numba CSR ms (1 thread) "
+    print("| out x in | matrices | tokens | threads | ORT dense ms | torch dense ms | torch CSR ms | Numba CSR ms "
           "| Numba / ORT dense | Numba / torch dense | torch CSR / torch dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []

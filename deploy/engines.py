@@ -66,8 +66,9 @@ def engine_names() -> tuple[str, ...]:
     return tuple(TABLE)
 
 
-def served_engines() -> tuple[str, ...]:
-    return tuple(name for name, engine in TABLE.items() if engine.serves_as)
+def served_engines(int8: bool = False) -> tuple[str, ...]:
+    """The engines that serve (``int8``: an INT8 graph, on integer kernels)."""
+    return tuple(name for name, engine in TABLE.items() if engine.serves_as and (not int8 or engine.int8 == NATIVE))
 
 
 def pipeline_engine_type(name: str) -> str:

@@ -142,7 +142,7 @@ def served_parity_gates(run: RunFolder, which: str, limits: dict, required: bool
         return []
     gates = _unmeasured_splits(run, report, f"served answers {which}")
     for split, engines in report["splits"].items():
-        for engine in served_engines():
+        for engine in served_engines(int8=which == INT8):
             r = engines.get(engine)
             if r is None:
                 gates.append(Gate(f"served answers {which} {engine} ({split})", False, "not measured"))

@@ -94,8 +94,10 @@ def bias_adds(model, pruned: dict[str, CSRMatrix]) -> dict[str, tuple[str, np.nd
         if node.name not in pruned or node.output[0] in outputs or len(readers.get(node.output[0], [])) != 1:
             continue
         (add,) = readers[node.output[0]]
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        if add.op_type != "Add" or other not in initializers:
+        if other not in initializers:
             continue
         bias = numpy_helper.to_array(initializers[other])
         if bias.dtype == np.float32 and bias.shape == (pruned[node.name].shape[0],):

@@ -158,7 +158,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
 
     shared = expected_for("pytorch") if reference == "pytorch" else None
     results = {}
-    for engine in (engines if engines is not None else served_engines()):
+    for engine in (engines if engines is not None else served_engines(int8=checkpoint.is_quantized(model_dir))):
         with tempfile.TemporaryDirectory(prefix="sparsebert-served-") as workdir, \
                 local_server(deployment, engine, Path(workdir)) as client:
             expected = shared or expected_for(engine)

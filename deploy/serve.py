@@ -396,8 +396,10 @@ def load_pipeline(config_path: Path):
     # without an engine, and each bucket gets ours.
     pipeline_config.kwargs = {**(pipeline_config.kwargs or {}), "_delay_engine_initialize": True}
     pipeline = Pipeline.from_config(pipeline_config)
+    built = {}  # the buckets share one file (our engine takes any length): one engine for all
     for bucket in getattr(pipeline, "_pipelines", None) or [pipeline]:
-        bucket.engine = build(Path(bucket.onnx_file_path), config.num_cores)
+        path = Path(bucket.onnx_file_path)
+        bucket.engine = built[path] = built.get(path) or build(path, config.num_cores)
     return pipeline
 
 

@@ -12,6 +12,8 @@ default model's intermediate linear at 95%) fall short, which is why this kernel
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -79,17 +81,29 @@ class CSRMatrix:
 # ones do not).
 PARALLEL_MIN_WORK = 2_000_000
 _POOL = None
+_POOL_LOCK = threading.Lock()
 
 
 def _pool():
     global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        from sparsebert.hardware import physical_cores
+            from sparsebert.hardware import physical_cores
 
-        _POOL = ThreadPoolExecutor(max_workers=max(1, physical_cores() - 1), thread_name_prefix="sparse-kernel")
-    return _POOL
+            _POOL = ThreadPoolExecutor(max_workers=max(1, physical_cores() - 1), thread_name_prefix="sparse-kernel")
+        return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, and a pool that thinks
+    they do never runs what it is given."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 # fastmath lets the compiler reorder each output's sum (within float32 rounding of the dense

@@ -561,8 +561,12 @@ def cmd_serve(args) -> int:
 
 
 def served_checkpoint(run: RunFolder, engine: str) -> tuple[str, str]:
-    """What ``serve`` serves by default on this CPU, and why."""
+    """What ``serve`` serves by default on ``engine`` on this CPU, and why."""
     from sparsebert import hardware
+    from sparsebert.deploy.engines import NATIVE, TABLE
+
+    if TABLE[engine].int8 != NATIVE:
+        return "student", f"{engine} runs FP32 models"
 
     exported = INT8 in run.checkpoints and (run.export_dir(INT8) / "deployment" / "model.onnx").is_file()
     int8, why = hardware.serve_int8(exported)

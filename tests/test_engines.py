@@ -120,6 +120,7 @@ def test_capabilities_come_from_the_table(fake):
     assert bench.timed_on(int8, engines.engine_names()) == ["onnxruntime", "deepsparse"]
     assert bench.timed_on(dense, engines.engine_names()) == ["pytorch", "onnxruntime", "deepsparse"]
     assert engines.engines_for(int8=True) == ["pytorch", "onnxruntime", "deepsparse"]
+    assert engines.served_engines(int8=True) == ("onnxruntime", "deepsparse")  # served parity of an INT8 graph
     assert engines.engines_for(int8=False) == list(engines.engine_names())
 
 
@@ -197,6 +198,8 @@ def test_an_int8_student_that_scores_higher_is_said_to(monkeypatch, tmp_path):
                            "export_dir": lambda self, which: tmp_path / "export" / which})()
     which, why = cli.served_checkpoint(run, "deepsparse")
     assert which == "student-int8" and "0.11 points above the FP32 student" in why, why
+    # An engine without INT8 kernels serves the FP32 student, whatever the CPU.
+    assert cli.served_checkpoint(run, "onnxruntime-sparse") == ("student", "onnxruntime-sparse runs FP32 models")
 
 
 def test_bench_says_which_isa_deepsparse_ran_on(monkeypatch):

@@ -90,6 +90,49 @@ def test_the_graph_is_cut_at_each_pruned_matmul_and_answers_as_the_whole_graph(t
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pruned_matmul_read_by_a_one_input_node_keeps_that_node(tmp_path):
+    """No bias to take over (its reader is a Relu, not an Add): the Relu stays in the graph."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="m"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", 12])],
+                              [numpy_helper.from_array(sparse_matrix(rng, 16, 12, 0.9), "w")])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    cut = SparseGraph(path, threads=1)
+    assert [(op.y, op.bias) for op in cut.pruned] == [("h", None)]
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    (expected,) = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(cut({"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forked_child_splits_products_over_its_own_threads(monkeypatch):
+    """The parent's kernel threads do not exist in a forked child (a server forked after a bench,
+    multiprocessing): its products must not wait on them forever."""
+    import os
+    import time
+
+    monkeypatch.setattr(sparse_kernels, "PARALLEL_MIN_WORK", 0)
+    rng = np.random.default_rng(3)
+    weight = sparse_matrix(rng, 64, 32, 0.9)
+    x_t = rng.standard_normal((32, 8)).astype(np.float32)
+    csr = CSRMatrix.from_dense(weight)
+    csr.matmul_t(x_t, threads=2)  # the parent's pool exists
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if np.allclose(csr.matmul_t(x_t, threads=2), weight @ x_t, atol=1e-5) else 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child's product never finished")
+
+
 def test_a_graph_without_pruned_matmuls_is_one_onnx_runtime_session(tmp_path):
     model = chain_model(np.random.default_rng(1), sparsity=0.0)
     path = tmp_path / "dense.onnx"
