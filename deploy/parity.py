@@ -169,7 +169,7 @@ def served_parity(task: glue.GlueTask, model_dir: Path, deployment: Path, dev_se
                 compared["metric"] = (glue.score_answers(task, *answers, examples)[task.main_metric]
                                       if len(answers[0]) == len(examples) else float("nan"))
                 results.setdefault(split, {})[engine] = compared
-                progress(f"  served {engine:11} {split}: {compared['answers']} answers, "
+                progress(f"  served {engine:18} {split}: {compared['answers']} answers, "
                          f"{compared['label_mismatches']} wrong labels, max |Δ score| "
                          f"{compared['max_score_difference']:.1e}")
     return {"task": task.name, "main_metric": task.main_metric, "sequence_length": sequence_length,
@@ -186,12 +186,12 @@ def table(report: dict) -> str:
     lines = []
     for split, result in report["splits"].items():
         lines += [f"{report['task']} {split} ({result['examples']} examples, seq {report['sequence_length']}), {metric}:",
-                  f"  {'engine':12} {metric:>10} {'|Δ metric|':>11} {'max |Δ logit|':>14}"]
+                  f"  {'engine':18} {metric:>10} {'|Δ metric|':>11} {'max |Δ logit|':>14}"]
         for engine, metrics in result["metrics"].items():
             against = result["against_pytorch"].get(engine)
             diffs = (f"{against['metric_difference']:11.3f} {against['max_logit_difference']:14.2e}"
                      if against else f"{'-':>11} {'-':>14}")
-            lines.append(f"  {engine:12} {metrics[metric]:10.2f} {diffs}")
+            lines.append(f"  {engine:18} {metrics[metric]:10.2f} {diffs}")
     lines.append(f"  parity {'PASSED' if report['passed'] else 'FAILED'} (thresholds: "
                  f"{report['thresholds']['max_metric_difference']} points, "
                  f"{report['thresholds']['max_logit_difference']:.0e} in logits)")
@@ -204,11 +204,11 @@ def served_table(report: dict) -> str:
         report.get("reference", "pytorch")]
     lines = [f"{report['task']}: the server's answers over HTTP vs {reference} "
              f"(seq {report['sequence_length']}, {report['request_size']} rows per request):",
-             f"  {'split':16} {'engine':12} {'answers':>8} {'wrong labels':>13} {'max |Δ score|':>14} "
+             f"  {'split':16} {'engine':18} {'answers':>8} {'wrong labels':>13} {'max |Δ score|':>14} "
              f"{'served ' + metric:>14} {'reference':>9}"]
     for split, engines in report["splits"].items():
         for engine, r in engines.items():
-            lines.append(f"  {split:16} {engine:12} {r['answers']:8d} {str(r['label_mismatches']):>13} "
+            lines.append(f"  {split:16} {engine:18} {r['answers']:8d} {str(r['label_mismatches']):>13} "
                          f"{r['max_score_difference']:14.1e} {r['metric']:14.2f} {r['pytorch_metric']:9.2f}")
     lines.append(f"  served parity {'PASSED' if report['passed'] else 'FAILED'} "
                  f"(scores within {report['tolerance']:.0e}, labels equal but for ties)")

@@ -77,9 +77,9 @@ class CSRMatrix:
 # each call and took the cores from ONNX Runtime's (1.9 items/s at batch 1), and its workqueue
 # cost more to wake than the batch-1 kernels take (42 items/s against 63 on one thread).
 # Below this many multiply-adds a product stays on the calling thread: handing a range over costs
-# tens of microseconds (at 128 tokens the intermediate and output linears split, the 384 x 384
-# ones do not).
-PARALLEL_MIN_WORK = 2_000_000
+# about what it saves at batch 1 (the default model's intermediate linear at 95%, 128 tokens: 3.8 M,
+# no faster split over 2 cores), while at 2,048 tokens a split ran 1.5-1.8x faster.
+PARALLEL_MIN_WORK = 8_000_000
 _POOL = None
 _POOL_LOCK = threading.Lock()
 
