@@ -167,11 +167,6 @@ def _glue_nodes(segments: list[Segment], pruned: list[PrunedMatMul]) -> dict:
 
 def _wire(segments: list[Segment], graph_outputs: list[str], initializers: set[str], pruned: list[PrunedMatMul]) -> None:
     """Each segment's inputs (read, made elsewhere) and outputs (made, read later or returned)."""
-    made_in = {}
-    for index, segment in enumerate(segments):
-        for node in segment.nodes:
-            for name in node.output:
-                made_in[name] = index
     needed_after = {name: -1 for name in graph_outputs}  # name -> last segment reading it
     for index, segment in enumerate(segments):
         for node in segment.nodes:
@@ -239,7 +234,7 @@ class SparseGraph:
         # ONNX Runtime's threads spin after each run, waiting for the next: here the kernel runs
         # next, and they took its cores (batch 1 on both of 2 cores: 4.8 items/s spinning, 63 not).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for segment in self.segments:
+        for segment in (s for s in self.segments if s.nodes):
             proto = _segment_model(model, segment, types, initializers, extra)
             segment.session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
                                                            providers=["CPUExecutionProvider"])

@@ -73,9 +73,10 @@ class CSRMatrix:
 
 # Threads: the kernel releases the GIL, and row ranges go to plain Python threads that sleep
 # between calls. Numba's own parallel loops lost everywhere they were tried (2-core AMD EPYC, 95%
-# default model, ONNX Runtime on both cores between the kernels): its OpenMP threads spin after
-# each call and took the cores from ONNX Runtime's (1.9 items/s at batch 1), and its workqueue
-# cost more to wake than the batch-1 kernels take (42 items/s against 63 on one thread).
+# default model, ONNX Runtime on both cores between the kernels, batch 1): on its OpenMP threads
+# the engine ran at half its one-thread speed (32.7 against 63.3 items/s), and its workqueue
+# costs more to wake than the batch-1 kernels take (42 items/s against 65 with the kernel on one
+# thread).
 # Below this many multiply-adds a product stays on the calling thread: handing a range over costs
 # about what it saves at batch 1 (the default model's intermediate linear at 95%, 128 tokens: 3.8 M,
 # no faster split over 2 cores), while at 2,048 tokens a split ran 1.5-1.8x faster.
