@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from sparsebert.cli import main
 from sparsebert.deploy import bench, gates, thresholds
+from sparsebert.deploy.engines import served_engines
 from sparsebert.deploy.export import onnx_sparsity
 
 
@@ -165,7 +166,7 @@ def _copy(exported_run, tmp_path):
     served = run / "parity-served-student.json"
     if not served.is_file():  # measured by tests/test_served.py (after these); the gates only read it
         answer = {"answers": 48, "label_mismatches": 0, "ties_flipped": 0, "max_score_difference": 0.0}
-        served.write_text(json.dumps({"splits": {"dev": {e: answer for e in ("deepsparse", "onnxruntime")}}}))
+        served.write_text(json.dumps({"splits": {"dev": {e: answer for e in served_engines()}}}))
     return run
 
 
@@ -206,7 +207,7 @@ def test_gates_pass_and_fail_on_the_reports(exported_run, tmp_path):
     _edit(run / "parity-student.json", lambda r: r.update(splits={}))
     assert _gates(run)["parity student"] is False
 
-    # The served answers are required: every split, both engines, none wrong.
+    # The served answers are required: every split, every served engine, none wrong.
     _edit(run / "parity-served-student.json", lambda r: r["splits"]["dev"].pop("onnxruntime"))
     assert _gates(run)["served answers student onnxruntime (dev)"] is False
     (run / "parity-served-student.json").unlink()

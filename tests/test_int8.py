@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from sparsebert.checkpoint import is_pruned, is_quantized, load_weights, pruned_patterns
 from sparsebert.cli import main
 from sparsebert.deploy import gates, thresholds
+from sparsebert.deploy.engines import served_engines
 from sparsebert.inference import InferenceError, load_classifier
 from sparsebert.runfolder import INT8
 
@@ -146,8 +147,8 @@ def test_int8_parity_and_gates(int8_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(int8_run, run, ignore=shutil.ignore_patterns("export", "*.safetensors", "*.pt"))
     answer = {"answers": 48, "label_mismatches": 0, "ties_flipped": 0, "max_score_difference": 0.0}
-    served = {"splits": {"dev": {e: answer for e in ("deepsparse", "onnxruntime")}}}
     for which in ("student", INT8):  # the gates only read these; other tests measure them
+        served = {"splits": {"dev": {e: answer for e in served_engines(int8=which == INT8)}}}
         (run / f"parity-served-{which}.json").write_text(json.dumps(served))
     shutil.copyfile(run / f"parity-{INT8}.json", run / "parity-student.json")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -174,6 +175,9 @@ def test_int8_parity_and_gates(int8_run, tmp_path):
     found = judged()
     assert found["INT8 student against the FP32 student (dev)"].passed
     assert found[f"{INT8} sparsity"].passed
+    served = {name: g.passed for name, g in found.items() if name.startswith("served answers")}
+    assert served == {f"served answers {which} {e} (dev)": True
+                      for which in ("student", INT8) for e in served_engines(int8=which == INT8)}
     assert not found["speed m sparse 90% INT8 sparse_int8_deepsparse_vs_dense_onnxruntime (1 thread(s))"].passed
     metrics[INT8]["dev"]["dev"]["accuracy"] = student  # PyTorch's emulation is not what is judged
     (run / "metrics.json").write_text(json.dumps(metrics))
