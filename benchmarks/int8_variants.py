@@ -34,19 +34,13 @@ def pruned_copy(source: str, folder: Path, sparsity: float, mask_type: str) -> N
     """``source`` as a two-label classifier, its recipe's pruned matrices cut to ``sparsity`` by
     magnitude with SparseML's mask creator for ``mask_type``."""
     import torch
-    from sparseml.pytorch.sparsification.pruning.mask_creator import get_mask_creator_default
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sparsebert.checkpoint import is_pruned, pruned_patterns
+    from sparsebert.deploy.bench import prune_by_magnitude
 
     torch.manual_seed(0)  # the new classifier head
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2).eval()
-    creator, patterns = get_mask_creator_default(mask_type), pruned_patterns()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if sparsity and is_pruned(name, patterns):
-                (mask,) = creator.create_sparsity_masks([param.data.abs()], [sparsity])  # by magnitude, as GMP
-                param.mul_(mask)
+    prune_by_magnitude(model, sparsity, mask_type)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 

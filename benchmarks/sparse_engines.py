@@ -50,19 +50,20 @@ def pruned_weights(checkpoint: Path | None, sparsity: float) -> dict:
     import numpy as np
 
     from sparsebert.checkpoint import is_pruned, load_weights, pruned_patterns
-    from sparsebert.models import embedded_default
 
-    source = checkpoint or embedded_default()
-    patterns = pruned_patterns(checkpoint) if checkpoint else pruned_patterns()
-    weights = {}
-    for name, array in load_weights(source).items():
-        if is_pruned(name, patterns) and array.ndim == 2:
-            array = np.asarray(array, dtype=np.float32).copy()
-            if checkpoint is None:
-                cut = np.partition(np.abs(array).ravel(), int(sparsity * array.size))[int(sparsity * array.size)]
-                array[np.abs(array) < cut] = 0
-            weights[name] = array
-    return weights
+    if checkpoint is None:
+        from transformers import AutoModel
+
+        from sparsebert.deploy.bench import prune_by_magnitude
+        from sparsebert.models import embedded_default
+
+        model = AutoModel.from_pretrained(embedded_default())
+        prune_by_magnitude(model, sparsity)
+        saved, patterns = {n: p.detach().numpy() for n, p in model.named_parameters()}, pruned_patterns()
+    else:
+        saved, patterns = load_weights(checkpoint), pruned_patterns(checkpoint)
+    return {name: np.asarray(array, dtype=np.float32) for name, array in saved.items()
+            if is_pruned(name, patterns) and array.ndim == 2}
 
 
 def onnxruntime_dense(group: list, threads: int):

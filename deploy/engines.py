@@ -28,7 +28,8 @@ NATIVE = "native"  # the INT8 graph on integer kernels
 EMULATED = "emulated"  # the INT8 (QAT) checkpoint with fake quantization: a reference, never timed
 # The dense baseline: what a fixed-shape server runs without this project.
 BASELINE = "onnxruntime"
-# A linear at least this sparse runs as a CSR matrix on the pytorch-csr engine.
+# A linear (MatMul weight) at least this sparse runs on the sparse engines' CSR kernels
+# (pytorch-csr, onnxruntime-sparse).
 CSR_MIN_SPARSITY = 0.5
 
 

@@ -4,7 +4,7 @@ BSD) and install from pip wheels.
 
 ONNX Runtime densifies sparse weights when it loads them, so it multiplies the zeros; its
 custom-op route needs a compiled library. Instead the graph is cut at each pruned MatMul (a
-MatMul whose weight is a 2-D initializer at least ``MIN_SPARSITY`` zeros) into dense segments,
+MatMul whose weight is a 2-D initializer at least ``CSR_MIN_SPARSITY`` zeros) into dense segments,
 each its own ONNX Runtime session, with the kernel between them:
 
 - every node gets a *level*, the number of pruned MatMuls on the longest path from the inputs to
@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsebert.deploy.engines import CSR_MIN_SPARSITY
 from sparsebert.deploy.sparse_kernels import CSRMatrix
-
-# A MatMul weight at least this sparse runs on the kernel (as the pytorch-csr engine decides).
-MIN_SPARSITY = 0.5
 
 
 @dataclass
@@ -60,7 +58,7 @@ class Segment:
     session: object = None
 
 
-def pruned_matmuls(model, min_sparsity: float = MIN_SPARSITY) -> dict[str, CSRMatrix]:
+def pruned_matmuls(model, min_sparsity: float = CSR_MIN_SPARSITY) -> dict[str, CSRMatrix]:
     """{MatMul node name: its weight as CSR (out x in)} for each MatMul whose second input is a
     2-D initializer with at least ``min_sparsity`` zeros."""
     from onnx import numpy_helper
@@ -105,7 +103,7 @@ def bias_adds(model, pruned: dict[str, CSRMatrix]) -> dict[str, tuple[str, np.nd
     return folds
 
 
-def split(model, min_sparsity: float = MIN_SPARSITY) -> tuple[list[Segment], list[PrunedMatMul]]:
+def split(model, min_sparsity: float = CSR_MIN_SPARSITY) -> tuple[list[Segment], list[PrunedMatMul]]:
     """The graph's dense segments (without sessions) and its pruned MatMuls, by level."""
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
@@ -213,7 +211,7 @@ class SparseGraph:
     """The ONNX model at ``path`` as dense ONNX Runtime segments and pruned MatMuls on the
     kernel, each on ``threads`` threads (None: all cores)."""
 
-    def __init__(self, path: Path, threads: int | None = None, min_sparsity: float = MIN_SPARSITY):
+    def __init__(self, path: Path, threads: int | None = None, min_sparsity: float = CSR_MIN_SPARSITY):
         import onnx
         import onnxruntime
 

@@ -155,3 +155,27 @@ def test_the_student_runs_its_36_pruned_linears_on_the_kernel(exported_run):
     inputs = random_inputs(reference.input_names, 2, 64)
     inputs["attention_mask"][1, 40:] = 0  # padding is masked alike
     np.testing.assert_allclose(sparse(inputs), reference(inputs), atol=1e-4)
+
+
+def test_benchmarks_prune_exactly_the_recipes_matrices_by_magnitude():
+    """The untrained models the benchmarks time (deploy/bench.prune_by_magnitude): each matrix the
+    recipe prunes at the target on its own, the largest weights kept; nothing else touched."""
+    import torch
+    from tiny import tiny_bert
+
+    from sparsebert.checkpoint import is_pruned, pruned_patterns
+    from sparsebert.deploy.bench import prune_by_magnitude
+
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prune_by_magnitude(model, 0.75)
+    patterns, pruned = pruned_patterns(), 0
+    for name, param in model.named_parameters():
+        if not is_pruned(name, patterns):
+            assert torch.equal(param, before[name]), name
+            continue
+        pruned += 1
+        kept = param != 0
+        assert float((~kept).float().mean()) == pytest.approx(0.75, abs=1 / param.numel())
+        assert before[name].abs()[kept].min() >= before[name].abs()[~kept].max()
+    assert pruned == 2 * 6  # two layers, six linears each

@@ -32,10 +32,11 @@ def tiny_task_checkpoint(task, folder, seed=0, model_type="bert", sparsity=0.0):
     """A small random classifier (or regressor) for a GLUE task, saved with the default model's
     uncased tokenizer and the label order training gives it. Its head is scaled up so that
     answers are confident (labels are no ties) and a regression's values spread over 0-5.
-    ``sparsity``: each linear of the encoder's layers keeps that share of zeros, the smallest
-    weights cut, as a pruned student's."""
+    ``sparsity``: the matrices the recipe prunes (a BERT's six linears a layer) keep that share
+    of zeros, the smallest weights cut, as a pruned student's."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
+    from sparsebert.deploy.bench import prune_by_magnitude
     from sparsebert.models import embedded_default
     from sparsebert.pipeline.train import student_label_order
 
@@ -57,11 +58,7 @@ def tiny_task_checkpoint(task, folder, seed=0, model_type="bert", sparsity=0.0):
         head = model.classifier
         head.weight.normal_(0, 3.0)
         head.bias.fill_(2.5 if task.is_regression else 0.0)
-        for name, module in model.named_modules():
-            if sparsity and isinstance(module, torch.nn.Linear) and "layer." in name:
-                weight = module.weight
-                cut = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
-                weight.mul_(weight.abs() > cut)
+    prune_by_magnitude(model, sparsity)
     model.save_pretrained(folder)
     source = str(embedded_default())
     tokenizer = (AutoTokenizer.from_pretrained(source) if tokenizer_class is None
