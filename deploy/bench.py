@@ -447,15 +447,16 @@ def quantized_copy(source: Path, folder: Path, sequence_length: int, batches: in
 
 
 def prune_by_magnitude(model, sparsity: float, mask_type: str = "unstructured") -> None:
-    """Cut each matrix the shipped recipe prunes in ``model`` to ``sparsity`` zeros on its own, by
+    """Cut each matrix the recipe prunes in ``model`` (its family's six linears a layer) to ``sparsity`` zeros on its own, by
     magnitude, with SparseML's mask creator for ``mask_type`` (as GMP cuts them), in place: speed
     depends on where the zeros are, not on the weights' values, so benchmarks need no training."""
     import torch
     from sparseml.pytorch.sparsification.pruning.mask_creator import get_mask_creator_default
 
-    from sparsebert.checkpoint import is_pruned, pruned_patterns
+    from sparsebert import families
+    from sparsebert.checkpoint import is_pruned
 
-    creator, patterns = get_mask_creator_default(mask_type), pruned_patterns()
+    creator, patterns = get_mask_creator_default(mask_type), families.of_config(model.config).pruned_params()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if sparsity and is_pruned(name, patterns):

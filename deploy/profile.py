@@ -70,7 +70,7 @@ def category_of(node, initializers: set[str], patterns: list[str]) -> str:
         return "softmax"
     if leaf in ("LayerNorm", "intermediate_act_fn") or node.op_type in _FUSED_OPS:
         return "layernorm_gelu"
-    if module.startswith("bert.embeddings"):
+    if module.split(".")[1:2] == ["embeddings"]:  # <prefix>.embeddings...: bert, roberta, mpnet...
         return "embeddings"
     return "rest"
 

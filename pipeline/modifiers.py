@@ -29,17 +29,13 @@ from sparseml.pytorch.sparsification.distillation.modifier_distillation_base imp
 )
 from sparseml.pytorch.sparsification.modifier import PyTorchModifierYAML
 
-from sparsebert import sparseml_mends
-from sparsebert.pipeline import loss_terms
+from sparsebert import families, sparseml_mends
+from sparsebert.pipeline import distributed, loss_terms
 from sparsebert.pipeline.loss_terms import LossOptions, distillation_loss, layer_map
 
 __all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss", "layer_map"]
 
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings$")
-_HIDDEN = re.compile(r"encoder\.layer\.\d+\.output$")  # BertOutput: the layer's hidden state
-_ATTENTION = re.compile(r"encoder\.layer\.\d+\.attention\.self\.dropout$")  # input: probabilities
-_SELF_ATTENTION = re.compile(r"encoder\.layer\.\d+\.attention\.self$")
-_PROJECTION = re.compile(r"encoder\.layer\.\d+\.attention\.self\.(query|key)$")  # output: for the scores
 
 
 def sparsebert_distillation_loss(student: Dict[str, List[torch.Tensor]], teacher: Dict[str, List[torch.Tensor]],
@@ -236,6 +232,8 @@ class SparseBertDistillationModifier(BaseDistillationModifier):
         return (1.0 - self._hardness) * loss + self._hardness * distillation_loss
 
     def finalize(self, module=None, reset_loggers: bool = True, **kwargs):
+        if module is not None and hasattr(module, "config"):  # under torchrun: every rank's masks are the same
+            distributed.check_same_masks(module, families.of_config(module.config).pruned_params())
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -281,19 +279,28 @@ sync_weight_properties()
 def _hook(model: torch.nn.Module, cache: Dict[str, list], projections: bool = False) -> list:
     """Hooks that keep, for each forward pass, the embeddings output, each layer's hidden state
     and attention probabilities and, with ``projections`` (for the attention scores), its query
-    and key projections, in layer order, in ``cache``."""
+    and key projections, in layer order, in ``cache``. Which modules those are depends on the
+    model's family (``sparsebert.families``)."""
+    family = families.of_config(model.config)
     named = list(model.named_modules())
+
+    def find(below_layer: str | None) -> list:
+        pattern = family.module_pattern(below_layer) if below_layer else None
+        return [(n, m) for n, m in named if pattern and pattern.search(n)]
+
     embeddings = [m for n, m in named if _EMBEDDINGS.search(n) and "encoder" not in n][:1]
-    hidden = [m for n, m in named if _HIDDEN.search(n)]
-    attention = [m for n, m in named if _ATTENTION.search(n)]
-    queries = [m for n, m in named if projections and _PROJECTION.search(n) and n.endswith("query")]
-    keys = [m for n, m in named if projections and _PROJECTION.search(n) and n.endswith("key")]
-    heads = {getattr(m, "num_attention_heads", None) for n, m in named if _SELF_ATTENTION.search(n)}
+    hidden, attention = find(family.hidden), find(family.attention_probs)
+    queries, keys = (find(family.query), find(family.key)) if projections else ([], [])
+    heads = {getattr(m, family.heads_attribute, None) for _, m in find(family.self_attention)}
     if projections and (not queries or len(queries) != len(keys) or len(heads) != 1 or None in heads):
-        raise ValueError("attention_scores: the model has no BERT self-attention (query, key, num_attention_heads) "
-                         "to rebuild the scores from")
+        raise ValueError(f"attention_scores: {family.name}'s attention scores cannot be rebuilt from its query "
+                         "and key projections; use the attention probabilities (attention_scores: false)")
+    if not hidden or len(attention) != len(hidden):
+        raise ValueError(f"the {family.name} model has {len(hidden)} layer outputs and {len(attention)} attention "
+                         "dropouts where the distillation looks for one of each per layer")
     cache.update(hidden=[], attention=[], queries=[], keys=[], heads=heads.pop() if projections else None,
-                 _names_hidden=[n for n, _ in named if _HIDDEN.search(n)])
+                 _names_hidden=[n for n, _ in hidden])
+    hidden, attention, queries, keys = ([m for _, m in found] for found in (hidden, attention, queries, keys))
 
     def start_pass(module, args):  # a new forward pass begins at the embeddings
         for name in ("hidden", "attention", "queries", "keys"):

@@ -22,7 +22,8 @@ from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
 from sparsebert.pipeline import data as data_stage
 from sparsebert.pipeline import report
-from sparsebert.pipeline.train import TrainConfig, first_layers, train_int8, train_student, train_teacher
+from sparsebert.pipeline.train import TrainConfig, first_layers, fitted_recipe, train_int8, train_student, train_teacher
+from sparsebert.recipe import recipe_path
 from sparsebert.runfolder import INT8
 
 
@@ -102,6 +103,9 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     from sparsebert.runfolder import CHECKPOINTS
 
     check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
+    # An unknown model family, or a recipe naming no weight of the model, is refused now, not
+    # when the student starts after the teacher's fine-tuning.
+    fitted_recipe(opts.model, student_cfg.recipe or str(recipe_path("sparsebert")))
     atomic.refuse_taken(opts.out, opts.overwrite)
     for given in (opts.teacher, opts.model):  # another run's checkpoint is checked before it is read
         if given and (Path(given) / "config.json").is_file():

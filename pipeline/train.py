@@ -12,7 +12,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsebert import glue, hardware, sparseml_mends
+from sparsebert import families, glue, hardware, sparseml_mends
+from sparsebert.pipeline import distributed
+from sparsebert.errors import UserError
 from sparsebert.recipe import recipe_path
 
 
@@ -63,7 +65,8 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
         "overwrite_output_dir": True,
         "do_train": True,
         "do_eval": False,
-        "per_device_train_batch_size": cfg.batch_size,
+        # The global batch: split over the processes of a torchrun run (pipeline.distributed).
+        "per_device_train_batch_size": distributed.per_rank_batch(cfg.batch_size),
         "learning_rate": cfg.learning_rate,
         "num_train_epochs": cfg.epochs,
         "warmup_ratio": cfg.warmup_ratio,
@@ -81,6 +84,8 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
         "seed": cfg.seed,
         "disable_tqdm": False,
     }
+    if distributed.active() and not _has_gpu():
+        args["use_cpu"] = True  # how the Trainer (accelerate) runs DDP on CPUs (gloo); else it trains alone
     if cfg.recipe:
         args["recipe"] = cfg.recipe
         # cfg.epochs is the recipe's own length (request.schedule; stage.run refuses others), so the
@@ -89,6 +94,12 @@ def sparseml_arguments(model: str, data: dict, output_dir: Path, cfg: TrainConfi
     if teacher:
         args["distill_teacher"] = teacher
     return args
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _total_steps(train_examples: int, cfg: TrainConfig) -> int:
@@ -100,7 +111,14 @@ def _logging_steps(train_examples: int, cfg: TrainConfig) -> int:
 
 
 def run_sparseml(arguments: dict) -> None:
-    """Run SparseML's text-classification script in this process."""
+    """Run SparseML's text-classification script in this process (under torchrun, on every
+    process: rank 0 sends the others the same arguments first)."""
+    distributed.send_stage(arguments)
+    train_here(arguments)
+
+
+def train_here(arguments: dict) -> None:
+    """SparseML's text-classification script on ``arguments``, in this process."""
     # Offline, the script's hub metric load is mended by sparsebert._startup; the official
     # GLUE metrics are computed afterwards by sparsebert.glue.
     import torch
@@ -177,9 +195,11 @@ def first_layers(model: str, layers: int, output_dir: Path) -> Path:
     from transformers import AutoModel, AutoTokenizer
 
     base = AutoModel.from_pretrained(model)
-    if not 1 <= layers <= base.config.num_hidden_layers:
-        raise ValueError(f"cannot keep {layers} of {base.config.num_hidden_layers} layers")
-    base.encoder.layer = base.encoder.layer[:layers]
+    encoder_layers = families.encoder_layers(base)
+    if not 1 <= layers <= len(encoder_layers):
+        raise ValueError(f"cannot keep {layers} of {len(encoder_layers)} layers")
+    del encoder_layers[layers:]
+    # DistilBERT counts its layers in n_layers (num_hidden_layers is an alias of it).
     base.config.num_hidden_layers = layers
     base.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(model).save_pretrained(output_dir)
@@ -192,9 +212,49 @@ def train_teacher(model: str, data: dict, output_dir: Path, cfg: TrainConfig) ->
     return output_dir
 
 
+class RecipeDoesNotFit(UserError):
+    pass
+
+
+def fitted_recipe(model: str, recipe: str) -> tuple[families.Family, str]:
+    """``model``'s family and the text of ``recipe`` for it: the shipped recipes name BERT's
+    linears, so for another family their pruned-params blocks are written with its names. Refuses
+    an unknown family, and a recipe (one of the user's own) whose params name no weight of the
+    model (SparseML would stop with a traceback once the student starts, after the teacher)."""
+    import torch
+    from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from sparsebert.recipe import pruned_params_of_text
+    from sparsebert.recipes import build
+
+    family = families.of_model(model)
+    text = build.for_family(Path(recipe).read_text(), family)
+    with torch.device("meta"):  # the names only: no weights read or allocated
+        names = [n for n, _ in AutoModelForSequenceClassification.from_config(
+            AutoConfig.from_pretrained(model)).named_parameters()]
+    for pattern in pruned_params_of_text(text):
+        if not any(any_str_or_regex_matches_param_name(name, [pattern]) for name in names):
+            raise RecipeDoesNotFit(f"{recipe}: the pruned param {pattern} names no weight of the {family.name} "
+                                   f"model {model}; its six linears a layer are {' '.join(family.pruned_params())}")
+    return family, text
+
+
+def recipe_for(model: str, recipe: str, output_dir: Path) -> str:
+    """``recipe`` as ``fitted_recipe`` fits it to ``model``: itself where nothing changes, else a
+    copy beside ``output_dir``."""
+    family, text = fitted_recipe(model, recipe)
+    if text == Path(recipe).read_text():
+        return recipe
+    path = Path(output_dir).parent / f"{Path(output_dir).name}-{family.prefix}-{Path(recipe).name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
 def train_student(model: str, teacher: Path, data: dict, output_dir: Path, cfg: TrainConfig) -> Path:
     """Prune the *pre-trained* model while distilling it from the fine-tuned teacher."""
-    cfg.recipe = cfg.recipe or str(recipe_path("sparsebert"))
+    cfg.recipe = recipe_for(model, cfg.recipe or str(recipe_path("sparsebert")), output_dir)
     run_stage(sparseml_arguments(model, data, output_dir, cfg, teacher=str(teacher)), "student")
     return output_dir
 
@@ -203,7 +263,7 @@ def train_int8(student: Path, teacher: Path, data: dict, output_dir: Path, cfg: 
     """Quantization-aware training of the pruned student (its zeros held), distilled from the
     same teacher: the INT8 student. FP32 only: fake quantization emulates the INT8 engines, and
     bf16 autocast would round the linears' inputs before the emulation does."""
-    cfg.recipe = cfg.recipe or str(recipe_path("sparsebert-int8"))
+    cfg.recipe = recipe_for(str(student), cfg.recipe or str(recipe_path("sparsebert-int8")), output_dir)
     cfg.precision = "fp32"
     run_stage(sparseml_arguments(str(student), data, output_dir, cfg, teacher=str(teacher)), "INT8 student")
     return output_dir

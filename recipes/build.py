@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from sparsebert import families
 from sparsebert.pipeline import loss_terms
 
 RECIPES = Path(__file__).parent
@@ -26,14 +27,7 @@ END = "# <<< shared: {name}"
 _BLOCK = re.compile(r"^(?P<indent> *)# >>> shared: (?P<name>[\w-]+) .*?\n.*?^(?P=indent)# <<< shared: (?P=name)\n",
                     re.MULTILINE | re.DOTALL)
 
-# The six linears of every encoder layer; embeddings, biases, LayerNorms and the classifier
-# are not listed, so they stay dense. ``{module}`` is ``(\.module)?`` where QAT wraps them.
-ENCODER_LINEARS = (
-    r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value){module}\.weight",
-    r"re:bert\.encoder\.layer\.\d+\.attention\.output\.dense{module}\.weight",
-    r"re:bert\.encoder\.layer\.\d+\.intermediate\.dense{module}\.weight",
-    r"re:bert\.encoder\.layer\.\d+\.output\.dense{module}\.weight",
-)
+QUANTIZED = r"(\.module)?"  # where quantization-aware training wraps a linear
 
 
 def loss_variables() -> list[str]:
@@ -58,8 +52,10 @@ def loss_variables() -> list[str]:
     ]
 
 
-def pruned_params(module: str = "") -> list[str]:
-    return [f"- {pattern.format(module=module)}" for pattern in ENCODER_LINEARS]
+def pruned_params(module: str = "", family: families.Family = families.BERT) -> list[str]:
+    """The six linears of every encoder layer (the shipped recipes: BERT's names); embeddings,
+    biases, LayerNorms and the classifier are not listed, so they stay dense."""
+    return [f"- {pattern}" for pattern in family.pruned_params(module)]
 
 
 def distillation_modifier() -> list[str]:
@@ -77,18 +73,21 @@ def distillation_modifier() -> list[str]:
 BLOCKS = {
     "loss-variables": loss_variables,
     "pruned-params": pruned_params,
-    "pruned-params-quantized": lambda: pruned_params(module=r"(\.module)?"),
+    "pruned-params-quantized": lambda: pruned_params(module=QUANTIZED),
     "distillation": distillation_modifier,
 }
 
 
-def render(text: str) -> str:
-    """``text`` with every shared block rewritten at its marker's indentation."""
+def render(text: str, blocks: dict | None = None) -> str:
+    """``text`` with every shared block rewritten at its marker's indentation; with ``blocks``,
+    only those (name -> lines), the others kept as they are."""
     def block(match: re.Match) -> str:
         name, indent = match["name"], match["indent"]
         if name not in BLOCKS:
             raise ValueError(f"unknown shared block {name!r} (known: {', '.join(BLOCKS)})")
-        lines = [BEGIN.format(name=name), *BLOCKS[name](), END.format(name=name)]
+        if blocks is not None and name not in blocks:
+            return match.group(0)
+        lines = [BEGIN.format(name=name), *(blocks[name] if blocks else BLOCKS[name]()), END.format(name=name)]
         return "".join(f"{indent}{line}\n" for line in lines)
 
     rendered, count = _BLOCK.subn(block, text)
@@ -97,6 +96,12 @@ def render(text: str) -> str:
         raise ValueError(f"{begins} shared blocks begin but {count} end as they should "
                          "(each '# >>> shared: <name>' needs its '# <<< shared: <name>' at the same indentation)")
     return rendered
+
+
+def for_family(text: str, family: families.Family) -> str:
+    """A recipe's text with its pruned-params blocks naming ``family``'s six linears."""
+    return render(text, {"pruned-params": pruned_params(family=family),
+                         "pruned-params-quantized": pruned_params(QUANTIZED, family)})
 
 
 def stale_recipes() -> list[Path]:

@@ -107,13 +107,15 @@ def _plain_name(name: str) -> str:
 
 def pruned_patterns(model_dir: Path | None = None) -> list[str]:
     """The matrices a checkpoint is measured on: the ``params`` of the pruning modifiers in the
-    recipe SparseML saved beside it (a student), else those of the shipped SparseBERT recipe
-    (a dense teacher, the pre-trained model), so both are measured on the same matrices."""
-    from sparsebert.recipe import pruned_params, recipe_path
+    recipe SparseML saved beside it (a student), else the six linears a layer of its family
+    (``sparsebert.families``: a dense teacher, the pre-trained model; BERT's with no folder), so
+    both are measured on the same matrices."""
+    from sparsebert import families
+    from sparsebert.recipe import pruned_params
 
     saved = Path(model_dir) / "recipe.yaml" if model_dir else None
     patterns = pruned_params(saved) if saved and saved.is_file() else []
-    return patterns or pruned_params(recipe_path("sparsebert"))
+    return patterns or ((model_dir and families.of_folder(model_dir)) or families.BERT).pruned_params()
 
 
 def is_pruned(name: str, patterns: list[str]) -> bool:
@@ -122,8 +124,10 @@ def is_pruned(name: str, patterns: list[str]) -> bool:
     (``encoder...`` rather than ``bert.encoder...``) is matched with it too."""
     from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
 
+    from sparsebert.families import FAMILIES
+
     return any(any_str_or_regex_matches_param_name(candidate, patterns)
-               for candidate in (name, f"bert.{name}"))
+               for candidate in (name, *(f"{family.prefix}.{name}" for family in FAMILIES)))
 
 
 def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:

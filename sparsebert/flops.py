@@ -18,10 +18,22 @@ import json
 from pathlib import Path
 
 
+# A config.json's sizes under BERT's names, then DistilBERT's.
+_SIZE_NAMES = {"hidden": ("hidden_size", "dim"), "intermediate": ("intermediate_size", "hidden_dim"),
+               "heads": ("num_attention_heads", "n_heads"), "layers": ("num_hidden_layers", "n_layers")}
+
+
+def _size(config: dict, size: str) -> int:
+    for name in _SIZE_NAMES[size]:
+        if name in config:
+            return config[name]
+    raise KeyError(f"config.json names no {size} size ({' or '.join(_SIZE_NAMES[size])})")
+
+
 def forward_flops(config: dict, sequence_length: int) -> dict[str, float]:
     """FLOPs of one sequence's forward pass through the encoder, split as the module says."""
-    h, i, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    layers, n = config["num_hidden_layers"], sequence_length
+    h, i, heads = (_size(config, size) for size in ("hidden", "intermediate", "heads"))
+    layers, n = _size(config, "layers"), sequence_length
     scores = heads * n * n
     per_layer = {
         "encoder_linears": 2 * (4 * h * h + 2 * h * i) * n,

@@ -61,6 +61,16 @@ def pruned_params(path: Path) -> list[str]:
     return [p for params, _, _ in pruning_targets(path) for p in params]
 
 
+def pruned_params_of_text(text: str) -> list[str]:
+    """``pruned_params`` of a recipe given as its text."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sparsebert-recipe-") as folder:
+        path = Path(folder) / "recipe.yaml"
+        path.write_text(text)
+        return pruned_params(path)
+
+
 def check_recipe(path: Path, recipe_args: dict) -> list:
     """Build the recipe's modifiers the way SparseML will, so a malformed file, an unknown
     modifier, an unknown variable or a target sparsity outside [0, 1) fails now with one line.

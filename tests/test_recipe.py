@@ -113,6 +113,7 @@ def test_pruning_params_must_name_the_matrices(tmp_path):
 def test_recipes_share_their_blocks_from_one_declaration():
     """The loss variables, the pruned matrices and the distillation modifier are written once
     (recipes/build.py); every shipped recipe is what the builder writes."""
+    from sparsebert.families import BERT
     from sparsebert.recipes import build
 
     assert build.main(["--check"]) == 0, "run: python -m sparsebert.recipes.build"
@@ -122,8 +123,12 @@ def test_recipes_share_their_blocks_from_one_declaration():
             assert build.BEGIN.format(name=block) in text, (path.name, block)
     gm, obs, int8 = (check_recipe(recipe_path(name), {}) for name in ("sparsebert", "sparsebert-obs", "sparsebert-int8"))
     params = [next(m.params for m in modifiers if "Pruning" in type(m).__name__) for modifiers in (gm, obs, int8)]
-    assert params[0] == params[1] == [p.format(module="") for p in build.ENCODER_LINEARS]
-    assert params[2] == [p.format(module=r"(\.module)?") for p in build.ENCODER_LINEARS]
+    assert params[0] == params[1] == BERT.pruned_params()
+    assert params[2] == BERT.pruned_params(r"(\.module)?")
+    assert params[0] == [r"re:bert\.encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight",
+                         r"re:bert\.encoder\.layer\.\d+\.attention\.output\.dense\.weight",
+                         r"re:bert\.encoder\.layer\.\d+\.intermediate\.dense\.weight",
+                         r"re:bert\.encoder\.layer\.\d+\.output\.dense\.weight"]
 
 
 def test_a_new_loss_term_reaches_every_recipe(monkeypatch, tmp_path):
