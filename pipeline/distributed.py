@@ -11,8 +11,10 @@ run ends, rank 0 tells them to stop. The global batch stays ``--batch-size``: ea
 any number of processes.
 
 Masks: gradual magnitude pruning cuts each rank's copy of the weights, and DDP keeps the copies
-equal, so the masks must be equal too; ``check_same_masks`` checks that on every rank at the end of
-training and stops the run where they differ.
+equal, so the masks must be equal too; ``check_same_masks`` (called by the distillation modifier
+as training ends, on every rank) is a guard that they stayed so, and stops the run where not.
+
+Only ``sparsebert train`` runs under torchrun; the other commands refuse it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import os
 
 from sparsebert.errors import UserError
 
-# Rank 0 measures the teacher between stages while the others wait for the next one.
+# Between stages rank 0 works alone (measures the teacher, labels augmented data) while the
+# others wait for the next stage on a group of their own; training keeps the default timeout.
 WAIT = datetime.timedelta(hours=12)
+_handoff = None  # the process group the stages are sent on (gloo: plain Python objects, any device)
+_in_stage = False  # rank 0 sent a stage the others are running
 
 
 class DistributedError(UserError):
@@ -45,12 +50,18 @@ def active() -> bool:
 
 def start() -> None:
     """Join the process group torchrun describes (before the Trainer would, so that rank 0 can
-    send the stages; the Trainer uses the group it finds)."""
+    send the stages; the Trainer uses the group it finds), each process on its own GPU."""
     import torch
     import torch.distributed as dist
 
-    if active() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
+    global _handoff
+    if not active():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _handoff = dist.new_group(backend="gloo", timeout=WAIT)
 
 
 def per_rank_batch(batch_size: int) -> int:
@@ -61,24 +72,42 @@ def per_rank_batch(batch_size: int) -> int:
     return batch_size // size
 
 
-def send_stage(arguments: dict | None) -> None:
-    """Rank 0: the next stage's arguments to the other ranks (None: the run is over)."""
-    import torch.distributed as dist
+def send_stage(arguments: dict) -> None:
+    """Rank 0: the next stage's arguments to the other ranks, who train it beside rank 0."""
+    global _in_stage
+    if _handoff is not None:
+        _broadcast(arguments)
+        _in_stage = True
 
-    if active() and dist.is_initialized():
-        dist.broadcast_object_list([arguments], src=0)
+
+def stage_done() -> None:
+    global _in_stage
+    _in_stage = False
+
+
+def finish(failed: bool) -> None:
+    """Rank 0, at the end of the run: tell the others to stop. Not when it failed inside a stage:
+    they are in that stage's collectives and would wait for rank 0 until the timeout; rank 0 exits
+    instead, and torchrun stops them."""
+    if _handoff is not None and not (failed and _in_stage):
+        _broadcast(None)
 
 
 def follow(run_stage) -> None:
     """Ranks other than 0: run each stage rank 0 sends, until it sends None."""
+    while True:
+        arguments = _broadcast(None)
+        if arguments is None:
+            return
+        run_stage(arguments)
+
+
+def _broadcast(arguments: dict | None) -> dict | None:
     import torch.distributed as dist
 
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is None:
-            return
-        run_stage(message[0])
+    message = [arguments]
+    dist.broadcast_object_list(message, src=0, group=_handoff)
+    return message[0]
 
 
 def masks_digest(module, patterns: list[str]) -> str:

@@ -36,6 +36,8 @@ from sparsebert.pipeline.loss_terms import LossOptions, distillation_loss, layer
 __all__ = ["SparseBertDistillationModifier", "sparsebert_distillation_loss", "layer_map"]
 
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings$")
+# ELECTRA's embeddings narrower than its layers: what enters the first layer is this projection's output.
+_EMBEDDINGS_PROJECTION = re.compile(r"(^|\.)embeddings_project$")
 
 
 def sparsebert_distillation_loss(student: Dict[str, List[torch.Tensor]], teacher: Dict[str, List[torch.Tensor]],
@@ -289,6 +291,7 @@ def _hook(model: torch.nn.Module, cache: Dict[str, list], projections: bool = Fa
         return [(n, m) for n, m in named if pattern and pattern.search(n)]
 
     embeddings = [m for n, m in named if _EMBEDDINGS.search(n) and "encoder" not in n][:1]
+    first_input = [m for n, m in named if _EMBEDDINGS_PROJECTION.search(n)][:1] or embeddings
     hidden, attention = find(family.hidden), find(family.attention_probs)
     queries, keys = (find(family.query), find(family.key)) if projections else ([], [])
     heads = {getattr(m, family.heads_attribute, None) for _, m in find(family.self_attention)}
@@ -313,7 +316,7 @@ def _hook(model: torch.nn.Module, cache: Dict[str, list], projections: bool = Fa
         cache["attention"].append(args[0])
 
     handles = [m.register_forward_pre_hook(start_pass) for m in embeddings]
-    handles += [m.register_forward_hook(keep_output) for m in embeddings + hidden]
+    handles += [m.register_forward_hook(keep_output) for m in first_input + hidden]
     handles += [m.register_forward_pre_hook(keep_input) for m in attention]
     handles += [m.register_forward_hook(lambda module, args, output: cache["queries"].append(output)) for m in queries]
     handles += [m.register_forward_hook(lambda module, args, output: cache["keys"].append(output)) for m in keys]

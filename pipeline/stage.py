@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsebert import atomic, checkpoint, flops, glue, hardware
+from sparsebert import atomic, checkpoint, flops, glue, hardware, sparseml_mends
 from sparsebert.errors import UserError
 from sparsebert.runfolder import RunFolder
 from sparsebert.pipeline import curve
@@ -105,7 +105,10 @@ def run(opts: StageOptions, teacher_cfg: TrainConfig, student_cfg: TrainConfig,
     check_stage(opts, teacher_cfg, student_cfg, int8_cfg)
     # An unknown model family, or a recipe naming no weight of the model, is refused now, not
     # when the student starts after the teacher's fine-tuning.
-    fitted_recipe(opts.model, student_cfg.recipe or str(recipe_path("sparsebert")))
+    family, _ = fitted_recipe(opts.model, student_cfg.recipe or str(recipe_path("sparsebert")))
+    if int8_cfg and not set(family.model_types) & set(sparseml_mends.QUANTIZABLE_ATTENTION_FAMILIES):
+        raise UserError(f"--int8 is for BERT models: SparseML's quantizable attention is mended for "
+                        f"{', '.join(sparseml_mends.QUANTIZABLE_ATTENTION_FAMILIES)} only, not {family.name}")
     atomic.refuse_taken(opts.out, opts.overwrite)
     for given in (opts.teacher, opts.model):  # another run's checkpoint is checked before it is read
         if given and (Path(given) / "config.json").is_file():

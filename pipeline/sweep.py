@@ -140,25 +140,52 @@ def run_cell(cell: Cell, out: Path, teacher: Path | None, settings: dict, train)
     return json.loads((folder / "metrics.json").read_text())
 
 
-def cell_jobs(tasks: list[str], sparsities: list[float], variants: list[str], out: Path,
+def cell_jobs(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, settings: dict,
               train_flags: list[str]) -> dict[str, list[str]]:
     """The sweep as independent jobs, each a ``sparsebert sweep`` command that resumes where it
     stopped when run again, in three phases: per task, its cells at the first sparsity (they
     fine-tune the teacher and make each variant's augmented data, which every other cell of the
-    task reuses); then every other cell, one job each, in any order, at once; then the page."""
+    task reuses); then every other cell (one job per run folder), in any order, at once, each
+    given that teacher by path (a job started before it exists stops, instead of fine-tuning a
+    teacher of its own); then the page."""
     import shlex
 
-    def command(task: list[str], sparsity: list[float], variant: list[str], *extra: str) -> str:
+    check_grid(variants, settings)
+    out = Path(out).resolve()  # the jobs may start in another folder
+    depth = model_depth(settings) if "small" in variants else 6
+
+    def command(task: list[str], sparsity: list[float], variant: list[str], *extra: str, flags=train_flags) -> str:
         words = ["sparsebert", "sweep", "--tasks", *task, "--sparsities", *map(str, sparsity), "--variants", *variant,
                  "--out", str(out), *extra]
-        return shlex.join(words + (["--", *train_flags] if train_flags else []))
+        return shlex.join(words + (["--", *flags] if flags else []))
 
-    first, rest = sparsities[0], sparsities[1:]
+    first, later = sparsities[0], []
+    folders = {(t, Cell(t, v, first, depth).name) for t in tasks for v in variants}  # phase 1's
+    for task in tasks:
+        teacher = finished_teacher(out / task) or out / task / Cell(task, variants[0], first, depth).name / "teacher"
+        flags = train_flags if "teacher" in settings else [*train_flags, "--teacher", str(teacher)]
+        for variant in variants:
+            for sparsity in sparsities[1:]:
+                cell = Cell(task, variant, sparsity, depth)
+                if (task, cell.name) not in folders:  # small: two sparsities may share one run folder
+                    folders.add((task, cell.name))
+                    later.append(command([task], [sparsity], [variant], flags=flags))
     return {
         "1. per task, the cells that make what the others reuse": [command([t], [first], variants) for t in tasks],
-        "2. every other cell, one job each": [command([t], [s], [v]) for t in tasks for v in variants for s in rest],
+        "2. every other cell, one job each": later,
         "3. the frontier page, once they finished": [command(tasks, sparsities, variants, "--page-only")],
     }
+
+
+def check_grid(variants: list[str], settings: dict) -> None:
+    """Refuse a bad variant, or a flag for every cell that the grid sets per cell, before anything runs."""
+    for variant in variants:
+        variant_settings(variant)
+    fixed = {"sparsity", "out", "task", "overwrite"} | ({"recipe", "student_layers"} if "small" in variants else set())
+    given = sorted(fixed & set(settings))
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise SweepError(f"{flags} cannot be a flag for every cell of this sweep: the grid sets it per cell")
 
 
 def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: Path, settings: dict,
@@ -168,13 +195,7 @@ def sweep(tasks: list[str], sparsities: list[float], variants: list[str], out: P
     ``TrainRequest`` fields for every cell; ``train``: what trains a request (``request.train``)."""
     if train is None:
         from sparsebert.pipeline.request import train
-    for variant in variants:
-        variant_settings(variant)  # refuse a bad variant before anything runs
-    fixed = {"sparsity", "out", "task", "overwrite"} | ({"recipe", "student_layers"} if "small" in variants else set())
-    given = sorted(fixed & set(settings))
-    if given:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-        raise SweepError(f"{flags} cannot be a flag for every cell of this sweep: the grid sets it per cell")
+    check_grid(variants, settings)
     depth = model_depth(settings) if "small" in variants else 6
     rows, missing = [], []
     for task in [glue.get_task(t).name for t in tasks]:

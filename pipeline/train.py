@@ -115,6 +115,7 @@ def run_sparseml(arguments: dict) -> None:
     process: rank 0 sends the others the same arguments first)."""
     distributed.send_stage(arguments)
     train_here(arguments)
+    distributed.stage_done()
 
 
 def train_here(arguments: dict) -> None:
@@ -218,7 +219,8 @@ class RecipeDoesNotFit(UserError):
 
 def fitted_recipe(model: str, recipe: str) -> tuple[families.Family, str]:
     """``model``'s family and the text of ``recipe`` for it: the shipped recipes name BERT's
-    linears, so for another family their pruned-params blocks are written with its names. Refuses
+    linears, so for another family their pruned-params blocks (where not edited by hand) are
+    written with its names. Refuses
     an unknown family, and a recipe (one of the user's own) whose params name no weight of the
     model (SparseML would stop with a traceback once the student starts, after the teacher)."""
     import torch

@@ -78,17 +78,17 @@ BLOCKS = {
 }
 
 
-def render(text: str, blocks: dict | None = None) -> str:
-    """``text`` with every shared block rewritten at its marker's indentation; with ``blocks``,
-    only those (name -> lines), the others kept as they are."""
+def _block_text(name: str, indent: str, lines: list[str]) -> str:
+    return "".join(f"{indent}{line}\n" for line in [BEGIN.format(name=name), *lines, END.format(name=name)])
+
+
+def render(text: str) -> str:
+    """``text`` with every shared block rewritten at its marker's indentation."""
     def block(match: re.Match) -> str:
         name, indent = match["name"], match["indent"]
         if name not in BLOCKS:
             raise ValueError(f"unknown shared block {name!r} (known: {', '.join(BLOCKS)})")
-        if blocks is not None and name not in blocks:
-            return match.group(0)
-        lines = [BEGIN.format(name=name), *(blocks[name] if blocks else BLOCKS[name]()), END.format(name=name)]
-        return "".join(f"{indent}{line}\n" for line in lines)
+        return _block_text(name, indent, BLOCKS[name]())
 
     rendered, count = _BLOCK.subn(block, text)
     begins = len(re.findall(r"(?m)^ *# >>> shared: ", text))
@@ -99,9 +99,19 @@ def render(text: str, blocks: dict | None = None) -> str:
 
 
 def for_family(text: str, family: families.Family) -> str:
-    """A recipe's text with its pruned-params blocks naming ``family``'s six linears."""
-    return render(text, {"pruned-params": pruned_params(family=family),
-                         "pruned-params-quantized": pruned_params(QUANTIZED, family)})
+    """A recipe's text with each pruned-params block that names BERT's six linears, as the
+    builder writes it, naming ``family``'s instead; a block edited by hand is left as it is."""
+    names = {"pruned-params": "", "pruned-params-quantized": QUANTIZED}
+
+    def block(match: re.Match) -> str:
+        name, indent = match["name"], match["indent"]
+        if name not in names:
+            return match.group(0)
+        if match.group(0) != _block_text(name, indent, pruned_params(names[name])):
+            return match.group(0)
+        return _block_text(name, indent, pruned_params(names[name], family))
+
+    return _BLOCK.sub(block, text)
 
 
 def stale_recipes() -> list[Path]:

@@ -309,10 +309,12 @@ def cmd_train(args) -> int:
         if distributed.rank() != 0:
             distributed.follow(train.train_here)
             return 0
+    failed = True
     try:
         metrics = training.train(request)
+        failed = False
     finally:
-        distributed.send_stage(None)
+        distributed.finish(failed)
     print(stage.summary(metrics))
     print(f"[sparsebert] wrote {request.out / 'metrics.json'}")
     note = hardware.int8_note() if request.int8 else None
@@ -380,16 +382,16 @@ def cmd_sweep(args) -> int:
         variant_settings(variant)  # a bad variant is refused before the hub is opened for anything
     from sparsebert import models  # the hub only for a hub model or GLUE from the hub, as `train`
 
+    offline.configure(hub=models.is_hub_name(settings.get("model", TrainRequest.default("model")))
+                      or settings.get("glue_dir", TrainRequest.default("glue_dir")) is None)
     if args.print_jobs:
         from sparsebert.pipeline.sweep import cell_jobs
 
-        for phase, commands in cell_jobs(args.tasks, args.sparsities, args.variants, args.out,
+        for phase, commands in cell_jobs(args.tasks, args.sparsities, args.variants, args.out, settings,
                                          [f for f in args.train_flags if f != "--"]).items():
             print(f"# {phase}")
             print("\n".join(commands))
         return 0
-    offline.configure(hub=models.is_hub_name(settings.get("model", TrainRequest.default("model")))
-                      or settings.get("glue_dir", TrainRequest.default("glue_dir")) is None)
     rows = sweep(args.tasks, args.sparsities, args.variants, args.out, settings, page_only=args.page_only)
     print(f"[sparsebert] wrote {args.out}/frontier.md{', frontier.png' if rows else ''}, frontier.json")
     return 0
@@ -671,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     offline.configure()  # before anything imports SparseML, DeepSparse or Hugging Face
     args = build_parser().parse_args(argv)
     try:
+        from sparsebert.pipeline import distributed
+
+        if distributed.active() and args.command != "train":
+            raise UsageError("only `sparsebert train` runs under torchrun (several processes); run "
+                             f"`sparsebert {args.command}` as one process")
         sparseml_mends.apply()
         return COMMANDS[args.command](args)
     except UserError as e:  # one clear line for anything the user can fix

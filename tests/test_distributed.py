@@ -80,6 +80,28 @@ def test_the_two_process_student_is_close_to_the_one_process_student(runs):
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tmp_path, glue_dir, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    code = main(_train_arguments(glue_dir, tmp_path / "model", tmp_path / "run"))
+    code = main(_train_arguments(glue_dir, tiny_pretrained("bert", tmp_path / "model"), tmp_path / "run"))
     assert code == 2 and not (tmp_path / "run").exists()
     assert "--batch-size 16 does not split over 3 processes" in capsys.readouterr().err
+
+
+def test_rank_0_failing_inside_a_stage_does_not_leave_the_others_waiting(monkeypatch):
+    """Failing between stages, rank 0 tells the others to stop; failing inside one, it sends
+    nothing (they are in the stage's collectives, not listening) and exits, and torchrun stops them."""
+    from sparsebert.pipeline import distributed
+
+    sent = []
+    monkeypatch.setattr(distributed, "_handoff", object())
+    monkeypatch.setattr(distributed, "_broadcast", sent.append)
+    distributed.send_stage({"output_dir": "teacher"})
+    distributed.finish(failed=True)
+    assert sent == [{"output_dir": "teacher"}]  # nothing more: the others are training
+    distributed.stage_done()
+    distributed.finish(failed=True)
+    assert sent == [{"output_dir": "teacher"}, None]
+
+
+def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["export", str(tmp_path)]) == 2
+    assert "only `sparsebert train` runs under torchrun" in capsys.readouterr().err

