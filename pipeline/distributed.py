@@ -25,10 +25,11 @@ import os
 
 from sparsebert.errors import UserError
 
-# Between stages rank 0 works alone (measures the teacher, labels augmented data) while the
-# others wait for the next stage on a group of their own; training keeps the default timeout.
+# Rank 0 works alone between stages (measures the teacher, labels augmented data) and inside
+# them (tokenizes while the others wait at a barrier), so no collective times out early; a rank
+# that fails exits, and torchrun stops the others.
 WAIT = datetime.timedelta(hours=12)
-_handoff = None  # the process group the stages are sent on (gloo: plain Python objects, any device)
+_handoff = None  # the group the stages are sent on (gloo: Python objects on the CPU, whatever trains)
 _in_stage = False  # rank 0 sent a stage the others are running
 
 
@@ -57,10 +58,10 @@ def start() -> None:
     global _handoff
     if not active():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():  # a scheduler may show each process its one GPU only
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
     _handoff = dist.new_group(backend="gloo", timeout=WAIT)
 
 

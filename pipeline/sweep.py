@@ -151,7 +151,9 @@ def cell_jobs(tasks: list[str], sparsities: list[float], variants: list[str], ou
     import shlex
 
     check_grid(variants, settings)
+    tasks = [glue.get_task(t).name for t in tasks]  # the folder names (SST-2 -> sst2)
     out = Path(out).resolve()  # the jobs may start in another folder
+    train_flags = _absolute_paths(train_flags)
     depth = model_depth(settings) if "small" in variants else 6
 
     def command(task: list[str], sparsity: list[float], variant: list[str], *extra: str, flags=train_flags) -> str:
@@ -175,6 +177,23 @@ def cell_jobs(tasks: list[str], sparsities: list[float], variants: list[str], ou
         "2. every other cell, one job each": later,
         "3. the frontier page, once they finished": [command(tasks, sparsities, variants, "--page-only")],
     }
+
+
+# Train flags naming a file or folder: printed absolute, for jobs that start in another folder.
+_PATH_FLAGS = ("--glue-dir", "--model", "--recipe", "--teacher", "--augment-cache", "--int8-recipe")
+
+
+def _absolute_paths(flags: list[str]) -> list[str]:
+    resolved = list(flags)
+    for i, flag in enumerate(flags):
+        name, given, value = flag.partition("=")
+        if name not in _PATH_FLAGS:
+            continue
+        if given and Path(value).exists():
+            resolved[i] = f"{name}={Path(value).resolve()}"
+        elif not given and i + 1 < len(flags) and Path(flags[i + 1]).exists():
+            resolved[i + 1] = str(Path(flags[i + 1]).resolve())
+    return resolved
 
 
 def check_grid(variants: list[str], settings: dict) -> None:
@@ -217,9 +236,11 @@ def finished_teacher(task_folder: Path) -> Path | None:
     """The teacher an earlier sweep fine-tuned for this task (so a grid extended with new cells
     keeps comparing students of one teacher), or None."""
     for metrics in sorted(task_folder.glob("*/metrics.json")):
-        teacher = Path(json.loads(metrics.read_text())["teacher"]["path"])
-        if (teacher / "config.json").is_file():
-            return teacher
+        recorded = Path(json.loads(metrics.read_text())["teacher"]["path"])
+        # A path recorded relative to where that sweep ran: the cell's own teacher is beside it.
+        for teacher in (recorded, metrics.parent / "teacher"):
+            if (teacher / "config.json").is_file():
+                return teacher.resolve()
     return None
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparsebert import families, glue, hardware, sparseml_mends
-from sparsebert.pipeline import distributed
 from sparsebert.errors import UserError
+from sparsebert.pipeline import distributed
 from sparsebert.recipe import recipe_path
 
 
@@ -220,9 +220,9 @@ class RecipeDoesNotFit(UserError):
 def fitted_recipe(model: str, recipe: str) -> tuple[families.Family, str]:
     """``model``'s family and the text of ``recipe`` for it: the shipped recipes name BERT's
     linears, so for another family their pruned-params blocks (where not edited by hand) are
-    written with its names. Refuses
-    an unknown family, and a recipe (one of the user's own) whose params name no weight of the
-    model (SparseML would stop with a traceback once the student starts, after the teacher)."""
+    written with its names. Refuses an unknown family, and a recipe (one of the user's own) whose
+    params name no weight of the model (SparseML would stop with a traceback once the student
+    starts, after the teacher)."""
     import torch
     from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
     from transformers import AutoConfig, AutoModelForSequenceClassification

@@ -99,15 +99,17 @@ def render(text: str) -> str:
 
 
 def for_family(text: str, family: families.Family) -> str:
-    """A recipe's text with each pruned-params block that names BERT's six linears, as the
-    builder writes it, naming ``family``'s instead; a block edited by hand is left as it is."""
+    """A recipe's text with each pruned-params block that names a family's six linears, as the
+    builder writes it (BERT's in the shipped recipes), naming ``family``'s instead; a block
+    edited by hand is left as it is."""
     names = {"pruned-params": "", "pruned-params-quantized": QUANTIZED}
 
     def block(match: re.Match) -> str:
         name, indent = match["name"], match["indent"]
         if name not in names:
             return match.group(0)
-        if match.group(0) != _block_text(name, indent, pruned_params(names[name])):
+        if all(match.group(0) != _block_text(name, indent, pruned_params(names[name], other))
+               for other in families.FAMILIES):
             return match.group(0)
         return _block_text(name, indent, pruned_params(names[name], family))
 

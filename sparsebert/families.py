@@ -82,10 +82,12 @@ BERT = FAMILIES[0]
 
 @functools.lru_cache(maxsize=64)
 def prefixes_named(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    """The task-model prefixes (``bert``, ``roberta``...) that ``patterns`` begin with."""
-    return tuple(f.prefix for f in FAMILIES if any(p.removeprefix("re:").startswith((f"{re.escape(f.prefix)}\\.",
-                                                                                   f"{f.prefix}."))
-                                                   for p in patterns))
+    """The task-model prefixes (``bert``, ``roberta``...) that ``patterns`` begin with; every
+    family's where they begin with none (``re:^bert\\.``, ``re:(bert|roberta)\\.``: not read)."""
+    named = tuple(f.prefix for f in FAMILIES if any(p.removeprefix("re:").startswith((f"{re.escape(f.prefix)}\\.",
+                                                                                    f"{f.prefix}."))
+                                                    for p in patterns))
+    return named or tuple(f.prefix for f in FAMILIES)
 
 
 def supported() -> str:

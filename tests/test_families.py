@@ -95,6 +95,9 @@ def test_a_recipe_edited_by_hand_is_used_as_written():
     mpnet = families.by_model_type("mpnet")
     assert r"re:mpnet\.encoder\.layer\.\d+\.attention\.attn\.(q|k|v)\.weight" in build.for_family(text, mpnet)
     assert build.for_family(text, families.BERT) == text
+    written_for_mpnet = build.for_family(text, mpnet)  # a run's recipe, reused for another family
+    assert build.for_family(written_for_mpnet, families.by_model_type("distilbert")) == \
+        build.for_family(text, families.by_model_type("distilbert"))
     ffn_only = text.replace(r"      - re:bert\.encoder\.layer\.\d+\.attention\.output\.dense\.weight" + "\n", "")
     assert ffn_only != text and build.for_family(ffn_only, mpnet) == ffn_only
 

