@@ -16,14 +16,13 @@ def kept_weights_moved(weights: dict[str, np.ndarray], pretrained: dict[str, np.
     """Fraction of the kept (non-zero) weights of the pruned matrices that differ from the
     pre-trained model's: 0 for a student that was pruned but never trained; None when no
     matrix could be compared."""
-    from sparsebert.families import FAMILIES
+    from sparsebert.families import PREFIXES
 
-    prefixes = [f"{family.prefix}." for family in FAMILIES]
     moved = kept = 0
     for name, weight in weights.items():
         # A pre-trained base model saves its weights without the task model's prefix (bert., roberta., ...).
-        before = pretrained.get(name, next((pretrained[name[len(p):]] for p in prefixes
-                                            if name.startswith(p) and name[len(p):] in pretrained), None))
+        prefix, _, headless = name.partition(".")
+        before = pretrained.get(name, pretrained.get(headless) if prefix in PREFIXES else None)
         if before is None or before.shape != weight.shape or not is_pruned(name, patterns):
             continue
         mask = weight != 0

@@ -121,14 +121,14 @@ def pruned_patterns(model_dir: Path | None = None) -> list[str]:
 def is_pruned(name: str, patterns: list[str]) -> bool:
     """SparseML's own matching of a parameter name against recipe ``params`` (``re:`` prefixed
     regular expressions or exact names); a checkpoint saved without the model's prefix
-    (``encoder...`` rather than ``bert.encoder...``) is matched with the prefix the patterns name
-    (BERT's patterns do not match a headless RoBERTa's ``encoder...`` through ``roberta.``)."""
+    (``encoder...`` rather than ``bert.encoder...``) is matched with each family's prefix too:
+    the patterns name one family's, and ``pruned_patterns`` gives a checkpoint its own family's."""
     from sparseml.pytorch.utils import any_str_or_regex_matches_param_name
 
-    from sparsebert.families import prefixes_named
+    from sparsebert.families import PREFIXES
 
     return any(any_str_or_regex_matches_param_name(candidate, patterns)
-               for candidate in (name, *(f"{prefix}.{name}" for prefix in prefixes_named(tuple(patterns)))))
+               for candidate in (name, *(f"{prefix}.{name}" for prefix in PREFIXES)))
 
 
 def sparsity_report(weights: dict[str, np.ndarray], patterns: list[str]) -> dict:

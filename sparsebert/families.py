@@ -10,7 +10,6 @@ refused before any training (its linears would not be pruned as the paper prunes
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -78,16 +77,8 @@ FAMILIES = (
            self_attention=r"attention\.attn", heads_attribute="num_attention_heads"),
 )
 BERT = FAMILIES[0]
-
-
-@functools.lru_cache(maxsize=64)
-def prefixes_named(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    """The task-model prefixes (``bert``, ``roberta``...) that ``patterns`` begin with; every
-    family's where they begin with none (``re:^bert\\.``, ``re:(bert|roberta)\\.``: not read)."""
-    named = tuple(f.prefix for f in FAMILIES if any(p.removeprefix("re:").startswith((f"{re.escape(f.prefix)}\\.",
-                                                                                    f"{f.prefix}."))
-                                                    for p in patterns))
-    return named or tuple(f.prefix for f in FAMILIES)
+# What a task model puts before its base model's weights (``bert.encoder...``).
+PREFIXES = tuple(f.prefix for f in FAMILIES)
 
 
 def supported() -> str:
